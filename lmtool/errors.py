@@ -1,0 +1,39 @@
+"""Errors that the CLI turns into one line on stderr and a documented exit code.
+
+Library code raises these with a message that names the input and the problem; anything else that
+escapes is a bug and gets a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+
+class ExitCode:
+    OK = 0
+    ERROR = 1  # bad input, unreadable or inconsistent file, runtime failure
+    USAGE = 2  # bad command line (Click's own code)
+    NOT_FOUND = 3  # a model reference that cannot be resolved: missing, gated, offline, unreachable
+    UNSUPPORTED = 4  # a family, architecture, task or format lmtool does not handle
+    PARTIAL = 5  # a batch finished but some of its items failed
+    INTERRUPTED = 130
+
+
+class LmtoolError(Exception):
+    """An expected failure: its message is shown as is, without a traceback."""
+
+    exit_code = ExitCode.ERROR
+
+
+class ModelNotFoundError(LmtoolError):
+    exit_code = ExitCode.NOT_FOUND
+
+
+class UnsupportedError(LmtoolError):
+    exit_code = ExitCode.UNSUPPORTED
+
+
+class ConfigError(LmtoolError):
+    """A config.json value that is missing, of the wrong type, or inconsistent."""
+
+
+class CheckpointError(LmtoolError):
+    """A weight file that is unreadable, truncated, or does not match the config."""

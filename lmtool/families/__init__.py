@@ -1,0 +1,6 @@
+"""Built-in families. Adding a family: write its folder, then add one registration line here."""
+
+from ..registry import register
+from .gemma import FAMILY as GEMMA
+
+register(GEMMA)

@@ -1,0 +1,120 @@
+"""Model references: a local folder or file, or a Hub id with an optional @revision.
+
+Hub ids go through huggingface_hub, so its shared cache, HF_TOKEN and HF_HUB_OFFLINE apply as
+they do for every other tool. config.json is fetched first and its family checked before any
+weight is downloaded; then only the files lmtool reads are fetched (no .bin, Flax or ONNX copies).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import LmtoolError, ModelNotFoundError
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# What lmtool reads from a standard folder; everything else in a Hub repo is left alone.
+WANTED_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+
+
+@dataclass
+class ModelRef:
+    text: str  # what the user typed
+    path: Path | None  # local path, once resolved
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.repo_id is not None
+
+
+def parse(ref: str) -> ModelRef:
+    """Classify a reference without touching the network."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return ModelRef(ref, path)
+    repo, _, revision = ref.partition("@")
+    looks_local = ref.startswith((".", "/", "~")) or ref.endswith((".safetensors", ".ckpt", ".pt", ".json"))
+    if looks_local or not REPO_ID.match(repo) or repo.count("/") > 1:
+        raise ModelNotFoundError(f"{ref}: no such file or folder")
+    return ModelRef(ref, None, repo, revision or None)
+
+
+def _hub_error(ref: ModelRef, exc: Exception) -> LmtoolError:
+    from huggingface_hub import errors
+
+    name = ref.repo_id
+    if isinstance(exc, errors.GatedRepoError):
+        return ModelNotFoundError(
+            f"{name}: access is gated; accept its license on huggingface.co/{name}, then log in "
+            "('hf auth login') or set HF_TOKEN"
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return ModelNotFoundError(f"{name}: no such model on the Hub (if it is private, set HF_TOKEN)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return ModelNotFoundError(f"{name}: revision '{ref.revision}' not found")
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        return ModelNotFoundError(
+            f"{name}: not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline mode or no network); download it once online, or pass a local folder"
+        )
+    if isinstance(exc, errors.EntryNotFoundError):
+        return ModelNotFoundError(f"{name}: the repository has no config.json; is it a model repository?")
+    if isinstance(exc, errors.HfHubHTTPError):
+        return ModelNotFoundError(f"{name}: the Hub answered with an error ({str(exc).splitlines()[0]})")
+    return ModelNotFoundError(f"{name}: cannot reach the Hub ({type(exc).__name__}: {exc})")
+
+
+def hub_file(ref: ModelRef, filename: str) -> Path:
+    """Download (or find in the cache) one file of a Hub repository."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision))
+    except Exception as exc:  # huggingface_hub's errors, requests' and OSError alike
+        raise _hub_error(ref, exc) from None
+
+
+def resolve(ref_text: str, check_config: Callable[[dict, str], None] | None = None) -> ModelRef:
+    """Return the reference with a local folder (or file) path, downloading from the Hub if needed.
+
+    check_config(config, source) runs on config.json before any weight is downloaded, so an
+    unsupported family fails fast and cheaply.
+    """
+    ref = parse(ref_text)
+    if not ref.is_hub:
+        return ref
+    config_path = hub_file(ref, "config.json")
+    if check_config is not None:
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise LmtoolError(f"{ref.repo_id}: config.json is not valid JSON") from None
+        check_config(config, f"{ref.repo_id}/config.json")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=WANTED_FILES)
+    except Exception as exc:
+        raise _hub_error(ref, exc) from None
+    ref.path = Path(folder)
+    if not any(ref.path.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"{ref.repo_id}: the repository has no safetensors weights (only other formats); "
+            "lmtool reads safetensors"
+        )
+    return ref

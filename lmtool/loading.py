@@ -1,0 +1,202 @@
+"""`lmtool.load`: from a model reference to a ready module, tokenizer and config.
+
+The module is built with its parameters on the meta device (no memory, no random init), then each
+parameter is assigned the checkpoint's memory-mapped tensor: when the dtype and device already
+match, the parameter *is* the mapping and nothing is copied. A cast or a move copies one tensor
+at a time and drops the source pages right after.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from . import hub
+from .checkpoint import Checkpoint
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError, LmtoolError
+from .heads import TaskModel
+from .registry import Family, check_task, get_family
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: TaskModel
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    family: Family
+    task: str
+    path: Path
+    generation_config: dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def read_config(folder: Path) -> tuple[Family, ModelConfig]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no config.json (is this a model folder in the standard layout?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    family = family_of(data, str(path))
+    return family, family.config_class.from_dict(data, source=str(path))
+
+
+def family_of(config: dict, source: str) -> Family:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    return get_family(config.get("model_type"), source)
+
+
+def resolve_dtype(name: str | torch.dtype | None, config: ModelConfig, checkpoint: Checkpoint | None) -> torch.dtype:
+    """auto (None) = the checkpoint's dtype: config.json's, else its first floating tensor's."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in (None, "auto"):
+        if name not in DTYPES:
+            raise LmtoolError(f"unknown dtype '{name}'; choose auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if config.dtype in DTYPES:
+        return DTYPES[config.dtype]
+    if checkpoint is not None:
+        for info in checkpoint.infos():
+            if info.dtype.is_floating_point:
+                return info.dtype
+    return torch.float32
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LmtoolError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmtoolError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (buffers stay real: rotary tables and the like)."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(
+                param.to("meta"), requires_grad=param.requires_grad
+            )
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_model(family: Family, config: ModelConfig, task: str, meta: bool = False) -> TaskModel:
+    if meta:
+        with parameters_on_meta():
+            return TaskModel(family, config, task, family.backbone_class(config))
+    return TaskModel(family, config, task, family.backbone_class(config))
+
+
+def load_weights(
+    model: TaskModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, source: str
+) -> None:
+    """Assign every parameter from the checkpoint; errors name the folder and the tensor."""
+    family = model.family
+    available: dict[str, str] = {}
+    for key in checkpoint.keys():
+        ours = family.rename_key(key) if family.rename_key else key
+        available[ours] = key
+    expected = model.state_dict(keep_vars=True)
+    tied_key = f"{model.head_name}.weight" if model.tied else None
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for name, param in expected.items():
+        if name == tied_key:
+            continue
+        if name not in available:
+            if isinstance(param, nn.Parameter):
+                missing.append(name)
+            continue
+        info = checkpoint.info(available[name])
+        if tuple(info.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{source}: tensor '{available[name]}' has shape {list(info.shape)}, "
+                f"the config implies {list(param.shape)}"
+            )
+        tensor = checkpoint.tensor(available[name])
+        if tensor.dtype != dtype and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device)
+    if missing:
+        head = model.head_name
+        if all(m.startswith(head + ".") for m in missing):
+            raise CheckpointError(
+                f"{source}: has no weights for the {model.task} head ('{missing[0]}'); "
+                f"pick the task its config.json names, or a checkpoint trained for {model.task}"
+            )
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor '{missing[0]}'{more}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.to(device)  # the buffers (rotary tables); parameters are already there
+
+
+def load(
+    ref: str | Path,
+    task: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    tokenizer: bool = True,
+) -> LoadedModel:
+    """Load a model for inference.
+
+    ref: a local folder in the standard layout, or a Hub id with an optional @revision.
+    task: causal-lm, sequence-classification, token-classification or question-answering;
+          None picks the head that config.json's architectures name, else causal-lm.
+    dtype: auto/None (the checkpoint's), float32, bfloat16 or float16.
+    device: auto/None (cuda when available), cpu, cuda or cuda:N.
+    """
+    resolved = hub.resolve(str(ref), check_config=family_of)
+    folder = resolved.path
+    if folder.is_file():
+        raise LmtoolError(f"{folder}: a model is a folder with config.json and weights, not a single file")
+    family, config = read_config(folder)
+    task = check_task(task) if task else family.task_for(config.architectures)
+    checkpoint = Checkpoint(folder)
+    torch_dtype = resolve_dtype(dtype, config, checkpoint)
+    torch_device = resolve_device(device)
+    model = build_model(family, config, task, meta=True)
+    load_weights(model, checkpoint, torch_dtype, torch_device, str(folder))
+    model.eval()
+    model.requires_grad_(False)
+    tok = None
+    if tokenizer and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
+        tok = Tokenizer.from_folder(folder, family=family, config=config)
+    gen_path = folder / "generation_config.json"
+    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    return LoadedModel(model, tok, config, family, task, folder, generation_config)
