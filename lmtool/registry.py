@@ -35,6 +35,8 @@ class Family:
     add_bos_token: bool = True
     add_eos_token: bool = False
     padding_side: str = "left"
+    # tokenizer_config.json written by `lmtool convert` (tokenizer class and special tokens).
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
     # messages -> prompt text, for --chat; None when the family has no chat format.
     chat_format: Callable[[list[dict[str, str]]], str] | None = None
     # Rename a checkpoint key to ours (e.g. add a prefix the hub files lack); None = identity.

@@ -1,0 +1,68 @@
+"""The `lmtool` command. Each command lives in its own module and is a thin layer: parse the
+options, call the library, render the result. Errors become one line on stderr and an exit code
+(see lmtool.errors.ExitCode and the README); --debug shows the traceback instead."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from .. import __version__
+from ..errors import ExitCode, LmtoolError
+from .common import err, settings
+
+app = typer.Typer(
+    name="lmtool",
+    help="Convert, inspect and run language-model checkpoints (Gemma, BLOOM, ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"lmtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or informational messages on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    settings.quiet = quiet
+    settings.debug = debug
+
+
+from . import convert as _convert  # noqa: E402,F401  (each module registers its command on `app`)
+from . import generate as _generate  # noqa: E402,F401
+from . import inspect as _inspect  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except LmtoolError as exc:
+        if settings.debug:
+            raise
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except Exception as exc:
+        # Typer vendors Click, whose usage errors carry show() and exit_code (2).
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    except BrokenPipeError:
+        # The reader of stdout went away (| head): not an error of ours.
+        sys.stderr.close()
+        sys.exit(ExitCode.OK)

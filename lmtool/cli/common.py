@@ -1,0 +1,104 @@
+"""What every command shares: the stderr console, progress bars, reading inputs, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import LmtoolError
+
+
+@dataclass
+class Settings:
+    quiet: bool = False
+    debug: bool = False
+
+
+settings = Settings()
+# Diagnostics and progress go to stderr; stdout carries results only.
+err = Console(stderr=True, highlight=False)
+
+
+def out(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def out_json(obj: Any) -> None:
+    out(json.dumps(obj, ensure_ascii=False))
+
+
+def info(message: str) -> None:
+    if not settings.quiet:
+        err.print(message)
+
+
+def progress_enabled() -> bool:
+    return not settings.quiet and err.is_terminal
+
+
+@contextmanager
+def progress(description: str, total: float | None, unit_bytes: bool = False) -> Iterator[Any]:
+    """A rich progress bar on stderr, or a do-nothing stand-in when stderr is not a terminal."""
+    if not progress_enabled():
+        yield _NoProgress()
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    if unit_bytes:
+        from rich.progress import DownloadColumn
+
+        columns[2] = DownloadColumn()
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield _Advance(bar, task)
+
+
+class _Advance:
+    def __init__(self, bar: Progress, task: Any):
+        self.bar, self.task = bar, task
+
+    def advance(self, amount: float = 1) -> None:
+        self.bar.advance(self.task, amount)
+
+    def set_total(self, total: float) -> None:
+        self.bar.update(self.task, total=total)
+
+
+class _NoProgress:
+    def advance(self, amount: float = 1) -> None:
+        pass
+
+    def set_total(self, total: float) -> None:
+        pass
+
+
+def read_text_arg(value: str, what: str = "input") -> str:
+    """A literal argument, or '-' for all of stdin."""
+    if value != "-":
+        return value
+    if sys.stdin.isatty():
+        raise LmtoolError(f"{what}: '-' reads stdin, but stdin is a terminal")
+    return sys.stdin.read()
+
+
+def open_lines(path: str) -> Iterator[str]:
+    """Lines of a file, or of stdin for '-'."""
+    if path == "-":
+        yield from sys.stdin
+        return
+    try:
+        with open(Path(path), encoding="utf-8") as f:
+            yield from f
+    except FileNotFoundError:
+        raise LmtoolError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise LmtoolError(f"{path}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise LmtoolError(f"{path}: is a folder, not a file") from None

@@ -1,0 +1,175 @@
+"""lmtool generate MODEL [PROMPT|-]"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+from ..errors import LmtoolError
+from ..generation import SamplingParams, generate, new_seed
+from ..loading import load
+from . import app
+from .common import info, open_lines, out, out_json, read_text_arg
+
+DTYPE_HELP = "auto (the checkpoint's), float32, bfloat16 or float16."
+DEVICE_HELP = "auto (cuda when available), cpu, cuda or cuda:N."
+
+
+def read_prompts_file(path: str) -> list[dict]:
+    prompts = []
+    for number, line in enumerate(open_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise LmtoolError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise LmtoolError(f"{path}:{number}: needs a string field \"prompt\"")
+        prompts.append(item)
+    if not prompts:
+        raise LmtoolError(f"{path}: no prompts")
+    return prompts
+
+
+def sampling_from(options: dict, generation_config: dict) -> SamplingParams:
+    """Command-line values win; then the checkpoint's generation_config.json; then defaults."""
+    sampled = generation_config.get("do_sample", True)
+    defaults = {
+        "temperature": generation_config.get("temperature", 0.8) if sampled else 0.0,
+        "top_k": generation_config.get("top_k", 40),
+        "top_p": generation_config.get("top_p", 0.95),
+        "min_p": generation_config.get("min_p", 0.05) or 0.0,
+        "repetition_penalty": generation_config.get("repetition_penalty", 1.0),
+    }
+    values = {k: (options[k] if options[k] is not None else defaults[k]) for k in defaults}
+    if values["temperature"] < 0:
+        raise LmtoolError("--temperature must be >= 0")
+    if not 0 < values["top_p"] <= 1:
+        raise LmtoolError("--top-p must be in (0, 1]")
+    if not 0 <= values["min_p"] < 1:
+        raise LmtoolError("--min-p must be in [0, 1)")
+    if values["repetition_penalty"] <= 0:
+        raise LmtoolError("--repetition-penalty must be > 0")
+    return SamplingParams(**values)
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Argument(..., help="Local folder, or a Hub id with optional @revision."),
+    prompt: Optional[str] = typer.Argument(None, help="The prompt; '-' reads stdin."),
+    prompts_file: Optional[str] = typer.Option(
+        None, "--prompts-file", help="JSON Lines with a \"prompt\" field (and optional \"id\"); '-' is stdin."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy. Default: the model's, else 0.8."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="0 = off. Default: the model's, else 40."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="1 = off. Default: the model's, else 0.95."),
+    min_p: Optional[float] = typer.Option(None, "--min-p", help="0 = off. Default: the model's, else 0.05."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="1 = off."),
+    seed: Optional[int] = typer.Option(None, help="Random seed; one is chosen and reported when not given."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Always generate --max-new-tokens tokens."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat format."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --prompts-file."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Generate text; a single prompt streams to stdout as it is produced."""
+    if prompts_file is not None and prompt is not None:
+        raise LmtoolError("give either PROMPT or --prompts-file, not both")
+    if prompts_file is not None:
+        items = read_prompts_file(prompts_file)
+    else:
+        if prompt is None:
+            if sys.stdin.isatty():
+                raise LmtoolError("no prompt: give PROMPT, '-' for stdin, or --prompts-file")
+            prompt = "-"
+        items = [{"prompt": read_text_arg(prompt, "PROMPT")}]
+    if system is not None and not chat:
+        raise LmtoolError("--system needs --chat")
+
+    lm = load(model, task="causal-lm", dtype=dtype, device=device)
+    if lm.tokenizer is None:
+        raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
+    tok = lm.tokenizer
+    params = sampling_from(
+        dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty),
+        lm.generation_config,
+    )
+    seed = seed if seed is not None else new_seed()
+    if not params.greedy:
+        info(f"seed {seed}")
+    eos_ids = list(dict.fromkeys(tok.eos_ids + _generation_eos(lm.generation_config)))
+    if chat:
+        # Instruction-tuned Gemma ends its turn with <end_of_turn> rather than <eos>.
+        end_of_turn = tok.token_to_id("<end_of_turn>")
+        if end_of_turn is not None:
+            eos_ids.append(end_of_turn)
+
+    def text_of(item: dict) -> str:
+        if not chat:
+            return item["prompt"]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": item["prompt"]}
+        ]
+        return tok.apply_chat(messages)
+
+    stream = len(items) == 1 and not as_json
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        prompts = [tok.encode(text_of(item)) for item in batch]
+        completions, stats = generate(
+            lm.model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            params=params,
+            seed=seed,
+            eos_ids=eos_ids,
+            pad_id=tok.pad_id if tok.pad_id is not None else 0,
+            tokenizer=tok,
+            stop=stop,
+            ignore_eos=ignore_eos,
+            on_text=(lambda row, delta: out(delta, end="")) if stream else None,
+        )
+        for item, done in zip(batch, completions):
+            if as_json:
+                record = {"id": item["id"]} if "id" in item else {}
+                record.update(
+                    prompt=item["prompt"],
+                    text=done.text,
+                    token_ids=done.token_ids,
+                    finish_reason=done.finish_reason,
+                    prompt_tokens=done.prompt_tokens,
+                    completion_tokens=len(done.token_ids),
+                    seed=seed,
+                    timings={
+                        "prefill_s": round(stats.prefill_s, 4),
+                        "decode_s": round(stats.decode_s, 4),
+                        "first_token_s": round(stats.first_token_s, 4),
+                        "decode_tokens_per_s": round(stats.new_tokens / stats.decode_s, 2)
+                        if stats.decode_s
+                        else None,
+                    },
+                )
+                out_json(record)
+            elif stream:
+                out()
+            else:
+                out(done.text)
+        if stream and not as_json:
+            tps = stats.new_tokens / stats.decode_s if stats.decode_s else 0.0
+            info(f"[dim]{stats.new_tokens} tokens, {tps:.1f} tok/s, finish: {completions[0].finish_reason}[/dim]")
+
+
+def _generation_eos(generation_config: dict) -> list[int]:
+    eos = generation_config.get("eos_token_id")
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list) else [eos]
+

@@ -1,0 +1,203 @@
+"""`lmtool convert`: original checkpoints (and standard folders) to the standard layout.
+
+Converters are registered per family (Family.converters, format name -> converter) in the style
+of llama.cpp's convert_hf_to_gguf.py: each one recognises its format and returns a plan - the
+output config and a list of tensors whose data is produced on demand. The driver here casts,
+shards, writes through a temporary folder and renames it into place, so peak memory stays near one
+tensor and an interrupted run leaves nothing half-written.
+
+A converter is any object with:
+    name: str                      format name for --from (e.g. "gemma-pytorch")
+    description: str               one line for --help and errors
+    detect(src: Path) -> bool      cheap check (file names, a header), never a full load
+    plan(src: Path, options: ConvertOptions) -> ConversionPlan
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, plan_shards, shard_names, write_weights
+from .config import ModelConfig
+from .errors import ConfigError, LmtoolError, UnsupportedError
+from .registry import Family, families
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class ConvertOptions:
+    config_file: Path | None = None  # --config: a config.json for what shapes cannot tell
+    tokenizer: Path | None = None  # --tokenizer: a folder, tokenizer.json or tokenizer.model
+    dtype: torch.dtype | None = None  # --dtype; None keeps each tensor's dtype
+
+    def config_overrides(self) -> dict[str, Any]:
+        if self.config_file is None:
+            return {}
+        try:
+            data = json.loads(Path(self.config_file).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{self.config_file}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{self.config_file}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.config_file}: expected a JSON object")
+        return data
+
+
+@dataclass
+class ConversionPlan:
+    family: Family
+    config: ModelConfig
+    tensors: list[PlannedTensor]
+    source_format: str
+    # Output file name -> bytes, for tokenizer and other small files.
+    files: dict[str, bytes] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # shown to the user (e.g. "vocab trimmed")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class StandardFolder:
+    """A folder already in the standard layout: re-cast and/or re-shard it."""
+
+    name = "standard"
+    description = "a folder with config.json and safetensors weights"
+
+    def detect(self, src: Path) -> bool:
+        return src.is_dir() and (src / "config.json").is_file() and (
+            (src / "model.safetensors").is_file() or (src / "model.safetensors.index.json").is_file()
+        )
+
+    def plan(self, src: Path, options: ConvertOptions) -> ConversionPlan:
+        from .loading import read_config
+
+        family, config = read_config(src)
+        checkpoint = Checkpoint(src)
+        tensors = [
+            PlannedTensor(info.name, info.shape, info.dtype, lambda n=info.name: checkpoint.tensor(n))
+            for info in checkpoint.infos()
+        ]
+        files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
+        if (src / "generation_config.json").is_file():
+            files["generation_config.json"] = (src / "generation_config.json").read_bytes()
+        return ConversionPlan(family, config, tensors, self.name, files)
+
+
+def all_converters() -> dict[str, Any]:
+    converters: dict[str, Any] = {}
+    for family in families().values():
+        converters.update(family.converters)
+    converters[StandardFolder.name] = StandardFolder()
+    return converters
+
+
+def find_converter(src: Path, from_format: str | None) -> Any:
+    converters = all_converters()
+    if from_format:
+        if from_format not in converters:
+            raise UnsupportedError(
+                f"unknown format '{from_format}'; choose one of: {', '.join(sorted(converters))}"
+            )
+        return converters[from_format]
+    if not src.exists():
+        raise LmtoolError(f"{src}: no such file or folder")
+    for converter in converters.values():
+        if converter.detect(src):
+            return converter
+    raise UnsupportedError(
+        f"{src}: not a checkpoint format lmtool recognises; name one with --from "
+        f"({', '.join(sorted(converters))})"
+    )
+
+
+def cast_plan(plan: ConversionPlan, dtype: torch.dtype | None) -> None:
+    """Cast floating tensors to dtype as they are produced (integers are left alone)."""
+    if dtype is None:
+        return
+    for t in plan.tensors:
+        if t.dtype.is_floating_point and t.dtype != dtype:
+            produce = t.produce
+            t.produce = lambda produce=produce, dtype=dtype: produce().to(dtype)
+            t.dtype = dtype
+    plan.config.dtype = str(dtype).removeprefix("torch.")
+
+
+def finish_config(plan: ConversionPlan) -> dict[str, Any]:
+    config = plan.config
+    if not config.architectures:
+        config.architectures = [plan.family.architecture("causal-lm")]
+    if config.dtype is None and plan.tensors:
+        floating = [t.dtype for t in plan.tensors if t.dtype.is_floating_point]
+        if floating:
+            config.dtype = str(floating[0]).removeprefix("torch.")
+    return config.to_dict()
+
+
+def describe(plan: ConversionPlan, max_shard_size: int | None) -> dict[str, Any]:
+    shards = plan_shards(plan.tensors, max_shard_size)
+    names = shard_names(len(shards))
+    return {
+        "format": plan.source_format,
+        "family": plan.family.model_type,
+        "architecture": (plan.config.architectures or [plan.family.architecture("causal-lm")])[0],
+        "tensors": len(plan.tensors),
+        "bytes": plan.total_bytes,
+        "shards": [
+            {"file": name, "tensors": len(shard), "bytes": sum(t.nbytes for t in shard)}
+            for name, shard in zip(names, shards)
+        ],
+        "files": sorted(["config.json", *plan.files]),
+        "notes": plan.notes,
+    }
+
+
+def convert(
+    src: Path,
+    out: Path | None,
+    from_format: str | None = None,
+    options: ConvertOptions | None = None,
+    max_shard_size: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_tensor: Callable[[PlannedTensor], None] | None = None,
+) -> dict[str, Any]:
+    """Convert src to the standard layout at out; returns the plan's description."""
+    options = options or ConvertOptions()
+    src = Path(src)
+    converter = find_converter(src, from_format)
+    plan = converter.plan(src, options)
+    cast_plan(plan, options.dtype)
+    config = finish_config(plan)
+    summary = describe(plan, max_shard_size)
+    if dry_run:
+        return summary
+    if out is None:
+        raise LmtoolError("no output folder given")
+    out = Path(out)
+    if out.resolve() == src.resolve():
+        raise LmtoolError(f"{out}: the output must differ from the source")
+    if on_start:
+        on_start(plan.total_bytes)
+    with atomic_folder(out, force=force) as tmp:
+        write_weights(tmp, plan.tensors, max_shard_size, on_tensor=on_tensor)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, data in plan.files.items():
+            (tmp / name).write_bytes(data)
+    summary["output"] = str(out)
+    return summary
+
+
+def tokenizer_files(path: Path | None, family: Family) -> dict[str, bytes]:
+    """The tokenizer files of an output folder from --tokenizer PATH (a folder, a tokenizer.json
+    or a tokenizer.model). A SentencePiece model is also converted to tokenizer.json, so loaders
+    that only read tokenizer.json (and transformers' fast tokenizers) work."""
+    raise NotImplementedError  # written with lmtool.spm
