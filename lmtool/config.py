@@ -160,8 +160,8 @@ class ModelConfig:
             value = getattr(self, f.name)
             if f.name in ("id2label",) and value is not None:
                 value = {str(k): v for k, v in value.items()}
-            if value is None and f.name in _BASE_OPTIONAL:
-                continue
+            if value is None:
+                continue  # unset: readers fall back to their defaults
             out[f.name] = value
         out.update(self.extra)
         out["model_type"] = self.model_type
@@ -173,12 +173,3 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-
-_BASE_OPTIONAL = {
-    "architectures",
-    "dtype",
-    "id2label",
-    "label2id",
-    "problem_type",
-    "classifier_dropout",
-}

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .heads import TaskModel
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, pad_sequences
 
 
 @dataclass
@@ -42,31 +42,40 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: torch.Tensor | None = None
-) -> torch.Tensor:
-    """logits [B,V] -> next token ids [B]. Order: penalty, temperature, top-k, top-p, min-p."""
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 logits [B,V] with filtered tokens at -inf, in transformers' order: repetition
+    penalty, temperature, top-k, top-p, min-p."""
     logits = logits.float()
     if seen is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(-1)
+        return logits
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p; the best token always stays.
-        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= params.top_p
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass above it already reaches top_p; the best token always stays.
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
     if params.min_p > 0:
+        probs = logits.softmax(-1)
         floor = probs.max(-1, keepdim=True).values * params.min_p
-        probs = probs.masked_fill(probs < floor, 0.0)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [B,V] -> next token ids [B]."""
+    logits = process_logits(logits, params, seen)
+    if params.greedy:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 class TextStream:
@@ -175,12 +184,8 @@ def generate(
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     B = len(prompts)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
+    input_ids, mask = pad_sequences(prompts, pad_id, side="left")
+    width = input_ids.shape[1]
     input_ids, mask = input_ids.to(device), mask.to(device)
     padded = bool((mask == 0).any())
 

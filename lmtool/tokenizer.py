@@ -35,6 +35,20 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def pad_sequences(sequences: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into input_ids and attention_mask tensors [B, max_len]."""
+    width = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            continue
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
 @dataclass
 class Encoding:
     ids: list[int]
@@ -146,18 +160,8 @@ class Tokenizer:
         self, sequences: list[list[int]], side: str | None = None, pad_id: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad id lists into input_ids and attention_mask tensors [B, max_len]."""
-        side = side or self.padding_side
         pad = pad_id if pad_id is not None else (self.pad_id if self.pad_id is not None else 0)
-        width = max((len(s) for s in sequences), default=0)
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            if not seq:
-                continue
-            span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-            ids[row, span] = torch.tensor(seq, dtype=torch.long)
-            mask[row, span] = 1
-        return ids, mask
+        return pad_sequences(sequences, pad, side or self.padding_side)
 
     def batch_encode(self, texts: list[str], side: str | None = None, add_special_tokens: bool = True):
         return self.pad([self.encode(t, add_special_tokens) for t in texts], side=side)

@@ -41,6 +41,7 @@ def root(
 from . import convert as _convert  # noqa: E402,F401  (each module registers its command on `app`)
 from . import generate as _generate  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
+from . import tasks as _tasks  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

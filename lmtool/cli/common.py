@@ -23,7 +23,7 @@ class Settings:
 
 settings = Settings()
 # Diagnostics and progress go to stderr; stdout carries results only.
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out(text: str = "", end: str = "\n") -> None:

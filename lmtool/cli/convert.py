@@ -11,7 +11,8 @@ from ..checkpoint import parse_size
 from ..convert import ConvertOptions, convert
 from ..loading import resolve_dtype
 from . import app
-from .common import info, out, out_json, progress
+from .common import info, out_json, progress
+from .common import out as print_result
 from .inspect import _size
 
 
@@ -46,7 +47,7 @@ def convert_command(
         out_json(summary)
         return
     # The plan is the result of a dry run (stdout); after a real run it is a report (stderr).
-    show = out if dry_run else info
+    show = print_result if dry_run else info
     verb = "would write" if dry_run else "wrote"
     show(f"{summary['format']} -> {summary['family']} ({summary['architecture']}): "
          f"{summary['tensors']} tensors, {_size(summary['bytes'])}")
@@ -57,4 +58,4 @@ def convert_command(
     for note in summary["notes"]:
         show(f"  note: {note}")
     if not dry_run:
-        out(summary["output"])
+        print_result(summary["output"])

@@ -90,7 +90,9 @@ def generate_command(
             if sys.stdin.isatty():
                 raise LmtoolError("no prompt: give PROMPT, '-' for stdin, or --prompts-file")
             prompt = "-"
-        items = [{"prompt": read_text_arg(prompt, "PROMPT")}]
+        text = read_text_arg(prompt, "PROMPT")
+        # `echo "..." | lmtool generate M -` should not ask the model to continue a new line.
+        items = [{"prompt": text[:-1] if prompt == "-" and text.endswith("\n") else text}]
     if system is not None and not chat:
         raise LmtoolError("--system needs --chat")
 

@@ -1,0 +1,253 @@
+"""lmtool classify | tag | qa MODEL [INPUT...]: task heads over one text or thousands of files."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import ExitCode, LmtoolError
+from ..loading import load
+from ..tasks import Answerer, Classify, Item, Tagger, run_task
+from ..tasks import inputs as task_inputs
+from ..tasks.records import JsonlWriter, resume_keys
+from ..tasks.tag import STRATEGIES
+from ..tasks.windows import DEFAULT_MAX_LENGTH, pad_id
+from . import app
+from .common import info, open_lines, progress
+from .generate import DEVICE_HELP, DTYPE_HELP
+
+INPUTS_HELP = "Texts, file paths, or '-' for stdin (an argument naming no file is text unless it looks like a path)."
+MODEL_HELP = "Local folder, or a Hub id with optional @revision."
+# Options every task command takes, in one place so the three stay alike.
+FILES_FROM = typer.Option(None, "--files-from", help="A file with one input path a line; '-' is stdin.")
+JSONL = typer.Option(None, "--jsonl", help="JSON Lines input: objects with \"id\" and \"text\"; '-' is stdin.")
+LITERAL = typer.Option(False, "--text", help="Take every argument as text, never as a file.")
+OUTPUT = typer.Option(None, "--output", "-o", help="Write the JSON Lines here instead of stdout.")
+RESUME = typer.Option(False, "--resume", help="With --output: skip inputs whose results are already in it.")
+AS_JSON = typer.Option(False, "--json", help="JSON Lines even when stdout is a terminal.")
+BATCH_SIZE = typer.Option(16, "--batch-size", min=1, help="Model inputs per forward pass (sorted by length).")
+MAX_LENGTH = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", min=2, help="Tokens per window (capped by the model's).")
+DTYPE = typer.Option("auto", help=DTYPE_HELP)
+DEVICE = typer.Option("auto", help=DEVICE_HELP)
+
+
+def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, literal: bool,
+                 text_fields: tuple[str, ...] = ("text",), given: list[Item] | None = None) -> list[Item]:
+    """Items in the order given: `given` (qa's --context), arguments, --files-from, --jsonl; all of
+    stdin as one text when there is none of them and stdin is not a terminal."""
+    stdin_uses = inputs.count("-") + (files_from == "-") + (jsonl == "-") + sum(i.path == "-" for i in given or [])
+    if stdin_uses > 1:
+        raise LmtoolError("stdin ('-') can feed only one input source")
+    items = list(given or []) + task_inputs.from_arguments(inputs, literal)
+    if files_from is not None:
+        items += task_inputs.from_file_list(open_lines(files_from))
+    if jsonl is not None:
+        items += task_inputs.from_jsonl(open_lines(jsonl), jsonl, text_fields)
+    if not items and not (files_from or jsonl):
+        if sys.stdin.isatty():
+            raise LmtoolError("no input: give texts or files, '-' for stdin, --files-from or --jsonl")
+        items = [Item("-", path="-")]
+    return items
+
+
+def run_command(
+    command: str, model: str, task_name: str, make_task: Callable, items: list[Item], render: Callable,
+    *, output: str | None, resume: bool, as_json: bool, batch_size: int, dtype: str, device: str,
+) -> None:
+    if resume and output is None:
+        raise LmtoolError("--resume needs --output FILE")
+    lm = load(model, task=task_name, dtype=dtype, device=device)
+    if lm.tokenizer is None:
+        raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
+    task = make_task(lm)
+    done = resume_keys(output) if resume else set()
+    todo = [item for item in items if item.key_text not in done]
+    table = output is None and not as_json and sys.stdout.isatty()
+    records: list[dict] = []
+    writer = None if table else JsonlWriter(output, append=resume)
+    try:
+        with progress(command, total=len(todo)) as bar:
+            summary = run_task(
+                task, todo, lm.model, pad_id=pad_id(lm.tokenizer), batch_size=batch_size,
+                emit=records.append if table else writer.write, on_block=bar.advance,
+            )
+    finally:
+        if writer is not None:
+            writer.close()
+    if table:
+        render(records, Console(highlight=False, soft_wrap=True))
+    skipped = f", {len(items) - len(todo)} already in {output}" if done else ""
+    errors = "".join(f", {n} {kind}" for kind, n in sorted(summary.errors.items()))
+    info(
+        f"[dim]{command}: {summary.done} done, {summary.failed} failed{errors}{skipped}; "
+        f"{summary.tokens} tokens in {summary.seconds:.2f} s ({summary.tokens_per_second:.0f} tokens/s)[/dim]"
+    )
+    if summary.failed:
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+# --- tables for a terminal ------------------------------------------------------------------------
+
+
+def _key(record: dict) -> str:
+    return str(record.get("path", record.get("id", "")))
+
+
+def _span(start, end) -> str:
+    return "" if start is None else f"{start}-{end}"
+
+
+def _score(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _table(console: Console, columns: list[str], rows: list[list[str]]) -> None:
+    table = Table(*columns, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _error_row(record: dict, width: int) -> list[str]:
+    return [_key(record), f"error: {record['error']}"] + [""] * (width - 2)
+
+
+def render_classes(records: list[dict], console: Console) -> None:
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append(_error_row(r, 3))
+            continue
+        others = ", ".join(f"{x['label']} {_score(x['score'])}" for x in r["labels"][1:])
+        rows.append([_key(r), f"{r['label'] or '(none)'} {_score(r['score'])}", others])
+    _table(console, ["input", "label", "next"], rows)
+
+
+def render_entities(records: list[dict], console: Console) -> None:
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append(_error_row(r, 5))
+        elif not r["entities"]:
+            rows.append([_key(r), "(no entities)", "", "", ""])
+        for e in r.get("entities", []):
+            rows.append([_key(r), e["text"], e["label"], _score(e["score"]), _span(e["start"], e["end"])])
+    _table(console, ["input", "entity", "label", "score", "chars"], rows)
+
+
+def render_answers(records: list[dict], console: Console) -> None:
+    rows = []
+    for r in records:
+        if "error" in r:
+            rows.append(_error_row(r, 4))
+            continue
+        for a in r["answers"] or [r]:
+            text = "(no answer)" if a["answer"] is None else a["answer"]
+            rows.append([_key(r), text, _score(a["score"]), _span(a["start"], a["end"])])
+    _table(console, ["input", "answer", "score", "chars"], rows)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@app.command("classify")
+def classify_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    inputs: Optional[list[str]] = typer.Argument(None, help=INPUTS_HELP),
+    top_k: int = typer.Option(1, "--top-k", min=0, help="Labels per input, best first; 0 = all."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Multi-label models: report labels scoring at least this."),
+    files_from: Optional[str] = FILES_FROM,
+    jsonl: Optional[str] = JSONL,
+    literal: bool = LITERAL,
+    output: Optional[str] = OUTPUT,
+    resume: bool = RESUME,
+    as_json: bool = AS_JSON,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+) -> None:
+    """Label each input with a sequence-classification model (labels from its config's id2label)."""
+    items = gather_items(inputs or [], files_from, jsonl, literal)
+    run_command(
+        "classify", model, "sequence-classification",
+        lambda lm: Classify(lm, top_k=top_k or None, threshold=threshold, max_length=max_length),
+        items, render_classes,
+        output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+    )
+
+
+@app.command("tag")
+def tag_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    inputs: Optional[list[str]] = typer.Argument(None, help=INPUTS_HELP),
+    aggregation: str = typer.Option("simple", "--aggregation", help=f"{'|'.join(STRATEGIES)}: how tokens become entities."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=0, help="Tag inputs longer than the window in windows overlapping by this many tokens."
+    ),
+    ignore: list[str] = typer.Option(["O"], "--ignore", help="Labels not reported (repeatable)."),
+    files_from: Optional[str] = FILES_FROM,
+    jsonl: Optional[str] = JSONL,
+    literal: bool = LITERAL,
+    output: Optional[str] = OUTPUT,
+    resume: bool = RESUME,
+    as_json: bool = AS_JSON,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+) -> None:
+    """Tag entities with a token-classification model: text, label, score and character offsets."""
+    items = gather_items(inputs or [], files_from, jsonl, literal)
+    run_command(
+        "tag", model, "token-classification",
+        lambda lm: Tagger(lm, aggregation=aggregation, stride=stride, max_length=max_length, ignore=tuple(ignore)),
+        items, render_entities,
+        output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+    )
+
+
+@app.command("qa")
+def qa_command(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Contexts: " + INPUTS_HELP),
+    question: Optional[str] = typer.Option(None, "--question", help="The question (for --jsonl: where an object has none)."),
+    context: Optional[str] = typer.Option(None, "--context", help="The context text."),
+    context_file: Optional[str] = typer.Option(None, "--context-file", help="A file holding the context; '-' is stdin."),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="Answers per question, best first."),
+    max_answer_length: int = typer.Option(15, "--max-answer-length", min=1, help="Longest answer, in tokens."),
+    doc_stride: int = typer.Option(128, "--doc-stride", min=0, help="Tokens shared by consecutive context windows."),
+    allow_empty: bool = typer.Option(False, "--allow-empty", help="Answer 'no answer' when the null span scores best."),
+    files_from: Optional[str] = FILES_FROM,
+    jsonl: Optional[str] = typer.Option(
+        None, "--jsonl", help="JSON Lines input: objects with \"id\", \"question\" and \"context\"; '-' is stdin."
+    ),
+    literal: bool = LITERAL,
+    output: Optional[str] = OUTPUT,
+    resume: bool = RESUME,
+    as_json: bool = AS_JSON,
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+) -> None:
+    """Answer a question from a context with an extractive question-answering model."""
+    given = [Item("context", text=context)] if context is not None else []
+    if context_file is not None:
+        given.append(Item(context_file, key_field="path", path=context_file))
+    items = gather_items(inputs or [], files_from, jsonl, literal, ("context", "text"), given)
+    if question is None and jsonl is None:
+        raise LmtoolError("give --question (or \"question\" fields with --jsonl)")
+    run_command(
+        "qa", model, "question-answering",
+        lambda lm: Answerer(
+            lm, question=question, top_k=top_k, max_answer_length=max_answer_length, doc_stride=doc_stride,
+            allow_empty=allow_empty, max_length=max_length,
+        ),
+        items, render_answers,
+        output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+    )

@@ -1,0 +1,75 @@
+"""Builders of tiny checkpoints and tokenizers for tests (all offline, all random)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Beautiful is better than ugly. Explicit is better than implicit.",
+    "Simple is better than complex. Complex is better than complicated.",
+    "Readability counts, and errors should never pass silently.",
+    "Zürich, Kraków and São Paulo are cities; naïve café façade.",
+    "1234567890 + 42 = 1234567932",
+]
+
+
+def gemma_style_tokenizer(vocab_size: int = 120) -> Tokenizer:
+    """A small BPE with Gemma's conventions: '▁' for spaces, no dummy prefix, pad/eos/bos/unk = 0..3."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(TEXT * 4, trainer)
+    return tok
+
+
+def save_tokenizer(folder: Path, tok: Tokenizer, add_bos: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "add_bos_token": add_bos,
+                "add_eos_token": False,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            }
+        )
+    )
+
+
+def randomize(model: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
+    """Random weights everywhere (transformers zero-inits norms, which would hide norm bugs)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def tiny_gemma_config(**overrides):
+    from transformers import GemmaConfig
+
+    values = dict(
+        vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+        eos_token_id=1, bos_token_id=2,
+    )
+    values.update(overrides)
+    return GemmaConfig(**values)
+
+
+def save_hf(model, folder: Path, tokenizer: Tokenizer | None = None) -> Path:
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        save_tokenizer(folder, tokenizer)
+    return folder

@@ -1,0 +1,97 @@
+"""Hub references resolved through huggingface_hub's cache layout, offline, and their errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants, errors
+from transformers import GemmaForCausalLM
+
+import lmtool
+from lmtool import hub
+from lmtool.errors import ModelNotFoundError, UnsupportedError
+
+from helpers import gemma_style_tokenizer, randomize, save_hf, tiny_gemma_config
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_cache(cache: Path, repo_id: str, files: Path, revision_name: str = "main") -> Path:
+    """Lay files out as huggingface_hub's cache does: refs/<name> -> snapshots/<commit>/."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    for f in files.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / revision_name).write_text(COMMIT)
+    return snapshot
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return save_hf(randomize(GemmaForCausalLM(tiny_gemma_config())), tmp_path_factory.mktemp("m"), gemma_style_tokenizer())
+
+
+def test_hub_id_loads_from_the_cache_offline(cache, tiny_files):
+    snapshot = put_in_cache(cache, "acme/tiny-gemma", tiny_files)
+    lm = lmtool.load("acme/tiny-gemma")
+    assert lm.path == snapshot
+    assert lm.tokenizer is not None and lm.family.model_type == "gemma"
+
+
+def test_revision_suffix_selects_a_ref(cache, tiny_files):
+    put_in_cache(cache, "acme/tiny-gemma", tiny_files, revision_name="v1")
+    assert lmtool.load("acme/tiny-gemma@v1").path.name == COMMIT
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache"):
+        lmtool.load("acme/tiny-gemma")  # no 'main' ref in the cache
+
+
+def test_missing_model_offline_says_what_to_do(cache):
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache.*pass a local folder"):
+        lmtool.load("acme/never-downloaded")
+
+
+def test_unsupported_family_fails_before_any_weight(cache, tmp_path):
+    only_config = tmp_path / "only-config"
+    only_config.mkdir()
+    (only_config / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    put_in_cache(cache, "acme/llama", only_config)
+    with pytest.raises(UnsupportedError, match="acme/llama/config.json: model_type 'llama' is not supported"):
+        lmtool.load("acme/llama")
+
+
+@pytest.mark.parametrize("error, message", [
+    (errors.GatedRepoError, "gated; accept its license"),
+    (errors.RepositoryNotFoundError, "no such model on the Hub"),
+    (errors.RevisionNotFoundError, "revision 'v9' not found"),
+])
+def test_hub_errors_become_one_line(monkeypatch, error, message):
+    response = SimpleNamespace(headers={}, request=None, status_code=404)
+
+    def fail(*args, **kwargs):
+        raise error("multi-line\nserver text", response=response)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fail)
+    with pytest.raises(ModelNotFoundError, match=message) as info:
+        hub.resolve("acme/model@v9")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["./missing-folder", "/abs/missing", "weights.safetensors", "a/b/c"])
+def test_local_looking_references_are_not_sent_to_the_hub(text):
+    with pytest.raises(ModelNotFoundError, match="no such file or folder"):
+        hub.parse(text)
