@@ -135,3 +135,20 @@ def t_numel(shape):
 def test_inspect_single_safetensors_file(capsys, tiny_model):
     code, out, _ = run(capsys, "inspect", str(tiny_model / "model.safetensors"), "--json")
     assert code == 0 and json.loads(out)["format"] == "safetensors"
+
+
+def test_chat_format_and_system_message():
+    from lmtool.families.gemma.chat import format_chat
+
+    assert format_chat([{"role": "user", "content": " Hello "}]) == (
+        "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
+    )
+    text = format_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text.startswith("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n")
+
+
+def test_chat_generation_runs(capsys, tiny_model):
+    code, out, err = run(capsys, "generate", str(tiny_model), "Hi", "--chat", "--system", "Be brief.",
+                         "--temperature", "0", "-n", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] > 10  # the turn markup was added

@@ -95,3 +95,27 @@ def test_hub_errors_become_one_line(monkeypatch, error, message):
 def test_local_looking_references_are_not_sent_to_the_hub(text):
     with pytest.raises(ModelNotFoundError, match="no such file or folder"):
         hub.parse(text)
+
+
+def test_inspect_hub_reads_config_and_headers_only(cache, tiny_files, monkeypatch):
+    """No weight is downloaded: the tensor list comes from the safetensors headers."""
+    from lmtool.checkpoint import Checkpoint
+    from lmtool.inspect import inspect
+
+    only_config = tiny_files.parent / "config-only"
+    only_config.mkdir(exist_ok=True)
+    shutil.copy(tiny_files / "config.json", only_config / "config.json")
+    put_in_cache(cache, "acme/tiny-gemma", only_config)
+    local = Checkpoint(tiny_files)
+    headers = {info.name: SimpleNamespace(dtype="F32", shape=list(info.shape)) for info in local.infos()}
+    calls = []
+
+    def fake_metadata(repo_id, revision=None):
+        calls.append((repo_id, revision))
+        return SimpleNamespace(files_metadata={"model.safetensors": SimpleNamespace(tensors=headers)})
+
+    monkeypatch.setattr("huggingface_hub.get_safetensors_metadata", fake_metadata)
+    result = inspect("acme/tiny-gemma", with_tensors=True)
+    assert calls == [("acme/tiny-gemma", None)]
+    assert result["family"] == "gemma" and result["format"] == "hub"
+    assert result["parameters"] == sum(i.numel for i in local.infos())
