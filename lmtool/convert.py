@@ -196,8 +196,95 @@ def convert(
     return summary
 
 
+# --- tokenizer files ---------------------------------------------------------------------------
+
+
+def _tokenizer_sources(path: Path) -> tuple[Path | None, Path | None, dict[str, Any]]:
+    """(tokenizer.json, tokenizer.model, the folder's tokenizer_config.json) from --tokenizer PATH."""
+    if path.is_dir():
+        json_file, model_file = path / "tokenizer.json", path / "tokenizer.model"
+        json_path = json_file if json_file.is_file() else None
+        model_path = model_file if model_file.is_file() else None
+        if json_path is None and model_path is None:
+            raise LmtoolError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
+        settings: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").is_file():
+            # The same JSON-object reader as --config, with its one-line errors.
+            settings = ConvertOptions(config_file=path / "tokenizer_config.json").config_overrides()
+        return json_path, model_path, settings
+    if not path.is_file():
+        raise LmtoolError(f"{path}: no such tokenizer file or folder")
+    if path.suffix == ".json":
+        return path, None, {}
+    if path.suffix == ".model":
+        return None, path, {}
+    raise LmtoolError(f"{path}: expected a folder, a tokenizer.json or a SentencePiece .model file")
+
+
+def _bos_eos_template(backend: Any, settings: dict[str, Any]) -> Any:
+    """The post-processor that adds BOS (and EOS) as tokenizer_config.json says, for tools that
+    read tokenizer.json alone; None when neither is added."""
+    from tokenizers import processors
+
+    front = [settings["bos_token"]] if settings.get("add_bos_token") and settings.get("bos_token") else []
+    back = [settings["eos_token"]] if settings.get("add_eos_token") and settings.get("eos_token") else []
+    if not front and not back:
+        return None
+    single = " ".join([*front, "$A", *back])
+    pair = " ".join([single, *front, "$B:1", *back])
+    specials = [(token, backend.token_to_id(token)) for token in dict.fromkeys(front + back)]
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+
+def _known_tokens_only(settings: dict[str, Any], backend: Any) -> dict[str, Any]:
+    """Special tokens the vocabulary lacks set to null (dropped from lists), so that transformers
+    does not append them as new ids past the model's embedding."""
+    def known(token: Any) -> bool:
+        return isinstance(token, str) and backend.token_to_id(token) is not None
+
+    checked = dict(settings)
+    for key, value in settings.items():
+        if key.endswith("_token") and isinstance(value, str) and not known(value):
+            checked[key] = None
+        elif key == "additional_special_tokens" and isinstance(value, list):
+            checked[key] = [token for token in value if known(token)]
+    return checked
+
+
 def tokenizer_files(path: Path | None, family: Family) -> dict[str, bytes]:
     """The tokenizer files of an output folder from --tokenizer PATH (a folder, a tokenizer.json
     or a tokenizer.model). A SentencePiece model is also converted to tokenizer.json, so loaders
-    that only read tokenizer.json (and transformers' fast tokenizers) work."""
-    raise NotImplementedError  # written with lmtool.spm
+    that only read tokenizer.json (and transformers' fast tokenizers) work.
+
+    tokenizer_config.json is the family's defaults, then the special tokens the SentencePiece
+    model was trained with, then the given folder's own tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .spm import read_model, sentencepiece_to_tokenizer
+
+    if path is None:
+        return {}
+    json_path, model_path, folder_settings = _tokenizer_sources(Path(path))
+    settings = dict(family.tokenizer_config)
+    if model_path is not None:
+        settings.update(read_model(model_path).special_tokens())
+    settings.update(folder_settings)
+    files: dict[str, bytes] = {}
+    if json_path is not None:
+        try:
+            backend = HFTokenizer.from_file(str(json_path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise LmtoolError(f"{json_path}: cannot load tokenizer ({exc})") from None
+        files["tokenizer.json"] = json_path.read_bytes()
+        settings = _known_tokens_only(settings, backend)
+    else:
+        backend = sentencepiece_to_tokenizer(model_path, special_tokens=settings.get("additional_special_tokens") or [])
+        settings = _known_tokens_only(settings, backend)
+        template = _bos_eos_template(backend, settings)
+        if template is not None:
+            backend.post_processor = template
+        files["tokenizer.json"] = backend.to_str(pretty=True).encode("utf-8")
+    if model_path is not None:
+        files["tokenizer.model"] = model_path.read_bytes()
+    files["tokenizer_config.json"] = (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return files

@@ -81,6 +81,7 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder: str | Path, family=None, config=None) -> "Tokenizer":
         folder = Path(folder)
+        defaults: dict = {}
         if (folder / "tokenizer.json").is_file():
             try:
                 backend = HFTokenizer.from_file(str(folder / "tokenizer.json"))
@@ -88,13 +89,19 @@ class Tokenizer:
                 raise LmtoolError(f"{folder / 'tokenizer.json'}: cannot load tokenizer ({exc})") from None
             source = str(folder / "tokenizer.json")
         elif (folder / "tokenizer.model").is_file():
-            from .spm import sentencepiece_to_tokenizer
+            from .spm import read_model, sentencepiece_to_tokenizer
 
             backend = sentencepiece_to_tokenizer(folder / "tokenizer.model")
+            # The special tokens the SentencePiece model was trained with, unless the files say otherwise.
+            defaults = read_model(folder / "tokenizer.model").special_tokens()
             source = str(folder / "tokenizer.model")
         else:
             raise LmtoolError(f"{folder}: no tokenizer.json or tokenizer.model")
-        settings = {**_read_json(folder / "special_tokens_map.json"), **_read_json(folder / "tokenizer_config.json")}
+        settings = {
+            **defaults,
+            **_read_json(folder / "special_tokens_map.json"),
+            **_read_json(folder / "tokenizer_config.json"),
+        }
         return cls.from_backend(backend, settings, family=family, config=config, source=source)
 
     @classmethod

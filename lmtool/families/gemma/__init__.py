@@ -3,6 +3,8 @@
 from ...registry import Family
 from .chat import format_chat
 from .config import GemmaConfig
+from .convert import GemmaOrbaxConverter, GemmaPytorchConverter
+from .flax import FLAX as FLAX_CONVERTER
 from .model import GemmaModel
 
 FAMILY = Family(
@@ -13,6 +15,25 @@ FAMILY = Family(
     backbone_prefix="model",
     add_bos_token=True,
     chat_format=format_chat,
+    # What google/gemma-* ship; `lmtool convert` writes it (with the tokenizer's own special tokens).
+    tokenizer_config={
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "mask_token": "<mask>",
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+    },
+    converters={
+        GemmaPytorchConverter.name: GemmaPytorchConverter(),
+        GemmaOrbaxConverter.name: GemmaOrbaxConverter(),
+        FLAX_CONVERTER.name: FLAX_CONVERTER,
+    },
     presets={
         "gemma-2b": dict(
             vocab_size=256000, hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,

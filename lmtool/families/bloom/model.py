@@ -1,0 +1,173 @@
+"""BLOOM backbone: embedding LayerNorm, ALiBi attention over a fused per-head QKV, GELU MLP.
+
+Attention is eager (BLOOM's only implementation in transformers) and follows its rounding: the
+ALiBi bias is built in float32 and cast to the model dtype, scores come from one baddbmm with
+alpha = 1/sqrt(head_dim), and the softmax runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...cache import KVCache, ModelCache, Step, uncached_step
+from ...layers import causal_mask
+from .config import BloomConfig
+
+
+def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
+    """Per-head ALiBi slopes in float32: powers of 2^(-8/p) for the largest power of two p <= H,
+    then odd powers of 2^(-4/p) for the remaining heads (any head count works)."""
+    p = 2 ** math.floor(math.log2(num_heads))
+    base = torch.tensor(2.0 ** (-8.0 / p), dtype=torch.float32, device=device)
+    slopes = torch.pow(base, torch.arange(1, p + 1, dtype=torch.int32, device=device))
+    if p == num_heads:
+        return slopes
+    extra_base = torch.tensor(2.0 ** (-4.0 / p), dtype=torch.float32, device=device)
+    extra = min(p, num_heads - p)
+    odd = torch.arange(1, 2 * extra, 2, dtype=torch.int32, device=device)
+    return torch.cat([slopes, torch.pow(extra_base, odd)])
+
+
+def key_positions(key_mask: torch.Tensor) -> torch.Tensor:
+    """[B,S] bool -> [B,S] position of each key among its row's real tokens; 0 at pads."""
+    mask = key_mask.long()
+    return (mask.cumsum(-1) - 1) * mask
+
+
+def alibi_bias(slopes: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi bias [B*H, 1, S] over every key of the step (past and new): +slope * key position."""
+    positions = key_positions(step.key_mask[:, : step.end])
+    bias = slopes[None, :, None] * positions[:, None, :]
+    return bias.reshape(-1, 1, positions.shape[-1]).to(dtype)
+
+
+def eager_mask(step: Step) -> torch.Tensor | None:
+    """Boolean [B,1,T,S] mask for eager attention; None when every key is visible (one new token,
+    no padding). Pad query rows keep their own key, so no row is fully masked."""
+    mask = causal_mask(step)
+    if mask is None and step.length > 1:
+        T = step.length
+        mask = torch.ones(T, T, dtype=torch.bool, device=step.key_mask.device).tril()[None, None]
+    return mask
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation with BLOOM's literal constant 0.79788456 (not sqrt(2/pi)).
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def tp_linear(x: torch.Tensor, linear: nn.Linear, tp_slices: int) -> torch.Tensor:
+    """linear(x), or with slow_but_exact a sum over pretraining_tp input slices. That path adds no
+    bias, exactly as transformers computes it."""
+    if tp_slices == 1:
+        return linear(x)
+    width = x.shape[-1] / tp_slices
+    out = torch.zeros(*x.shape[:-1], linear.out_features, dtype=x.dtype, device=x.device)
+    for i in range(tp_slices):
+        cols = slice(int(i * width), int((i + 1) * width))
+        out = out + F.linear(x[..., cols], linear.weight[:, cols])
+    return out
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.num_heads, self.head_dim = config.n_head, config.head_dim
+        self.inv_norm_factor = 1.0 / math.sqrt(self.head_dim)
+        self.tp_slices = config.tp_slices
+        # Output features laid out per head: [q_0 | k_0 | v_0 | q_1 | ...], each head_dim wide.
+        self.query_key_value = nn.Linear(D, 3 * D)
+        self.dense = nn.Linear(D, D)
+
+    def forward(self, x, alibi, mask, step: Step, cache: KVCache | None) -> torch.Tensor:
+        B, T, D = x.shape
+        H, hd = self.num_heads, self.head_dim
+        fused = self.query_key_value(x).view(B, T, H, 3, hd)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # [B,H,T,hd]
+        if cache is not None:
+            k, v = cache.update(k, v, step.start)
+        S = k.shape[2]
+        q, k, v = q.reshape(B * H, T, hd), k.reshape(B * H, S, hd), v.reshape(B * H, S, hd)
+        scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
+        scores = scores.view(B, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        context = torch.bmm(probs.view(B * H, T, S), v)
+        context = context.view(B, H, T, hd).transpose(1, 2).reshape(B, T, D)
+        return tp_linear(context, self.dense, self.tp_slices)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.tp_slices = config.tp_slices
+        self.dense_h_to_4h = nn.Linear(D, 4 * D)
+        self.dense_4h_to_h = nn.Linear(4 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return tp_linear(bloom_gelu(self.dense_h_to_4h(x)), self.dense_4h_to_h, self.tp_slices)
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        D, eps = config.hidden_size, config.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(D, eps=eps)
+        self.self_attention = BloomAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(D, eps=eps)
+        self.mlp = BloomMLP(config)
+        self.residual_from_norm = config.apply_residual_connection_post_layernorm
+
+    def forward(self, x, alibi, mask, step, cache):
+        h = self.input_layernorm(x)
+        x = (h if self.residual_from_norm else x) + self.self_attention(h, alibi, mask, step, cache)
+        h = self.post_attention_layernorm(x)
+        return (h if self.residual_from_norm else x) + self.mlp(h)
+
+
+class BloomModel(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, D)
+        self.word_embeddings_layernorm = nn.LayerNorm(D, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(D, eps=config.layer_norm_epsilon)
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The input embedding under the name TaskModel ties the LM head to."""
+        return self.word_embeddings
+
+    def slopes(self, device: torch.device) -> torch.Tensor:
+        # Kept outside the module's buffers so that casting the model never rounds them.
+        if device not in self._slopes:
+            self._slopes[device] = alibi_slopes(self.config.n_head, device)
+        return self._slopes[device]
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> ModelCache:
+        c = self.config
+        layers = [KVCache(batch, c.n_head, max_len, c.head_dim, dtype, device) for _ in self.h]
+        return ModelCache(layers, batch, max_len, device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
+        B, T = input_ids.shape
+        if cache is None:
+            step = uncached_step(attention_mask, B, T, input_ids.device)
+        else:
+            step = cache.begin(attention_mask, T)
+        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        alibi = alibi_bias(self.slopes(x.device), step, x.dtype)
+        mask = eager_mask(step)
+        for i, block in enumerate(self.h):
+            x = block(x, alibi, mask, step, cache[i] if cache is not None else None)
+        return self.ln_f(x)

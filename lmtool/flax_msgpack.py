@@ -1,0 +1,400 @@
+"""Flax `flax_model.msgpack` checkpoints, read without jax, flax or msgpack.
+
+flax.serialization writes the params tree as one msgpack map. Each array is an ExtType (code 1)
+whose payload is itself msgpack: (shape, dtype name, C-order bytes). Arrays over 1 GiB are split
+into a `{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}` map of flat pieces.
+
+The decoder here walks the file through a memory map and records where each array's bytes are
+instead of copying them, so reading the tree costs almost nothing and each tensor is read only
+when a conversion writes it. The naming rules turn Flax parameter paths into transformers' PyTorch
+names (kernels transposed), and `FlaxConverter` is the `lmtool convert` route that families share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import PlannedTensor
+from .errors import CheckpointError, ConfigError
+
+MSGPACK_NAME = "flax_model.msgpack"
+INDEX_NAME = "flax_model.msgpack.index.json"
+CHUNKED = "__msgpack_chunked_array__"
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes of a msgpack bin value, left in the file."""
+
+    offset: int
+    length: int
+
+
+@dataclass
+class FlaxArray:
+    """An array of the file: its shape and dtype, and the spans that hold its bytes in order."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    spans: list[_Span]
+    source: mmap.mmap | bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.length for s in self.spans)
+
+    def load(self) -> torch.Tensor:
+        raw = bytearray()
+        for s in self.spans:
+            raw += self.source[s.offset : s.offset + s.length]
+        if not raw:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
+
+
+class _Decoder:
+    """A msgpack decoder over a buffer. bin values come back as _Span; ExtType 1 and 3 as FlaxArray."""
+
+    def __init__(self, buf: mmap.mmap | bytes, source: str):
+        self.buf, self.source, self.pos = buf, source, 0
+
+    def _take(self, n: int) -> int:
+        start = self.pos
+        self.pos += n
+        if self.pos > len(self.buf):
+            raise CheckpointError(f"{self.source}: truncated msgpack data at byte {start}")
+        return start
+
+    def _unpack(self, fmt: str) -> Any:
+        start = self._take(struct.calcsize(fmt))
+        return struct.unpack_from(fmt, self.buf, start)[0]
+
+    def _str(self, n: int) -> str:
+        start = self._take(n)
+        try:
+            return bytes(self.buf[start : start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.source}: invalid UTF-8 string at byte {start}") from None
+
+    def _ext(self, n: int) -> Any:
+        code = self._unpack(">b")
+        start = self._take(n)
+        if code not in (1, 3):  # 2 = complex; not a parameter, kept opaque
+            return ("ext", code, _Span(start, n))
+        end, self.pos = self.pos, start
+        payload = self.value()
+        self.pos = end
+        return self._array(payload, start)
+
+    def _array(self, payload: Any, at: int) -> FlaxArray:
+        try:
+            shape, dtype_name, data = payload
+            shape = tuple(int(d) for d in shape)
+            dtype = DTYPES[dtype_name]
+        except (TypeError, ValueError, KeyError):
+            raise CheckpointError(f"{self.source}: unsupported array encoding at byte {at}") from None
+        if not isinstance(data, _Span) or data.length != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.source}: array at byte {at} has the wrong number of bytes")
+        return FlaxArray(shape, dtype, [data], self.buf)
+
+    def value(self) -> Any:
+        b = self._unpack(">B")
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self._map(b & 0x0F)
+        if 0x90 <= b <= 0x9F:
+            return [self.value() for _ in range(b & 0x0F)]
+        if 0xA0 <= b <= 0xBF:
+            return self._str(b & 0x1F)
+        if b in _FIXED:
+            return _FIXED[b]
+        if b in _NUMBERS:
+            return self._unpack(_NUMBERS[b])
+        if b in _SIZED:
+            kind, fmt = _SIZED[b]
+            n = self._unpack(fmt)
+            if kind == "bin":
+                return _Span(self._take(n), n)
+            if kind == "str":
+                return self._str(n)
+            if kind == "array":
+                return [self.value() for _ in range(n)]
+            if kind == "map":
+                return self._map(n)
+            return self._ext(n)
+        if b in _FIXEXT:
+            return self._ext(_FIXEXT[b])
+        raise CheckpointError(f"{self.source}: invalid msgpack byte 0x{b:02x} at {self.pos - 1}")
+
+    def _map(self, n: int) -> dict:
+        out = {}
+        for _ in range(n):
+            key = self.value()
+            if isinstance(key, list):
+                key = tuple(key)
+            out[key] = self.value()
+        return out
+
+
+_FIXED = {0xC0: None, 0xC2: False, 0xC3: True}
+_NUMBERS = {
+    0xCA: ">f", 0xCB: ">d", 0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
+    0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+}
+_SIZED = {
+    0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
+    0xC7: ("ext", ">B"), 0xC8: ("ext", ">H"), 0xC9: ("ext", ">I"),
+    0xD9: ("str", ">B"), 0xDA: ("str", ">H"), 0xDB: ("str", ">I"),
+    0xDC: ("array", ">H"), 0xDD: ("array", ">I"),
+    0xDE: ("map", ">H"), 0xDF: ("map", ">I"),
+}
+_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+
+
+def decode(buf: mmap.mmap | bytes, source: str = "msgpack") -> Any:
+    """Decode one msgpack value. bin data stays in `buf` (as spans); arrays are FlaxArray."""
+    decoder = _Decoder(buf, source)
+    value = decoder.value()
+    if decoder.pos != len(buf):
+        raise CheckpointError(f"{source}: {len(buf) - decoder.pos} bytes of trailing data after the msgpack value")
+    return value
+
+
+def _unchunk(node: dict, where: str) -> FlaxArray:
+    try:
+        shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
+        chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: malformed chunked array") from None
+    if not chunks or not all(isinstance(c, FlaxArray) and c.dtype == chunks[0].dtype for c in chunks):
+        raise CheckpointError(f"{where}: malformed chunked array")
+    array = FlaxArray(shape, chunks[0].dtype, [s for c in chunks for s in c.spans], chunks[0].source)
+    if array.nbytes != math.prod(shape) * array.dtype.itemsize:
+        raise CheckpointError(f"{where}: chunked array does not fill its shape {list(shape)}")
+    return array
+
+
+def flatten(tree: Any, source: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], FlaxArray]:
+    """Nested params dict -> {path tuple: FlaxArray}; chunked arrays are joined."""
+    if isinstance(tree, FlaxArray):
+        return {prefix: tree}
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{source}: '{'/'.join(prefix)}' is not an array or a dict of arrays")
+    if CHUNKED in tree:
+        return {prefix: _unchunk(tree, f"{source}: '{'/'.join(prefix)}'")}
+    out: dict[tuple[str, ...], FlaxArray] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, source, prefix + (str(key),)))
+    return out
+
+
+def read_msgpack(path: Path) -> dict[tuple[str, ...], FlaxArray]:
+    """The arrays of one msgpack file, by path. The file stays mapped while arrays refer to it."""
+    try:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    if not buf:
+        raise CheckpointError(f"{path}: empty file")
+    tree = decode(buf, str(path))
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        tree = tree["params"]
+    return flatten(tree, str(path))
+
+
+def read_flax_checkpoint(src: Path) -> tuple[dict[tuple[str, ...], FlaxArray], Path]:
+    """The arrays of `src` (a flax_model.msgpack, or a folder with it or with sharded files and
+    their index), and the folder the checkpoint lives in."""
+    folder = src.parent if src.is_file() else src
+    if src.is_file() or (folder / MSGPACK_NAME).is_file():
+        path = src if src.is_file() else folder / MSGPACK_NAME
+        return read_msgpack(path), folder
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        raise CheckpointError(f"{src}: no {MSGPACK_NAME} or {INDEX_NAME}")
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a valid Flax shard index") from None
+    arrays: dict[tuple[str, ...], FlaxArray] = {}
+    for name in files:
+        for key, array in read_msgpack(folder / name).items():
+            if key in arrays:
+                raise CheckpointError(f"{folder / name}: '{'/'.join(key)}' also appears in another shard")
+            arrays[key] = array
+    return arrays, folder
+
+
+def has_flax_checkpoint(src: Path) -> bool:
+    if src.is_file():
+        return src.name.endswith(".msgpack")
+    return (src / MSGPACK_NAME).is_file() or (src / INDEX_NAME).is_file()
+
+
+# --- naming ------------------------------------------------------------------------------------
+
+
+def _transpose_kernel(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 2:
+        return t.T
+    if t.dim() == 4:  # convolution kernels (H, W, in, out) -> (out, in, H, W)
+        return t.permute(3, 2, 0, 1)
+    return t
+
+
+def torch_name(path: tuple[str, ...]) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """Flax path -> (PyTorch name, transform): `kernel` becomes a transposed `weight`; `scale`
+    and `embedding` become `weight`; everything else keeps its name."""
+    *modules, leaf = path
+    if leaf == "kernel":
+        return ".".join([*modules, "weight"]), _transpose_kernel
+    if leaf in ("scale", "embedding"):
+        return ".".join([*modules, "weight"]), None
+    return ".".join(path), None
+
+
+def torch_shape(shape: tuple[int, ...], transform) -> tuple[int, ...]:
+    if transform is None or len(shape) not in (2, 4):
+        return shape
+    return tuple(shape[::-1]) if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+
+
+def planned_tensors(arrays: dict[tuple[str, ...], FlaxArray], backbone_prefix: str) -> list[PlannedTensor]:
+    """One planned tensor per Flax array, under transformers' names. A base-model tree (no
+    top-level backbone prefix, e.g. FlaxBloomModel) gets the prefix added."""
+    base_model = not any(path[0] == backbone_prefix for path in arrays)
+    tensors = []
+    for path, array in arrays.items():
+        name, transform = torch_name(path)
+        if base_model:
+            name = f"{backbone_prefix}.{name}"
+
+        def produce(array=array, transform=transform) -> torch.Tensor:
+            t = array.load()
+            return transform(t) if transform else t
+
+        tensors.append(PlannedTensor(name, torch_shape(array.shape, transform), array.dtype, produce))
+    return tensors
+
+
+# --- the converter -----------------------------------------------------------------------------
+
+
+def _read_config(folder: Path, options) -> tuple[dict[str, Any], str]:
+    """config.json beside the weights, updated by --config; and the name of its source."""
+    data: dict[str, Any] = {}
+    sources = []
+    path = folder / "config.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        sources.append(str(path))
+    overrides = options.config_overrides()
+    if overrides:
+        data.update(overrides)
+        sources.append(str(options.config_file))
+    if not sources:
+        raise ConfigError(f"{folder}: no config.json beside the Flax weights; pass one with --config")
+    return data, " + ".join(sources)
+
+
+def check_against_model(family, config, tensors: list[PlannedTensor], source: str) -> None:
+    """Raise CheckpointError unless the tensors are exactly what the config's causal LM expects."""
+    from .loading import build_model
+
+    model = build_model(family, config, "causal-lm", meta=True)
+    expected = {k: tuple(v.shape) for k, v in model.checkpoint_state_dict().items()}
+    got = {t.name: tuple(t.shape) for t in tensors}
+    for name in got:
+        if name not in expected:
+            raise CheckpointError(f"{source}: unexpected tensor '{name}' for a {family.class_prefix} model")
+    for name, shape in expected.items():
+        if name not in got:
+            raise CheckpointError(f"{source}: missing tensor '{name}'")
+        if got[name] != shape:
+            raise CheckpointError(
+                f"{source}: tensor '{name}' has shape {list(got[name])}, the config implies {list(shape)}"
+            )
+
+
+@dataclass
+class FlaxConverter:
+    """`lmtool convert` from a transformers Flax checkpoint of one family (Flax<Family>Model or
+    Flax<Family>ForCausalLM). The output is the family's causal LM in the standard layout."""
+
+    name: str
+    model_type: str
+    # Top-level tree keys that identify the family when there is no config.json to read.
+    signature: tuple[str, ...]
+
+    @property
+    def description(self) -> str:
+        return f"transformers Flax checkpoint ({MSGPACK_NAME}) of a {self.model_type} model"
+
+    def detect(self, src: Path) -> bool:
+        if not has_flax_checkpoint(src):
+            return False
+        folder = src.parent if src.is_file() else src
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                return json.loads(config.read_text(encoding="utf-8")).get("model_type") == self.model_type
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                return False
+        try:
+            arrays, _ = read_flax_checkpoint(src)
+        except CheckpointError:
+            return False
+        return any(path[0] in self.signature for path in arrays)
+
+    def plan(self, src: Path, options):
+        from .convert import TOKENIZER_FILES, ConversionPlan, tokenizer_files
+        from .registry import get_family
+
+        family = get_family(self.model_type)
+        arrays, folder = read_flax_checkpoint(src)
+        data, config_source = _read_config(folder, options)
+        data.setdefault("model_type", self.model_type)
+        if data["model_type"] != self.model_type:
+            raise ConfigError(f"{config_source}: model_type '{data['model_type']}' is not {self.model_type}")
+        config = family.config_class.from_dict(data, source=config_source)
+        config.architectures = [family.architecture("causal-lm")]
+        tensors = planned_tensors(arrays, family.backbone_prefix)
+        check_against_model(family, config, tensors, str(src))
+        if options.tokenizer is not None:
+            files = tokenizer_files(options.tokenizer, family)
+        else:
+            files = {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
+        if (folder / "generation_config.json").is_file():
+            files["generation_config.json"] = (folder / "generation_config.json").read_bytes()
+        return ConversionPlan(family, config, tensors, self.name, files)
