@@ -73,3 +73,16 @@ def save_hf(model, folder: Path, tokenizer: Tokenizer | None = None) -> Path:
     if tokenizer is not None:
         save_tokenizer(folder, tokenizer)
     return folder
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `lmtool ARGS` in this process; return (exit code, stdout, stderr)."""
+    from lmtool.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

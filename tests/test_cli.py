@@ -14,7 +14,7 @@ from transformers import GemmaForCausalLM
 from lmtool.cli import main
 from lmtool.errors import ExitCode
 
-from helpers import gemma_style_tokenizer, randomize, save_hf, tiny_gemma_config
+from helpers import gemma_style_tokenizer, randomize, run_cli, save_hf, tiny_gemma_config
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +23,8 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_hf(randomize(GemmaForCausalLM(tiny_gemma_config())), folder, gemma_style_tokenizer())
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_generate_json_is_the_only_thing_on_stdout(capsys, tiny_model):
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "generate", str(tiny_model), "The quick", "--temperature", "0", "-n", "5", "--json", "--ignore-eos"
     )
     assert code == 0, err
@@ -48,14 +38,14 @@ def test_generate_json_is_the_only_thing_on_stdout(capsys, tiny_model):
 def test_prompts_file_batches_and_keeps_order(capsys, tiny_model, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("\n".join(json.dumps({"id": i, "prompt": p}) for i, p in enumerate(["a", "The quick brown", "Zü"])))
-    code, out, _ = run(capsys, "generate", str(tiny_model), "--prompts-file", str(prompts), "--temperature", "0",
+    code, out, _ = run_cli(capsys, "generate", str(tiny_model), "--prompts-file", str(prompts), "--temperature", "0",
                        "-n", "4", "--json", "--batch-size", "2")
     assert code == 0
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["id"] for r in records] == [0, 1, 2]
     # Batched left-padded generation equals generating each prompt alone.
     for r in records:
-        code, alone, _ = run(capsys, "generate", str(tiny_model), r["prompt"], "--temperature", "0", "-n", "4", "--json")
+        code, alone, _ = run_cli(capsys, "generate", str(tiny_model), r["prompt"], "--temperature", "0", "-n", "4", "--json")
         assert json.loads(alone)["token_ids"] == r["token_ids"]
 
 
@@ -73,7 +63,7 @@ def test_prompts_file_batches_and_keeps_order(capsys, tiny_model, tmp_path):
 def test_bad_model_folders_fail_in_one_line(capsys, tmp_path, setup, code, message):
     target = tmp_path / "model"
     setup(target)
-    got, out, err = run(capsys, "generate", str(target), "hi")
+    got, out, err = run_cli(capsys, "generate", str(target), "hi")
     assert got == code
     assert out == ""
     assert message in err and str(target) in err
@@ -87,14 +77,14 @@ def test_truncated_weights_are_reported(capsys, tiny_model, tmp_path):
         (broken / f.name).write_bytes(f.read_bytes())
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    code, _, err = run(capsys, "generate", str(broken), "hi")
+    code, _, err = run_cli(capsys, "generate", str(broken), "hi")
     assert code == ExitCode.ERROR and "truncated" in err and "model.safetensors" in err
 
 
 def test_usage_errors_exit_2(capsys, tiny_model):
-    code, _, err = run(capsys, "generate", str(tiny_model), "hi", "--no-such-flag")
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "hi", "--no-such-flag")
     assert code == ExitCode.USAGE and "No such option" in err
-    code, _, err = run(capsys, "generate", str(tiny_model), "hi", "--system", "be brief")
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "hi", "--system", "be brief")
     assert code == ExitCode.ERROR and "--system needs --chat" in err
 
 
@@ -115,7 +105,7 @@ def test_stdin_prompt_and_real_entry_point(tiny_model):
 
 
 def test_inspect_json_describes_the_checkpoint(capsys, tiny_model):
-    code, out, _ = run(capsys, "inspect", str(tiny_model), "--json", "--tensors")
+    code, out, _ = run_cli(capsys, "inspect", str(tiny_model), "--json", "--tensors")
     assert code == 0
     info = json.loads(out)
     assert info["family"] == "gemma" and info["architecture"] == "GemmaForCausalLM"
@@ -133,7 +123,7 @@ def t_numel(shape):
 
 
 def test_inspect_single_safetensors_file(capsys, tiny_model):
-    code, out, _ = run(capsys, "inspect", str(tiny_model / "model.safetensors"), "--json")
+    code, out, _ = run_cli(capsys, "inspect", str(tiny_model / "model.safetensors"), "--json")
     assert code == 0 and json.loads(out)["format"] == "safetensors"
 
 
@@ -148,7 +138,7 @@ def test_chat_format_and_system_message():
 
 
 def test_chat_generation_runs(capsys, tiny_model):
-    code, out, err = run(capsys, "generate", str(tiny_model), "Hi", "--chat", "--system", "Be brief.",
+    code, out, err = run_cli(capsys, "generate", str(tiny_model), "Hi", "--chat", "--system", "Be brief.",
                          "--temperature", "0", "-n", "3", "--json")
     assert code == 0, err
     assert json.loads(out)["prompt_tokens"] > 10  # the turn markup was added
