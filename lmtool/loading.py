@@ -22,7 +22,8 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, LmtoolError
 from .heads import TaskModel
-from .registry import Family, check_task, get_family
+from .prepack import WeightSource, can_pack, load_packed
+from .registry import Family, check_task, families, get_family
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,9 +61,15 @@ def read_config(folder: Path) -> tuple[Family, ModelConfig]:
 
 
 def family_of(config: dict, source: str) -> Family:
+    """The family config.json names: its model_type, else the class its architectures name."""
     if not isinstance(config, dict):
         raise ConfigError(f"{source}: expected a JSON object")
-    return get_family(config.get("model_type"), source)
+    model_type = config.get("model_type")
+    if not model_type:
+        for family in families().values():
+            if any(str(a).startswith(family.class_prefix + "For") for a in config.get("architectures") or []):
+                model_type = family.model_type
+    return get_family(model_type, source)
 
 
 def resolve_dtype(name: str | torch.dtype | None, config: ModelConfig, checkpoint: Checkpoint | None) -> torch.dtype:
@@ -123,9 +130,19 @@ def build_model(family: Family, config: ModelConfig, task: str, meta: bool = Fal
 
 
 def load_weights(
-    model: TaskModel, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, source: str
+    model: TaskModel,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    source: str,
+    prepack: bool = True,
 ) -> None:
-    """Assign every parameter from the checkpoint; errors name the folder and the tensor."""
+    """Assign every parameter from the checkpoint; errors name the folder and the tensor.
+
+    With prepack (CPU, float32 or bfloat16), linear layers are fused and packed as they load
+    (lmtool.prepack). A tensor that is copied (cast, packed, moved) has its mapped pages dropped
+    right after, so the copy replaces the original in memory instead of adding to it.
+    """
     family = model.family
     available: dict[str, str] = {}
     for key in checkpoint.keys():
@@ -133,7 +150,7 @@ def load_weights(
         available[ours] = key
     expected = model.state_dict(keep_vars=True)
     tied_key = f"{model.head_name}.weight" if model.tied else None
-    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}  # our name -> the checkpoint's tensor, still mapped
     missing = []
     for name, param in expected.items():
         if name == tied_key:
@@ -148,10 +165,7 @@ def load_weights(
                 f"{source}: tensor '{available[name]}' has shape {list(info.shape)}, "
                 f"the config implies {list(param.shape)}"
             )
-        tensor = checkpoint.tensor(available[name])
-        if tensor.dtype != dtype and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device)
+        tensors[name] = checkpoint.tensor(available[name])
     if missing:
         head = model.head_name
         if all(m.startswith(head + ".") for m in missing):
@@ -161,8 +175,20 @@ def load_weights(
             )
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor '{missing[0]}'{more}")
+    packed = prepack and can_pack(dtype, device)
+    if packed:
+        weights = WeightSource(tensors, dtype, checkpoint.release)
+        load_packed(model, weights)
+        tensors = {n: t for n, t in tensors.items() if n not in weights.consumed}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        copy = tensor.to(dtype) if tensor.dtype != dtype and tensor.is_floating_point() else tensor
+        state[name] = copy.to(device)
+        if state[name] is not tensor:
+            checkpoint.release(tensor)
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    if not packed:
+        model.tie_weights()
     model.to(device)  # the buffers (rotary tables); parameters are already there
 
 
@@ -172,6 +198,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     tokenizer: bool = True,
+    prepack: bool = True,
 ) -> LoadedModel:
     """Load a model for inference.
 
@@ -180,6 +207,8 @@ def load(
           None picks the head that config.json's architectures name, else causal-lm.
     dtype: auto/None (the checkpoint's), float32, bfloat16 or float16.
     device: auto/None (cuda when available), cpu, cuda or cuda:N.
+    prepack: on CPU, fuse and pack the linear weights for speed (lmtool.prepack); the model is
+          then for inference only. False keeps plain nn.Linear parameters.
     """
     resolved = hub.resolve(str(ref), check_config=family_of)
     folder = resolved.path
@@ -191,7 +220,7 @@ def load(
     torch_dtype = resolve_dtype(dtype, config, checkpoint)
     torch_device = resolve_device(device)
     model = build_model(family, config, task, meta=True)
-    load_weights(model, checkpoint, torch_dtype, torch_device, str(folder))
+    load_weights(model, checkpoint, torch_dtype, torch_device, str(folder), prepack=prepack)
     model.eval()
     model.requires_grad_(False)
     tok = None

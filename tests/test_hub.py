@@ -119,3 +119,11 @@ def test_inspect_hub_reads_config_and_headers_only(cache, tiny_files, monkeypatc
     assert calls == [("acme/tiny-gemma", None)]
     assert result["family"] == "gemma" and result["format"] == "hub"
     assert result["parameters"] == sum(i.numel for i in local.infos())
+
+
+def test_family_from_architectures_when_model_type_is_missing():
+    from lmtool.loading import family_of
+
+    assert family_of({"architectures": ["BloomForCausalLM"]}, "config.json").model_type == "bloom"
+    with pytest.raises(UnsupportedError, match="no 'model_type'"):
+        family_of({"architectures": ["LlamaForCausalLM"]}, "config.json")
