@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ExitCode, LmtoolError
@@ -79,8 +80,8 @@ def run_command(
         if writer is not None:
             writer.close()
     if table:
-        render(records, Console(highlight=False, soft_wrap=True))
-    skipped = f", {len(items) - len(todo)} already in {output}" if done else ""
+        render(records, Console(highlight=False, soft_wrap=True, markup=False))
+    skipped = f", {len(items) - len(todo)} already in {escape(str(output))}" if done else ""
     errors = "".join(f", {n} {kind}" for kind, n in sorted(summary.errors.items()))
     info(
         f"[dim]{command}: {summary.done} done, {summary.failed} failed{errors}{skipped}; "
@@ -159,7 +160,9 @@ def classify_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     inputs: Optional[list[str]] = typer.Argument(None, help=INPUTS_HELP),
     top_k: int = typer.Option(1, "--top-k", min=0, help="Labels per input, best first; 0 = all."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Multi-label models: report labels scoring at least this."),
+    threshold: float = typer.Option(
+        0.5, "--threshold", help="Multi-label models: report labels scoring at least this."
+    ),
     files_from: Optional[str] = FILES_FROM,
     jsonl: Optional[str] = JSONL,
     literal: bool = LITERAL,
@@ -185,7 +188,9 @@ def classify_command(
 def tag_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     inputs: Optional[list[str]] = typer.Argument(None, help=INPUTS_HELP),
-    aggregation: str = typer.Option("simple", "--aggregation", help=f"{'|'.join(STRATEGIES)}: how tokens become entities."),
+    aggregation: str = typer.Option(
+        "simple", "--aggregation", help=f"{'|'.join(STRATEGIES)}: how tokens become entities."
+    ),
     stride: Optional[int] = typer.Option(
         None, "--stride", min=0, help="Tag inputs longer than the window in windows overlapping by this many tokens."
     ),
@@ -214,10 +219,14 @@ def tag_command(
 @app.command("qa")
 def qa_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    inputs: Optional[list[str]] = typer.Argument(None, help="Contexts: " + INPUTS_HELP),
-    question: Optional[str] = typer.Option(None, "--question", help="The question (for --jsonl: where an object has none)."),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Contexts. " + INPUTS_HELP),
+    question: Optional[str] = typer.Option(
+        None, "--question", help="The question (for --jsonl: where an object has none)."
+    ),
     context: Optional[str] = typer.Option(None, "--context", help="The context text."),
-    context_file: Optional[str] = typer.Option(None, "--context-file", help="A file holding the context; '-' is stdin."),
+    context_file: Optional[str] = typer.Option(
+        None, "--context-file", help="A file holding the context; '-' is stdin."
+    ),
     top_k: int = typer.Option(1, "--top-k", min=1, help="Answers per question, best first."),
     max_answer_length: int = typer.Option(15, "--max-answer-length", min=1, help="Longest answer, in tokens."),
     doc_stride: int = typer.Option(128, "--doc-stride", min=0, help="Tokens shared by consecutive context windows."),
