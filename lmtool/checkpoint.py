@@ -9,6 +9,7 @@ beside the destination and renamed into place only when complete.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -140,6 +141,25 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._mapping(), dtype=info.dtype, count=info.numel, offset=offset)
         return flat.reshape(info.shape)
 
+    def release(self, tensor: torch.Tensor) -> bool:
+        """Drop the pages under `tensor` (a contiguous view of this file's mapping) from this
+        process's memory, once its values have been copied elsewhere (cast, packed). Nothing is
+        lost: a later read faults them back in from the file. False if the tensor is not ours."""
+        if self._map is None or tensor.numel() == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return False
+        view = ctypes.c_char.from_buffer(self._map)
+        start = tensor.data_ptr() - ctypes.addressof(view)
+        del view  # an exported buffer would keep the mapping from ever closing
+        end = start + tensor.numel() * tensor.element_size()
+        if start < 0 or end > len(self._map):
+            return False
+        # Whole pages only: the partial pages at either end may hold a neighbour's bytes.
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return True
+
 
 class Checkpoint:
     """The weights of a standard folder (one file or shards with an index), or a single file."""
@@ -187,6 +207,10 @@ class Checkpoint:
 
     def infos(self) -> list[TensorInfo]:
         return [self.info(k) for k in self.keys()]
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Drop a consumed tensor's pages from memory (see SafetensorsFile.release)."""
+        any(f.release(tensor) for f in self.files.values())
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -150,8 +150,13 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(input_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(input_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        # q/k/v as one call at load (lmtool.inference.FrozenLinear): one kernel instead of three.
+        self.fused_qkv: nn.Module | None = None
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_qkv is not None:
+            q, k, v = self.fused_qkv.forward_parts(x)
+            return q, k, v
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(
@@ -184,9 +189,15 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = ACTIVATIONS[activation]
+        # gate/up as one call at load (lmtool.inference.FrozenLinear).
+        self.fused_gate_up: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up.forward_parts(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, LmtoolError
 from .heads import TaskModel
-from .prepack import WeightSource, can_pack, load_packed
+from .inference import WeightSource, backend_for, load_frozen
 from .registry import Family, check_task, families, get_family
 from .tokenizer import Tokenizer
 
@@ -103,10 +103,24 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
+# torch.nn.init's in-place initialisers, skipped while building on meta: the values are never
+# used, and on meta tensors they run Python reference kernels whose first call imports
+# torch._dynamo (about a second of a cold load).
+INIT_FUNCTIONS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)
+
+
+def _skip_init(tensor, *args, **kwargs):
+    return tensor
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (buffers stay real: rotary tables and the like)."""
     original = nn.Module.register_parameter
+    initialisers = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS if hasattr(nn.init, name)}
 
     def register(module, name, param):
         original(module, name, param)
@@ -116,10 +130,14 @@ def parameters_on_meta() -> Iterator[None]:
             )
 
     nn.Module.register_parameter = register
+    for name in initialisers:
+        setattr(nn.init, name, _skip_init)
     try:
         yield
     finally:
         nn.Module.register_parameter = original
+        for name, function in initialisers.items():
+            setattr(nn.init, name, function)
 
 
 def build_model(family: Family, config: ModelConfig, task: str, meta: bool = False) -> TaskModel:
@@ -135,13 +153,13 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     source: str,
-    prepack: bool = True,
+    frozen: bool = True,
 ) -> None:
     """Assign every parameter from the checkpoint; errors name the folder and the tensor.
 
-    With prepack (CPU, float32 or bfloat16), linear layers are fused and packed as they load
-    (lmtool.prepack). A tensor that is copied (cast, packed, moved) has its mapped pages dropped
-    right after, so the copy replaces the original in memory instead of adding to it.
+    With frozen (CPU, float32 or bfloat16), linear layers go to the fastest backend as they load
+    (lmtool.inference). A tensor that is copied (cast, packed, moved) has its mapped pages
+    dropped right after, so the copy replaces the original in memory instead of adding to it.
     """
     family = model.family
     available: dict[str, str] = {}
@@ -175,10 +193,10 @@ def load_weights(
             )
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor '{missing[0]}'{more}")
-    packed = prepack and can_pack(dtype, device)
-    if packed:
-        weights = WeightSource(tensors, dtype, checkpoint.release)
-        load_packed(model, weights)
+    backend = backend_for(dtype, device) if frozen else None
+    if backend:
+        weights = WeightSource(tensors, dtype, backend, checkpoint.release)
+        load_frozen(model, weights)
         tensors = {n: t for n, t in tensors.items() if n not in weights.consumed}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
@@ -187,7 +205,7 @@ def load_weights(
         if state[name] is not tensor:
             checkpoint.release(tensor)
     model.load_state_dict(state, strict=False, assign=True)
-    if not packed:
+    if not backend:
         model.tie_weights()
     model.to(device)  # the buffers (rotary tables); parameters are already there
 
@@ -198,7 +216,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     tokenizer: bool = True,
-    prepack: bool = True,
+    frozen: bool = True,
 ) -> LoadedModel:
     """Load a model for inference.
 
@@ -207,8 +225,8 @@ def load(
           None picks the head that config.json's architectures name, else causal-lm.
     dtype: auto/None (the checkpoint's), float32, bfloat16 or float16.
     device: auto/None (cuda when available), cpu, cuda or cuda:N.
-    prepack: on CPU, fuse and pack the linear weights for speed (lmtool.prepack); the model is
-          then for inference only. False keeps plain nn.Linear parameters.
+    frozen: on CPU, put the linear layers on the fastest backend (lmtool.inference); the model
+          is then for inference only. False keeps plain nn.Linear parameters.
     """
     resolved = hub.resolve(str(ref), check_config=family_of)
     folder = resolved.path
@@ -220,7 +238,7 @@ def load(
     torch_dtype = resolve_dtype(dtype, config, checkpoint)
     torch_device = resolve_device(device)
     model = build_model(family, config, task, meta=True)
-    load_weights(model, checkpoint, torch_dtype, torch_device, str(folder), prepack=prepack)
+    load_weights(model, checkpoint, torch_dtype, torch_device, str(folder), frozen=frozen)
     model.eval()
     model.requires_grad_(False)
     tok = None

@@ -4,6 +4,7 @@ options, call the library, render the result. Errors become one line on stderr a
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -38,6 +39,7 @@ def root(
     settings.debug = debug
 
 
+from . import bench as _bench  # noqa: E402,F401
 from . import convert as _convert  # noqa: E402,F401  (each module registers its command on `app`)
 from . import generate as _generate  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
@@ -45,8 +47,15 @@ from . import tasks as _tasks  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
+    # When the reader of stdout goes away (`| head`), stop quietly as cat and grep do, instead of
+    # raising BrokenPipeError from whatever write comes next.
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        app(args=argv, standalone_mode=False)
+        # Click returns a command's typer.Exit(code) instead of raising it when not standalone.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LmtoolError as exc:
         if settings.debug:
             raise
@@ -63,7 +72,3 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
-    except BrokenPipeError:
-        # The reader of stdout went away (| head): not an error of ours.
-        sys.stderr.close()
-        sys.exit(ExitCode.OK)

@@ -1,0 +1,135 @@
+"""Reproduce the README's speed table: lmtool against transformers on Gemma-2B and BLOOM-560m.
+
+From the repository root, with lmtool and transformers installed:
+
+    python benchmarks/run_table.py                   # both presets, 3 repeats: about 40 min on 2 cores
+    python benchmarks/run_table.py --repeat 5 --presets bloom-560m
+    python benchmarks/run_table.py --render-only     # re-print the table from the saved reports
+
+For each preset it runs
+
+    lmtool bench --preset P --dtype bfloat16,float32 --prompt-len 512 --batch 1,8 \
+                 --against transformers --repeat R --json
+
+(random weights in bfloat16, written once to the bench cache; every run a fresh process, the two
+runners alternating), keeps the JSON report in benchmarks/results/P.json, and prints the markdown
+table with the targets of the speed issue checked. Needs about 16 GB of free RAM for transformers'
+float32 Gemma run; run it on an otherwise idle machine (the report says how busy it was).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results")
+PRESETS = ["gemma-2b", "bloom-560m"]
+METRIC_ORDER = ["decode@1", "decode@8", "prefill@512", "ttft_s", "load_s", "peak_rss", "model_rss"]
+
+
+def target(preset: str, dtype: str, key: str) -> tuple[str, str, float] | None:
+    """(what is compared, direction, bound) of the issue's target for this row, if it has one."""
+    if key == "decode@1":
+        return "ratio", ">=", 2.5 if preset.startswith("bloom") else 2.0
+    if key == "decode@8":
+        return "ratio", ">=", 1.5
+    if key == "prefill@512":
+        return "ratio", ">=", 1.0
+    if key == "ttft_s":
+        return "ratio", "<=", 0.5
+    if key == "load_s" and dtype == "float32":
+        return "ratio", "<=", 0.5
+    if key == "peak_rss":
+        return "weights", "<=", 1.1
+    return None
+
+
+def run(preset: str, repeat: int) -> dict:
+    command = [
+        sys.executable, "-m", "lmtool", "bench", "--preset", preset, "--dtype", "bfloat16,float32",
+        "--prompt-len", "512", "--batch", "1,8", "--against", "transformers", "--repeat", str(repeat), "--json",
+    ]
+    print("$ lmtool " + " ".join(command[3:]), file=sys.stderr)
+    report = json.loads(subprocess.run(command, check=True, capture_output=False, stdout=subprocess.PIPE).stdout)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{preset}.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def number(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def spread(summary: dict) -> str:
+    return f"{number(summary['median'])} [{number(summary['min'])}–{number(summary['max'])}]"
+
+
+def rows_of(preset: str, report: dict) -> list[list[str]]:
+    results = sorted(report["results"], key=lambda r: (r["dtype"], METRIC_ORDER.index(r["key"])))
+    rows = []
+    for r in results:
+        lm, hf = r["runners"]["lmtool"], r["runners"]["transformers"]
+        ratio = r["ratio"]["transformers"]
+        lm_cell, hf_cell = spread(lm), spread(hf)
+        if "per_weight_bytes" in r:
+            lm_cell += f" ({r['per_weight_bytes']['lmtool']:.2f}× weights)"
+            hf_cell += f" ({r['per_weight_bytes']['transformers']:.2f}× weights)"
+        goal = target(preset, r["dtype"], r["key"])
+        verdict = ""
+        if goal:
+            what, direction, bound = goal
+            value = ratio if what == "ratio" else r["per_weight_bytes"]["lmtool"]
+            met = value >= bound if direction == ">=" else value <= bound
+            verdict = f"{'✅' if met else '❌'} {direction} {bound}{'×' if what == 'ratio' else '× weights'}"
+        arrow = "↑" if r["higher_is_better"] else "↓"
+        rows.append([preset, r["dtype"], f"{r['label']} ({r['unit']}) {arrow}", lm_cell, hf_cell, f"{ratio:.2f}×", verdict])
+    return rows
+
+
+def machine(report: dict) -> str:
+    p = report["provenance"]
+    return (
+        f"{p['cpu']}, {p['cpu_count']} cores, {p['memory_gib']} GiB RAM, {p['threads']} torch threads; "
+        f"{p['platform']}; Python {p['python']}, torch {p['torch']}, transformers {p['transformers']}, "
+        f"lmtool {p['lmtool']}; {p['date']}; other processes used at most {p['max_foreign_cpu_percent']:.0f}% "
+        "of the CPU during a run"
+    )
+
+
+def render(reports: dict[str, dict]) -> str:
+    header = ["model", "dtype", "metric", "lmtool", "transformers", "lmtool ÷ transformers", "target"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for preset, report in reports.items():
+        lines += ["| " + " | ".join(row) + " |" for row in rows_of(preset, report)]
+    first = next(iter(reports.values()))
+    s = first["settings"]
+    notes = [
+        "",
+        f"Machine: {machine(first)}.",
+        f"Median [min–max] of {s['repeat']} fresh processes per runner and dtype, lmtool and transformers "
+        "alternating, each after one unmeasured warm-up run; random weights stored in bfloat16 (float32 rows "
+        f"load the same bfloat16 files). Decode: {s['new_tokens']} tokens after a 32-token prompt, prefill "
+        "excluded; time to first token: from process start (import, load, 32-token prompt).",
+    ]
+    return "\n".join(lines + notes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--render-only", action="store_true", help="Print the table from benchmarks/results/.")
+    args = parser.parse_args()
+    presets = [p for p in args.presets.split(",") if p]
+    if args.render_only:
+        reports = {p: json.loads((RESULTS / f"{p}.json").read_text()) for p in presets}
+    else:
+        reports = {p: run(p, args.repeat) for p in presets}
+    print(render(reports))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""`lmtool bench`: speed and memory of a model, optionally against transformers in the same run.
+
+A benchmark is a list of runs, each in a fresh process (lmtool/bench_worker.py), so that import,
+load and time to first token are cold and peak RSS belongs to one run. With a peer, the runs of
+lmtool and transformers alternate (ABBA order) so that the machine's drift (memory bandwidth on a
+shared host moves by tens of percent within minutes) falls on both alike. Each metric is reported
+as the median over repeats with its min-max spread.
+
+Random-weight checkpoints (--preset, --config) are written once, in the standard layout, under
+the bench cache folder, so loading them is measured exactly as loading a downloaded model is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, hub
+from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, write_weights
+from .errors import LmtoolError
+from .loading import DTYPES, build_model, family_of, read_config
+from .registry import Family, families
+
+PEERS = ("transformers",)
+SHORT_PROMPT = 32  # prompt of the time-to-first-token and decode workloads
+INIT_STD = 0.02  # transformers' initializer_range
+WORKER = Path(__file__).with_name("bench_worker.py")
+# runpy does not put the worker's folder on sys.path (that would shadow the standard library with
+# lmtool's inspect.py and config.py).
+BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+def cache_root() -> Path:
+    if os.environ.get("LMTOOL_BENCH_CACHE"):
+        return Path(os.environ["LMTOOL_BENCH_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lmtool" / "bench"
+
+
+# --- random-weight checkpoints ---------------------------------------------------------------
+
+
+def presets() -> dict[str, tuple[Family, dict[str, Any]]]:
+    """Every family's released sizes: preset name -> (family, config values)."""
+    return {name: (family, values) for family in families().values() for name, values in family.presets.items()}
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    known = presets()
+    if name not in known:
+        raise LmtoolError(f"unknown preset '{name}'; choose one of: {', '.join(sorted(known))}")
+    family, values = known[name]
+    return {"model_type": family.model_type, **values}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmtoolError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LmtoolError(f"{path}: not valid JSON ({exc})") from None
+    family_of(data, str(path))
+    return data
+
+
+def model_config(ref: str) -> dict[str, Any]:
+    """config.json of a local folder or a Hub model; no weights are downloaded."""
+    parsed = hub.parse(ref)
+    path = hub.hub_file(parsed, "config.json") if parsed.is_hub else parsed.path / "config.json"
+    return read_config_file(path)
+
+
+def random_tensor(info: PlannedTensor) -> torch.Tensor:
+    """Values like a freshly initialised model: N(0, 0.02) matrices, unit norm scales, zero biases.
+    Seeded by the name, so a checkpoint is the same wherever it is written."""
+    seed = int.from_bytes(hashlib.sha256(info.name.encode()).digest()[:4], "little")
+    generator = torch.Generator().manual_seed(seed)
+    if len(info.shape) > 1:
+        return torch.empty(info.shape, dtype=info.dtype).normal_(0.0, INIT_STD, generator=generator)
+    return torch.zeros(info.shape, dtype=info.dtype) if info.name.endswith("bias") else torch.ones(info.shape, dtype=info.dtype)
+
+
+def checkpoint_plan(family: Family, config, dtype: torch.dtype) -> list[PlannedTensor]:
+    """The tensors a causal-LM checkpoint of this config holds, with random values on demand."""
+    model = build_model(family, config, "causal-lm", meta=True)
+    plan = []
+    for name, param in model.checkpoint_state_dict().items():
+        tensor_dtype = dtype if param.dtype.is_floating_point else param.dtype
+        plan.append(PlannedTensor(name, tuple(param.shape), tensor_dtype, lambda: None))
+    for item in plan:
+        item.produce = lambda item=item: random_tensor(item)
+    return plan
+
+
+def random_checkpoint(
+    name: str,
+    config_values: dict[str, Any],
+    dtype: str = "bfloat16",
+    root: Path | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_tensor: Callable[[PlannedTensor], None] | None = None,
+) -> Path:
+    """A standard folder with config.json and random weights, written once to the cache:
+    <root>/<name>-<dtype>. A folder whose config.json differs from this config is rewritten."""
+    if dtype not in DTYPES:
+        raise LmtoolError(f"unknown checkpoint dtype '{dtype}'; choose {', '.join(DTYPES)}")
+    family = family_of(config_values, name)
+    values = {k: v for k, v in config_values.items() if k not in ("torch_dtype", "architectures")}
+    values.update(dtype=dtype, architectures=[family.architecture("causal-lm")])
+    config = family.config_class.from_dict(values, source=name)
+    folder = (root or cache_root()) / f"{name}-{dtype}"
+    config_json = config.to_json()
+    if (folder / "config.json").is_file() and (folder / "config.json").read_text() == config_json:
+        return folder
+    plan = checkpoint_plan(family, config, DTYPES[dtype])
+    if on_start:
+        on_start(sum(t.nbytes for t in plan))
+    with atomic_folder(folder, force=True) as tmp:
+        write_weights(tmp, plan, max_shard_size=2 * 10**9, on_tensor=on_tensor)
+        (tmp / "config.json").write_text(config_json)
+    return folder
+
+
+def config_name(values: dict[str, Any], stem: str) -> str:
+    """A cache name for a config given as a file: its stem and a hash of its content."""
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{stem}-{digest}"
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+@dataclass
+class BenchSpec:
+    folder: Path  # a standard model folder
+    name: str  # what the report calls the model
+    dtypes: list[str]  # compute dtypes; "auto" = the checkpoint's
+    prompt_lens: list[int] = field(default_factory=lambda: [512])
+    batches: list[int] = field(default_factory=lambda: [1])
+    repeat: int = 5
+    warmup: bool = True
+    new_tokens: int = 32
+    against: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    threads: int | None = None
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class Metric:
+    key: str  # load_s, ttft_s, prefill@512, decode@1, peak_rss
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
+    metrics = [
+        Metric("load_s", "import + load", "s", False),
+        Metric("ttft_s", f"time to first token (cold, {SHORT_PROMPT}-token prompt)", "s", False),
+    ]
+    metrics += [Metric(f"prefill@{n}", f"prefill {n} tokens", "tok/s", True) for n in spec.prompt_lens]
+    metrics += [Metric(f"decode@{b}", f"decode batch {b}", "tok/s", True) for b in spec.batches]
+    metrics.append(Metric("peak_rss", "peak RSS", "GiB", False))
+    metrics.append(Metric("model_rss", "peak RSS above torch's own", "GiB", False))
+    if device.startswith("cuda"):
+        metrics.append(Metric("peak_cuda", "peak CUDA allocated", "GiB", False))
+    return metrics
+
+
+def flatten(sample: dict) -> dict[str, float]:
+    """A worker's result as {metric key: value}."""
+    values = {
+        "load_s": sample["load_s"],
+        "ttft_s": sample["ttft_s"],
+        "peak_rss": sample["peak_rss_bytes"] / 2**30,
+        "model_rss": (sample["peak_rss_bytes"] - sample["torch_rss_bytes"]) / 2**30,
+    }
+    values.update({f"prefill@{n}": v for n, v in sample["prefill_tokens_per_s"].items()})
+    values.update({f"decode@{b}": v for b, v in sample["decode_tokens_per_s"].items()})
+    if "peak_cuda_bytes" in sample:
+        values["peak_cuda"] = sample["peak_cuda_bytes"] / 2**30
+    return values
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+
+
+def check_peer(peer: str) -> None:
+    if peer not in PEERS:
+        raise LmtoolError(f"unknown peer '{peer}'; lmtool can run against: {', '.join(PEERS)}")
+    try:
+        metadata.version(peer)
+    except metadata.PackageNotFoundError:
+        raise LmtoolError(f"--against {peer}: {peer} is not installed (pip install {peer})") from None
+
+
+def resolve_dtypes(names: list[str], folder: Path) -> list[str]:
+    """'auto' becomes the checkpoint's dtype name, so both runners get the same explicit dtype."""
+    from .loading import resolve_dtype
+
+    _, config = read_config(folder)
+    checkpoint = Checkpoint(folder)
+    resolved = []
+    for name in names:
+        dtype = resolve_dtype(None if name == "auto" else name, config, checkpoint)
+        resolved.append(str(dtype).removeprefix("torch."))
+    return list(dict.fromkeys(resolved))
+
+
+def weight_bytes(folder: Path, dtype: str) -> int:
+    """Bytes of the model's weights once loaded in dtype (floating tensors take its size)."""
+    size = dtype_size(DTYPES[dtype])
+    return sum(i.numel * size if i.dtype.is_floating_point else i.nbytes for i in Checkpoint(folder).infos())
+
+
+def warm_page_cache(folder: Path) -> None:
+    """Read the weight files so that every run loads from a warm page cache (as the peer baseline
+    did); a host that evicts idle pages would otherwise make load times depend on run order."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as f:
+            while f.read(16 * 2**20):
+                pass
+
+
+def spawn(spec: BenchSpec, runner: str, dtype: str) -> dict:
+    """One run in a fresh process; returns the worker's measurements."""
+    warm_page_cache(spec.folder)
+    with tempfile.TemporaryDirectory(prefix="lmtool-bench-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        job = {
+            "runner": runner, "folder": str(spec.folder), "dtype": dtype, "device": spec.device,
+            "threads": spec.threads,
+            "prompt_lens": spec.prompt_lens, "batches": spec.batches, "new_tokens": spec.new_tokens,
+            "short_prompt": SHORT_PROMPT, "result_file": str(result_file),
+        }
+        env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        job["spawned_at"] = time.time()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", BOOT, str(WORKER)], input=json.dumps(job), text=True,
+                capture_output=True, env=env, timeout=spec.timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            raise LmtoolError(f"{runner} {dtype} run took longer than {spec.timeout_s:.0f} s") from None
+        if proc.returncode != 0 or not result_file.is_file():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise LmtoolError(f"{runner} {dtype} run failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result_file.read_text())
+
+
+def run_order(runners: list[str], repeat: int) -> list[str]:
+    """ABBA order: every pair of repeats runs each runner first once."""
+    order = []
+    for rep in range(repeat):
+        order += runners if rep % 2 == 0 else runners[::-1]
+    return order
+
+
+def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns {provenance, model, settings, results}. on_run(runner, dtype,
+    index, total) is called before each run (warm-up runs have index 0)."""
+    for peer in spec.against:
+        check_peer(peer)
+    dtypes = resolve_dtypes(spec.dtypes, spec.folder)
+    runners = ["lmtool", *spec.against]
+    order = run_order(runners, spec.repeat)
+    total = len(dtypes) * len(order)
+    done = 0
+    results = []
+    foreign: list[float] = []  # other processes' share of the CPU during each measured run
+    backends: dict[str, str] = {}  # dtype -> lmtool's linear backend (lmtool.inference)
+    for dtype in dtypes:
+        if spec.warmup:
+            # Warms the page cache and any on-disk caches; its numbers are dropped.
+            for runner in runners:
+                if on_run:
+                    on_run(runner, dtype, 0, total)
+                spawn(spec, runner, dtype)
+        samples: dict[str, list[dict[str, float]]] = {r: [] for r in runners}
+        for runner in order:
+            done += 1
+            if on_run:
+                on_run(runner, dtype, done, total)
+            sample = spawn(spec, runner, dtype)
+            samples[runner].append(flatten(sample))
+            foreign.append(sample.get("foreign_cpu_percent") or 0.0)
+            if sample.get("backend"):
+                backends[dtype] = sample["backend"]
+        results += compare(spec, dtype, samples)
+    return {
+        "provenance": {
+            **provenance(spec),
+            "max_foreign_cpu_percent": max(foreign, default=0.0),
+            "lmtool_linear_backend": backends,
+        },
+        "model": {"name": spec.name, "folder": str(spec.folder)},
+        "settings": {k: v for k, v in asdict(spec).items() if k not in ("folder", "name", "timeout_s")},
+        "results": results,
+    }
+
+
+def compare(spec: BenchSpec, dtype: str, samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    """One row per metric: each runner's summary and lmtool's ratio to each peer."""
+    rows = []
+    weights = weight_bytes(spec.folder, dtype)
+    for metric in metrics_of(spec, spec.device):
+        row: dict[str, Any] = {"dtype": dtype, **asdict(metric), "runners": {}, "ratio": {}}
+        for runner, runs in samples.items():
+            row["runners"][runner] = summarize([run[metric.key] for run in runs])
+        for peer in spec.against:
+            peer_median = row["runners"][peer]["median"]
+            row["ratio"][peer] = row["runners"]["lmtool"]["median"] / peer_median if peer_median else None
+        if metric.key in ("peak_rss", "model_rss"):
+            row["weight_gib"] = weights / 2**30
+            row["per_weight_bytes"] = {r: s["median"] * 2**30 / weights for r, s in row["runners"].items()}
+        rows.append(row)
+    return rows
+
+
+# --- provenance ------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance(spec: BenchSpec) -> dict[str, Any]:
+    device = spec.device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = cpu_model()
+    return {
+        "lmtool": __version__,
+        "torch": torch.__version__,
+        "transformers": package_version("transformers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "device_name": device_name,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": spec.threads or torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        if hasattr(os, "sysconf") else None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (dtype, metric, runner), provenance repeated on each (as llama-bench does)."""
+    rows = []
+    for result in report["results"]:
+        for runner, summary in result["runners"].items():
+            rows.append(
+                {
+                    "model": report["model"]["name"],
+                    "dtype": result["dtype"],
+                    "metric": result["key"],
+                    "unit": result["unit"],
+                    "runner": runner,
+                    "median": summary["median"],
+                    "min": summary["min"],
+                    "max": summary["max"],
+                    "repeats": len(summary["samples"]),
+                    "ratio_lmtool_to_runner": result["ratio"].get(runner),
+                    **report["provenance"],
+                }
+            )
+    return rows

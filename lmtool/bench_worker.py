@@ -1,0 +1,192 @@
+"""One `lmtool bench` run, in a fresh process: load a model, time it, report JSON.
+
+lmtool.bench starts this file with `python -c "runpy.run_path(<this file>)"` and the run's spec
+on stdin, so that the process is cold (import and load are measured for real, and peak RSS is
+this run's alone). The module imports nothing from lmtool at the top: the transformers runner
+never imports lmtool, so its import time is transformers' own.
+
+Timings follow one method for both runners, each through its own generate(), and each shape
+runs once untimed before it is timed (llama-bench's warm-up):
+- load_s: process start (taken by the parent just before spawning) to a model ready to run;
+- ttft_s: process start to the first token of a short prompt (import + load + prefill + sample);
+- prefill: prompt tokens / (generate() call to the first logits), logits for the last position only;
+- decode: batch * (n - 1) / (first to last of n generated tokens), so the prefill is excluded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+
+def random_ids(batch: int, length: int, vocab_size: int, seed: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    # Ids 0-9 hold special tokens in every family benchmarked; stay clear of them.
+    return torch.randint(10, vocab_size, (batch, length), generator=generator)
+
+
+class LmtoolRunner:
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def load(self) -> None:
+        import lmtool
+        from lmtool.generation import SamplingParams
+
+        self.lm = lmtool.load(
+            self.spec["folder"], task="causal-lm", dtype=self.spec["dtype"], device=self.spec["device"],
+            tokenizer=False,
+        )
+        from lmtool.inference import backend_for
+
+        self.backend = backend_for(self.lm.dtype, self.lm.device) or "nn.Linear"
+        self.greedy = SamplingParams(temperature=0.0)
+        self.vocab_size = self.lm.config.vocab_size
+
+    def generate(self, ids, new_tokens: int) -> dict:
+        from lmtool.generation import generate
+
+        _, stats = generate(
+            self.lm.model, ids.tolist(), max_new_tokens=new_tokens, params=self.greedy, seed=0,
+            eos_ids=[], ignore_eos=True,
+        )
+        # decode_s runs from the end of the prefill to the last token: n samples, n - 1 forwards.
+        return {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s}
+
+
+class TransformersRunner:
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        dtype = getattr(torch, self.spec["dtype"])
+        model = AutoModelForCausalLM.from_pretrained(self.spec["folder"], dtype=dtype)
+        self.model = model.to(self.spec["device"]).eval()
+        self.vocab_size = self.model.config.vocab_size
+
+    def generate(self, ids, new_tokens: int) -> dict:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        stamps: list[float] = []
+
+        class Stamp(LogitsProcessor):
+            """Called once per new token, just after the forward that produced its logits."""
+
+            def __call__(self, input_ids, scores):
+                stamps.append(time.perf_counter())
+                return scores
+
+        ids = ids.to(self.spec["device"])
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            self.model.generate(
+                ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([Stamp()]),
+                pad_token_id=0,
+            )
+        return {"prefill_s": stamps[0] - start, "decode_s": stamps[-1] - stamps[0]}
+
+
+RUNNERS = {"lmtool": LmtoolRunner, "transformers": TransformersRunner}
+
+
+class ForeignLoad:
+    """CPU time that other processes used while this run ran, as a share of the machine: the
+    machine is shared, and a run that competed for its cores is slower for that reason alone."""
+
+    def __init__(self):
+        self.start = self.sample()
+
+    @staticmethod
+    def sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system, irq softirq steal
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return busy / os.sysconf("SC_CLK_TCK"), own.ru_utime + own.ru_stime, time.time()
+
+    def percent(self) -> float | None:
+        end = self.sample()
+        if end is None or self.start is None:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self.start, end))
+        return max(0.0, busy - own) / (wall * (os.cpu_count() or 1)) * 100 if wall > 0 else None
+
+
+def peak_memory(device: str) -> dict:
+    import torch
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    if device.startswith("cuda"):
+        peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run(spec: dict) -> dict:
+    spawned_at = spec["spawned_at"]
+    load = ForeignLoad()
+    import torch
+
+    # What the runtime costs before any model: both runners import torch first.
+    baseline = peak_memory("cpu")["peak_rss_bytes"]
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    runner = RUNNERS[spec["runner"]](spec)
+    runner.load()
+    sync(spec["device"])
+    result: dict = {"load_s": time.time() - spawned_at, "threads": torch.get_num_threads()}
+    result["backend"] = getattr(runner, "backend", None)
+    vocab, short = runner.vocab_size, spec["short_prompt"]
+    runner.generate(random_ids(1, short, vocab, seed=1), new_tokens=1)
+    sync(spec["device"])
+    result["ttft_s"] = time.time() - spawned_at
+    # Steady-state speeds: each shape runs once untimed first (allocations, kernel selection).
+    result["prefill_tokens_per_s"] = {}
+    for length in spec["prompt_lens"]:
+        ids = random_ids(1, length, vocab, seed=2)
+        runner.generate(ids, new_tokens=1)
+        timing = runner.generate(ids, new_tokens=1)
+        result["prefill_tokens_per_s"][str(length)] = length / timing["prefill_s"]
+    result["decode_tokens_per_s"] = {}
+    new_tokens = spec["new_tokens"]
+    for batch in spec["batches"]:
+        ids = random_ids(batch, short, vocab, seed=3)
+        runner.generate(ids, new_tokens=3)
+        timing = runner.generate(ids, new_tokens=new_tokens)
+        result["decode_tokens_per_s"][str(batch)] = batch * (new_tokens - 1) / timing["decode_s"]
+    result.update(peak_memory(spec["device"]))
+    result["torch_rss_bytes"] = baseline
+    result["foreign_cpu_percent"] = load.percent()
+    return result
+
+
+def main() -> None:
+    spec = json.load(sys.stdin)
+    result = run(spec)
+    with open(spec["result_file"], "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()

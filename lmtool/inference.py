@@ -1,0 +1,348 @@
+"""Loading a model for CPU inference: every linear layer frozen on the fastest backend here.
+
+Decoding multiplies a few activation rows by every weight matrix, so its speed is the rate at
+which weights stream from memory, and PyTorch's F.linear reaches only about half of it. Two
+backends do better; load picks one per model:
+
+- native (lmtool.native): kernels that read the checkpoint's memory-mapped weights in place.
+  Nothing is copied at load (a float32 model from a bfloat16 file keeps bfloat16 weights and
+  widens them in registers), so loading costs no more than mapping the file. Batches above
+  native.MAX_ROWS rows (prefill) go to F.linear, which is compute-bound and fast there.
+- onednn: the weight is reordered once into oneDNN's blocked layout, which its matmul streams
+  about twice as fast as F.linear at batch 1 and which is at least as fast at prefill. Reordering
+  costs time at load (about 1-2 GB/s) and the packed copy replaces the mapped original: its pages
+  are dropped right after (`release`). Used where the native kernels cannot be built.
+
+Both fuse q/k/v and gate/up into one call (native: one kernel call over the separate tensors;
+onednn: one matrix, concatenated while packing). The input embedding is never copied: lookups
+read the rows they need from the mapped file, cast as they are read, and a tied LM head uses the
+same tensor (onednn: packs it in slices, so a cast never holds a second full copy).
+
+A frozen model is for inference: its state_dict keeps the checkpoint's names (weights are joined
+or unpacked on the way out), but it cannot be trained, cast or moved afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native
+from .heads import CausalLMHead
+from .layers import GatedMLP, SelfAttention
+
+# Rows of a tied LM head packed (onednn) or cast for F.linear (native, prefill) at a time: bounds
+# the temporary copy.
+SLICE_BYTES = 256 * 2**20
+# Groups fused into one call: owner class -> (fused module name, the checkpoint's module names).
+FUSED_GROUPS = {
+    SelfAttention: ("fused_qkv", ["q_proj", "k_proj", "v_proj"]),
+    GatedMLP: ("fused_gate_up", ["gate_proj", "up_proj"]),
+}
+
+
+def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
+    """'native', 'onednn', or None (plain nn.Linear) for a model of this dtype on this device."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if native.available():
+        return "native"
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return "onednn"
+
+
+def row_slices(table: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Views of consecutive rows of table, each at most SLICE_BYTES once in dtype."""
+    rows = max(1, SLICE_BYTES // (table.shape[1] * torch.finfo(dtype).bits // 8))
+    return list(table.split(rows))
+
+
+class CastScratch:
+    """One buffer that the bfloat16 weights of a float32 model are cast into for prefill, reused
+    by every layer: a fresh allocation per cast would fault in new pages each time, which costs
+    more than the cast itself."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def cast(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.buffer is None or self.buffer.dtype != dtype or self.buffer.numel() < rows.numel():
+            self.buffer = torch.empty(rows.numel(), dtype=dtype, device=rows.device)
+        return self.buffer[: rows.numel()].view(rows.shape).copy_(rows)
+
+
+class FrozenLinear(nn.Module):
+    """An inference-only linear layer. A fused one keeps the names and row counts of the layers it
+    joins (`parts`), so its state_dict entries are theirs."""
+
+    def __init__(self, dtype: torch.dtype, biases: list[torch.Tensor | None], parts: list[tuple[str, int]] | None):
+        super().__init__()
+        self.dtype = dtype
+        self.biases = biases
+        self.parts = parts
+
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each part (q, k, v...), as the separate layers would give them."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.forward_parts(x)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight in the model's dtype, rebuilt on each access (slow: for code that
+        slices it, and for saving)."""
+        weights = self.dense_weights()
+        return weights[0] if len(weights) == 1 else torch.cat(weights)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.biases[0] is None else torch.cat(self.biases)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.parts is None:
+            destination[prefix + "weight"] = self.weight
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias
+            return
+        # prefix is "<owner>.<fused name>."; the parts live beside it under the owner.
+        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]
+        for (name, _), weight, bias in zip(self.parts, self.dense_weights(), self.biases):
+            destination[f"{owner}{name}.weight"] = weight
+            if bias is not None:
+                destination[f"{owner}{name}.bias"] = bias
+
+
+class NativeLinear(FrozenLinear):
+    """Weights used where they lie (mapped checkpoint tensors); native kernels up to
+    native.MAX_ROWS activation rows, F.linear beyond."""
+
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor | None],
+        dtype: torch.dtype,
+        scratch: CastScratch,
+        parts=None,
+    ):
+        super().__init__(dtype, biases, parts)
+        self.weights = weights
+        self.scratch = scratch
+        self.kernel = native.NativeParts(weights, biases, dtype)
+        self.in_features = self.kernel.in_features
+        self.out_features = self.kernel.out_features
+
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= native.MAX_ROWS:
+            # One kernel call writes every part side by side; the parts are views of it.
+            out = self.kernel(flat.contiguous()).view(*x.shape[:-1], self.out_features)
+            return list(out.split([w.shape[0] for w in self.weights], dim=-1))
+        # Prefill: F.linear per part (no copy to join them).
+        return [self.dense_linear(flat, w, b).view(*x.shape[:-1], -1) for w, b in zip(self.weights, self.biases)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] <= native.MAX_ROWS:
+            return self.kernel(flat.contiguous()).view(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+    def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight, bias)
+        # bfloat16 weights of a float32 model: cast a slice at a time, not the whole matrix.
+        outs = [F.linear(x, self.scratch.cast(rows, x.dtype)) for rows in row_slices(weight, x.dtype)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        return out if bias is None else out + bias
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        return [w.to(self.dtype) for w in self.weights]
+
+
+class PackedLinear(FrozenLinear):
+    """The weight (parts concatenated) reordered into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts=None):
+        rows = [r for _, r in parts] if parts else [weight.shape[0]]
+        biases = list(bias.split(rows)) if bias is not None else [None] * len(rows)
+        super().__init__(weight.dtype, biases, parts)
+        self.rows = rows
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        self.joined_bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.joined_bias, "none", [], "")
+
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.forward(x).split(self.rows, dim=-1))
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        return list(self.packed.to_dense().split(self.rows))
+
+
+class FrozenCausalLMHead(CausalLMHead):
+    """The LM head over frozen linears covering consecutive row slices of its weight."""
+
+    def __init__(self, head: CausalLMHead, slices: list[FrozenLinear]):
+        nn.Module.__init__(self)
+        # A plain list, not child modules: the state_dict holds the one joined weight.
+        self.slices = slices
+        self.soft_cap = head.soft_cap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        parts = [s(hidden) for s in self.slices]
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if self.soft_cap is not None:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        return logits
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = torch.cat([s.weight for s in self.slices])
+
+
+class CastEmbedding(nn.Module):
+    """An embedding that looks rows up in the checkpoint's tensor and casts only those rows, so
+    a float32 model from a bfloat16 file never holds a float32 copy of the whole table."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.table = table
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.table).to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.table.to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+
+
+class WeightSource:
+    """The checkpoint's tensors under our parameter names, still mapped; `done` marks them used
+    and drops their pages when they were copied."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        backend: str,
+        release: Callable[[torch.Tensor], None],
+    ):
+        self.tensors = tensors
+        self.dtype = dtype
+        self.backend = backend
+        self.release_pages = release
+        self.consumed: set[str] = set()
+        self.scratch = CastScratch()  # shared by the model's NativeLinear layers
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def weight_dtype(self, tensor: torch.Tensor) -> torch.dtype:
+        """What the backend computes with: native keeps a float32 model's bfloat16 weights."""
+        if self.backend == "native" and native.supports(self.dtype, tensor.dtype):
+            return tensor.dtype
+        return self.dtype
+
+    def cast(self, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.dtype
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != dtype else tensor
+
+    def done(self, names: list[str], copied: bool) -> None:
+        for name in names:
+            self.consumed.add(name)
+            if copied:
+                self.release_pages(self.tensors[name])
+
+
+def freeze_linears(owner: nn.Module, prefix: str, names: list[str], fused_name: str | None, source: WeightSource) -> None:
+    """Replace owner's linear layers `names` by one frozen layer (under fused_name when several)."""
+    layers = [getattr(owner, n) for n in names]
+    weight_names = [f"{prefix}{n}.weight" for n in names]
+    bias_names = [f"{prefix}{n}.bias" if layer.bias is not None else None for n, layer in zip(names, layers)]
+    parts = [(n, layer.out_features) for n, layer in zip(names, layers)] if fused_name else None
+    weights = [source.tensors[w] for w in weight_names]
+    biases = [source.cast(source.tensors[b]) if b else None for b in bias_names]
+    if source.backend == "native":
+        kept = [source.cast(w, source.weight_dtype(w)) for w in weights]
+        frozen: FrozenLinear = NativeLinear(kept, biases, source.dtype, source.scratch, parts)
+        copied = any(k is not w for k, w in zip(kept, weights))
+    else:
+        joined = source.cast(weights[0] if len(weights) == 1 else torch.cat(weights))
+        bias = None if biases[0] is None else torch.cat(biases)
+        frozen = PackedLinear(joined, bias, parts)
+        copied = True
+    source.done(weight_names, copied)
+    source.done([b for b in bias_names if b], copied=False)
+    for n in names:
+        delattr(owner, n)
+    setattr(owner, fused_name or names[0], frozen)
+
+
+def fusable(module: nn.Module) -> tuple[str, list[str]] | None:
+    """The fused group of a module whose forward goes through the fused path (subclasses that
+    override it, LoRA-adapted projections for instance, are left alone)."""
+    for cls, group in FUSED_GROUPS.items():
+        if isinstance(module, cls):
+            method = "project_qkv" if cls is SelfAttention else "forward"
+            if getattr(type(module), method) is getattr(cls, method):
+                return group
+    return None
+
+
+def freeze_head(model: nn.Module, source: WeightSource, embedding_name: str) -> None:
+    """The LM head (tied: over the embedding's tensor). onednn packs it in row slices, dropping
+    each slice's pages once packed; an embedding lookup faults back in only the rows it reads."""
+    head_name = f"{model.head_name}.weight"
+    table = source.tensors[embedding_name if model.tied else head_name]
+    if source.backend == "native":
+        weight = source.cast(table, source.weight_dtype(table))
+        slices: list[FrozenLinear] = [NativeLinear([weight], [None], source.dtype, source.scratch)]
+        if weight is not table:
+            source.release_pages(table)
+    else:
+        slices = []
+        for rows in row_slices(table, source.dtype):
+            slices.append(PackedLinear(source.cast(rows), None))
+            source.release_pages(rows)
+    setattr(model, model.head_name, FrozenCausalLMHead(model.head, slices))
+    source.consumed.add(head_name)
+
+
+def load_frozen(model: nn.Module, source: WeightSource) -> None:
+    """Freeze every linear layer of a meta-built TaskModel from source, fusing q/k/v and gate/up,
+    and set up its embedding; the caller assigns whatever is left in source (norms, biases...)."""
+    backbone = model.backbone
+    attr = next(n for n, m in backbone.named_children() if m is backbone.embed_tokens)
+    embedding_name = f"{model.backbone_prefix}.{attr}.weight"
+    if model.task == "causal-lm":
+        freeze_head(model, source, embedding_name)
+    for prefix, module in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
+        group = fusable(module)
+        if group and all(source.has(f"{prefix}{n}.weight") for n in group[1]):
+            freeze_linears(module, prefix, group[1], group[0], source)
+    for prefix, module in list(model.named_modules()):
+        prefix = f"{prefix}." if prefix else ""
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and source.has(f"{prefix}{name}.weight"):
+                freeze_linears(module, prefix, [name], None, source)
+    table = source.tensors[embedding_name]
+    if table.dtype != source.dtype:
+        setattr(backbone, attr, CastEmbedding(table, source.dtype))
+        source.done([embedding_name], copied=False)

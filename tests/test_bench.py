@@ -1,0 +1,137 @@
+"""`lmtool bench` plumbing on tiny random models: checkpoints written once, fresh-process runs,
+the peer alternating, and the output formats. No timing is asserted (the machine is shared)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import lmtool
+from lmtool.bench import config_name, preset_config, presets, random_checkpoint, run_order
+from lmtool.errors import ExitCode
+
+from helpers import run_cli
+
+TINY_GEMMA = {
+    "model_type": "gemma", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8,
+}
+TINY_BLOOM = {"model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4}
+QUICK = ["--repeat", "1", "--no-warmup", "--prompt-len", "8", "--new-tokens", "3"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("configs") / "tiny-gemma.json"
+    path.write_text(json.dumps(TINY_GEMMA))
+    return path
+
+
+def test_presets_cover_the_released_sizes_of_both_families():
+    names = presets()
+    assert {"gemma-2b", "gemma-7b", "bloom-560m", "bloom-1b7"} <= set(names)
+    assert preset_config("gemma-2b")["model_type"] == "gemma"
+    with pytest.raises(lmtool.errors.LmtoolError, match="unknown preset 'nope'; choose one of: .*bloom-560m"):
+        preset_config("nope")
+
+
+@pytest.mark.parametrize("values", [TINY_GEMMA, TINY_BLOOM], ids=["gemma", "bloom"])
+def test_random_checkpoint_is_a_standard_folder_written_once(tmp_path, values):
+    folder = random_checkpoint("tiny", values, "bfloat16", tmp_path)
+    assert folder == tmp_path / "tiny-bfloat16"
+    lm = lmtool.load(folder, dtype="float32", tokenizer=False)
+    assert lm.task == "causal-lm" and lm.dtype == lmtool.loading.DTYPES["float32"]
+    weights = sorted(folder.glob("*.safetensors"))
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    assert random_checkpoint("tiny", values, "bfloat16", tmp_path) == folder
+    assert [w.stat().st_mtime_ns for w in weights] == stamps  # reused, not rewritten
+    random_checkpoint("tiny", {**values, "vocab_size": 96}, "bfloat16", tmp_path)
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == 96  # a new shape rewrites
+
+
+def test_random_weights_are_seeded_by_name(tmp_path):
+    a = random_checkpoint("a", TINY_GEMMA, "float32", tmp_path / "1")
+    b = random_checkpoint("b", TINY_GEMMA, "float32", tmp_path / "2")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_config_name_is_stable_and_content_addressed():
+    assert config_name(TINY_GEMMA, "x") == config_name(dict(reversed(TINY_GEMMA.items())), "x")
+    assert config_name(TINY_GEMMA, "x") != config_name(TINY_BLOOM, "x")
+
+
+def test_runs_alternate_in_abba_order():
+    assert run_order(["lmtool", "transformers"], 4) == ["lmtool", "transformers", "transformers", "lmtool"] * 2
+    assert run_order(["lmtool"], 2) == ["lmtool", "lmtool"]
+
+
+def test_json_report_has_every_metric_per_dtype_and_provenance(capsys, tiny_config, cache):
+    code, out, err = run_cli(
+        capsys, "bench", "--config", str(tiny_config), "--cache-dir", str(cache), *QUICK, "--batch", "1,2",
+        "--prompt-len", "8,16", "--dtype", "bfloat16,float32", "--json",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    for key in ("lmtool", "torch", "transformers", "device", "cpu", "threads", "date"):
+        assert key in report["provenance"]
+    rows = {(r["dtype"], r["key"]) for r in report["results"]}
+    metrics = {"load_s", "ttft_s", "prefill@8", "prefill@16", "decode@1", "decode@2", "peak_rss", "model_rss"}
+    assert rows == {(d, m) for d in ("bfloat16", "float32") for m in metrics}
+    for result in report["results"]:
+        summary = result["runners"]["lmtool"]
+        assert summary["min"] <= summary["median"] <= summary["max"] and len(summary["samples"]) == 1
+        assert summary["median"] > 0 or result["key"] == "model_rss"  # a tiny model can fit in torch's own peak
+    assert "run 1/2: lmtool bfloat16" in err  # progress goes to stderr
+
+
+def test_against_transformers_runs_both_and_reports_ratios(capsys, cache):
+    config = cache / "tiny-bloom.json"
+    config.write_text(json.dumps(TINY_BLOOM))
+    code, out, err = run_cli(
+        capsys, "bench", "--config", str(config), "--cache-dir", str(cache), *QUICK, "--against", "transformers",
+        "--repeat", "2", "--csv",
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {r["runner"] for r in rows} == {"lmtool", "transformers"}
+    assert {"torch", "transformers", "cpu", "threads", "dtype", "median", "min", "max"} <= set(rows[0])
+    assert all(r["ratio_lmtool_to_runner"] == "" for r in rows if r["runner"] == "lmtool")
+    peer = [r for r in rows if r["runner"] == "transformers"]
+    assert all(r["repeats"] == "2" for r in peer)
+    # A ratio is empty only where the peer's value is 0 (a tiny model's memory above torch's own).
+    assert all(float(r["ratio_lmtool_to_runner"]) > 0 for r in peer if r["metric"] != "model_rss")
+
+
+def test_markdown_table_when_stdout_is_not_a_terminal(capsys, tiny_config, cache):
+    code, out, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--cache-dir", str(cache), *QUICK)
+    assert code == 0, err
+    assert "| dtype | metric | lmtool |" in out
+    assert "decode batch 1 (tok/s) ↑" in out and "× weights" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give one of MODEL, --preset NAME or --config FILE"),
+    (["some/model", "--preset", "gemma-2b"], "give one of MODEL, --preset NAME or --config FILE"),
+    (["--preset", "gemma-9b"], "unknown preset 'gemma-9b'"),
+    (["--preset", "gemma-2b", "--against", "vllm"], "unknown peer 'vllm'"),
+    (["--preset", "gemma-2b", "--json", "--csv"], "give --json or --csv, not both"),
+])
+def test_bad_invocations_fail_in_one_line_before_any_work(capsys, tmp_path, args, message):
+    code, out, err = run_cli(capsys, "bench", *args, "--cache-dir", str(tmp_path))
+    assert code == ExitCode.ERROR
+    assert message in err and out == ""
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_lists_are_usage_errors(capsys, tiny_config):
+    code, _, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--batch", "1,x")
+    assert code == ExitCode.USAGE and "comma-separated integers" in err

@@ -1,0 +1,108 @@
+"""The CPU inference path (lmtool.inference, lmtool.native): frozen linear layers give the results
+of plain nn.Linear on both backends, keep the checkpoint's names, and copy nothing they need not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmtool
+from lmtool import inference, native
+from lmtool.bench import random_checkpoint
+from lmtool.checkpoint import Checkpoint
+
+TINY = {
+    "gemma": {
+        "model_type": "gemma", "vocab_size": 80, "hidden_size": 48, "intermediate_size": 72,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
+    },
+    "bloom": {"model_type": "bloom", "vocab_size": 80, "hidden_size": 40, "n_layer": 2, "n_head": 4},
+}
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable here")
+
+
+@pytest.fixture(params=["native", "onednn"])
+def backend(request, monkeypatch):
+    """Run a test on each backend; onednn is what machines without a C compiler get."""
+    if request.param == "native" and not native.available():
+        pytest.skip("native kernels unavailable here")
+    if request.param == "onednn":
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
+
+@pytest.fixture(scope="module", params=sorted(TINY))
+def checkpoint(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return random_checkpoint(f"tiny-{request.param}", TINY[request.param], "bfloat16", root)
+
+
+def logits(lm, ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits, then a cached decode of the last two tokens (batches under and
+    over native.MAX_ROWS rows take different paths)."""
+    with torch.inference_mode():
+        full = lm.model(ids)
+        cache = lm.model.make_cache(ids.shape[0], ids.shape[1])
+        lm.model(ids[:, :-2], cache=cache)
+        step = torch.cat([lm.model(ids[:, i : i + 1], cache=cache) for i in range(ids.shape[1] - 2, ids.shape[1])], 1)
+    return torch.cat([full, step], 1).float()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_frozen_model_matches_plain_linear_layers(checkpoint, backend, dtype):
+    frozen = lmtool.load(checkpoint, dtype=dtype, tokenizer=False)
+    plain = lmtool.load(checkpoint, dtype=dtype, tokenizer=False, frozen=False)
+    assert inference.backend_for(frozen.dtype, frozen.device) == backend
+    ids = torch.randint(0, 80, (3, 9))
+    ours, reference = logits(frozen, ids), logits(plain, ids)
+    # float32: summation order only. bfloat16: one rounding of each output, as oneDNN does.
+    tol = 1e-5 if dtype == "float32" else 2e-2 * reference.abs().max().item()
+    assert (ours - reference).abs().max().item() <= tol
+
+
+def test_frozen_state_dict_keeps_checkpoint_names_dtypes_and_values(checkpoint, backend):
+    for dtype in ("float32", "bfloat16"):
+        frozen = lmtool.load(checkpoint, dtype=dtype, tokenizer=False).model.checkpoint_state_dict()
+        plain = lmtool.load(checkpoint, dtype=dtype, tokenizer=False, frozen=False).model.checkpoint_state_dict()
+        assert sorted(frozen) == sorted(plain)
+        for name, value in plain.items():
+            assert frozen[name].dtype == value.dtype and torch.equal(frozen[name], value), name
+
+
+@needs_native
+def test_float32_from_bfloat16_keeps_weights_in_bfloat16_without_copies(checkpoint):
+    lm = lmtool.load(checkpoint, dtype="float32", tokenizer=False)
+    assert lm.dtype == torch.float32
+    assert isinstance(lm.model.backbone.embed_tokens, inference.CastEmbedding)
+    frozen = [m for m in lm.model.modules() if isinstance(m, inference.NativeLinear)]
+    frozen += lm.model.head.slices
+    assert frozen and all(w.dtype == torch.bfloat16 for m in frozen for w in m.weights)
+    # The tied head reads the embedding's own mapped tensor.
+    assert lm.model.head.slices[0].weights[0].data_ptr() == lm.model.backbone.embed_tokens.table.data_ptr()
+
+
+@needs_native
+@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
+    for K in (5, 16, 33, 100):
+        for rows in ([1], [9], [8, 3], [4, 13, 2]):
+            for M in (1, 2, 3, 16):
+                weights = [torch.randn(n, K).to(weight) for n in rows]
+                biases = [torch.randn(n).to(activation) if i % 2 == 0 else None for i, n in enumerate(rows)]
+                x = torch.randn(M, K).to(activation)
+                out = native.NativeParts(weights, biases, activation)(x).float()
+                bias = torch.cat([b.float() if b is not None else torch.zeros(n) for b, n in zip(biases, rows)])
+                expected = F.linear(x.float(), torch.cat(weights).float(), bias)
+                tol = 1e-4 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
+                assert (out - expected).abs().max().item() <= tol, (K, rows, M)
+
+
+def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
+    ckpt = Checkpoint(checkpoint)
+    name = max(ckpt.keys(), key=lambda k: ckpt.info(k).numel)
+    tensor = ckpt.tensor(name)
+    before = tensor.clone()
+    ckpt.release(tensor)
+    assert torch.equal(tensor, before)
+    ckpt.release(before)  # not a view of the file: ignored
