@@ -107,3 +107,17 @@ def uncached_step(attention_mask: torch.Tensor | None, batch: int, length: int, 
     key_mask = attention_mask.bool()
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0).masked_fill(~key_mask, 0)
     return Step(0, length, key_mask, positions, not bool(key_mask.all()))
+
+
+def begin_step(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: "ModelCache | None") -> Step:
+    """The Step of one backbone call: from the cache when generating, else over the whole input."""
+    B, T = input_ids.shape
+    if cache is None:
+        return uncached_step(attention_mask, B, T, input_ids.device)
+    return cache.begin(attention_mask, T)
+
+
+def kv_cache(num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> ModelCache:
+    """A ModelCache of preallocated KV caches, for backbones whose every layer is attention."""
+    layers = [KVCache(batch, num_kv_heads, max_len, head_dim, dtype, device) for _ in range(num_layers)]
+    return ModelCache(layers, batch, max_len, device)

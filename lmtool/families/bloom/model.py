@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...cache import KVCache, ModelCache, Step, uncached_step
+from ...cache import KVCache, ModelCache, Step, begin_step, kv_cache
 from ...layers import causal_mask
 from .config import BloomConfig
 
@@ -175,15 +175,10 @@ class BloomModel(nn.Module):
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> ModelCache:
         c = self.config
-        layers = [KVCache(batch, c.n_head, max_len, c.head_dim, dtype, device) for _ in self.h]
-        return ModelCache(layers, batch, max_len, device)
+        return kv_cache(len(self.h), batch, c.n_head, max_len, c.head_dim, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
-        B, T = input_ids.shape
-        if cache is None:
-            step = uncached_step(attention_mask, B, T, input_ids.device)
-        else:
-            step = cache.begin(attention_mask, T)
+        step = begin_step(input_ids, attention_mask, cache)
         x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
         alibi = alibi_bias(self.slopes(x.device), step, x.dtype)
         mask = eager_mask(step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...cache import KVCache, ModelCache, uncached_step
+from ...cache import ModelCache, begin_step, kv_cache
 from ...layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, sqrt_scale
 from .config import GemmaConfig
 
@@ -42,15 +42,10 @@ class GemmaModel(nn.Module):
 
     def make_cache(self, batch: int, max_len: int, dtype, device) -> ModelCache:
         c = self.config
-        layers = [KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device) for _ in self.layers]
-        return ModelCache(layers, batch, max_len, device)
+        return kv_cache(len(self.layers), batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
-        B, T = input_ids.shape
-        if cache is None:
-            step = uncached_step(attention_mask, B, T, input_ids.device)
-        else:
-            step = cache.begin(attention_mask, T)
+        step = begin_step(input_ids, attention_mask, cache)
         x = self.embed_tokens(input_ids)
         # sqrt(hidden) rounded to the weight dtype (45.25 in bf16 for 2048), multiplied in that dtype.
         x = x * sqrt_scale(self.config.hidden_size, x.dtype).to(x.device)
