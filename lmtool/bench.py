@@ -286,6 +286,7 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
     results = []
     foreign: list[float] = []  # other processes' share of the CPU during each measured run
     backends: dict[str, str] = {}  # dtype -> lmtool's linear backend (lmtool.inference)
+    runs: list[dict[str, Any]] = []  # measured runs in the order they ran
     for dtype in dtypes:
         if spec.warmup:
             # Warms the page cache and any on-disk caches; its numbers are dropped.
@@ -301,6 +302,7 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
             sample = spawn(spec, runner, dtype)
             samples[runner].append(flatten(sample))
             foreign.append(sample.get("foreign_cpu_percent") or 0.0)
+            runs.append({"runner": runner, "dtype": dtype, "foreign_cpu_percent": foreign[-1]})
             if sample.get("backend"):
                 backends[dtype] = sample["backend"]
         results += compare(spec, dtype, samples)
@@ -313,6 +315,7 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
         "model": {"name": spec.name, "folder": str(spec.folder)},
         "settings": {k: v for k, v in asdict(spec).items() if k not in ("folder", "name", "timeout_s")},
         "results": results,
+        "runs": runs,
     }
 
 
