@@ -86,3 +86,16 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         code = exc.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def cached_vs_full(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Max |Δ| at real tokens between a full forward and the same tokens fed through the cache
+    as a prefill, a 2-token chunk, then single tokens (ids: a left-padded batch of width 10)."""
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask)
+        cache = model.make_cache(ids.shape[0], 16)
+        steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+        steps.append(model(ids[:, 6:8], attention_mask=mask[:, 6:8], cache=cache))
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(8, 10)]
+        cached = torch.cat(steps, dim=1)
+    return (cached - full)[mask.bool()].abs().max().item()

@@ -30,7 +30,7 @@ from lmtool.loading import build_model
 from lmtool.registry import get_family
 from lmtool.tokenizer import Tokenizer as LmTokenizer
 
-from helpers import TEXT, randomize, save_hf
+from helpers import TEXT, cached_vs_full, randomize, save_hf
 
 FP32_TOL = 1e-4
 VOCAB, PAD = 150, 3
@@ -123,14 +123,7 @@ def test_left_padding_gives_the_unpadded_result(causal_pair):
 def test_cached_decode_matches_full_forward(causal_pair):
     _, lm = causal_pair
     ids, mask = padded_batch(lengths=(10, 7))
-    with torch.no_grad():
-        full = lm.model(ids, attention_mask=mask)
-        cache = lm.model.make_cache(2, 16)
-        steps = [lm.model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
-        steps.append(lm.model(ids[:, 6:8], attention_mask=mask[:, 6:8], cache=cache))  # a chunk
-        steps += [lm.model(ids[:, t : t + 1], cache=cache) for t in range(8, 10)]  # single tokens
-        cached = torch.cat(steps, dim=1)
-    assert (cached - full)[mask.bool()].abs().max().item() <= FP32_TOL
+    assert cached_vs_full(lm.model, ids, mask) <= FP32_TOL
 
 
 def test_greedy_generation_identical_to_transformers(causal_pair):

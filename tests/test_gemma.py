@@ -12,7 +12,7 @@ from lmtool.errors import ConfigError
 from lmtool.families.gemma.config import GemmaConfig
 from lmtool.generation import SamplingParams, generate
 
-from helpers import randomize, save_hf, tiny_gemma_config
+from helpers import cached_vs_full, randomize, save_hf, tiny_gemma_config
 
 # MHA, MQA (as gemma-2b), GQA, and a head_dim unrelated to hidden/heads (as gemma-7b).
 SHAPES = {
@@ -66,14 +66,7 @@ def test_left_padded_batch_matches_transformers_and_single_rows(causal_pair):
 def test_cached_decode_matches_full_forward(causal_pair):
     _, lm = causal_pair
     ids, mask = padded_batch(120, lengths=(10, 7))
-    with torch.no_grad():
-        full = lm.model(ids, attention_mask=mask)
-        cache = lm.model.make_cache(2, 16)
-        steps = [lm.model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
-        steps.append(lm.model(ids[:, 6:8], attention_mask=mask[:, 6:8], cache=cache))  # a chunk
-        steps += [lm.model(ids[:, t : t + 1], cache=cache) for t in range(8, 10)]  # single tokens
-        cached = torch.cat(steps, dim=1)
-    assert (cached - full)[mask.bool()].abs().max().item() <= FP32_TOL
+    assert cached_vs_full(lm.model, ids, mask) <= FP32_TOL
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
