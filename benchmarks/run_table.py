@@ -95,7 +95,7 @@ def machine(report: dict) -> str:
         f"{p['cpu']}, {p['cpu_count']} cores, {p['memory_gib']} GiB RAM, {p['threads']} torch threads; "
         f"{p['platform']}; Python {p['python']}, torch {p['torch']}, transformers {p['transformers']}, "
         f"lmtool {p['lmtool']}; {p['date']}; other processes used at most {p['max_foreign_cpu_percent']:.0f}% "
-        "of the CPU during a run"
+        f"of the CPU during a run kept ({p.get('runs_discarded_as_busy', 0)} busier runs were re-run)"
     )
 
 

@@ -3,8 +3,9 @@
 A benchmark is a list of runs, each in a fresh process (lmtool/bench_worker.py), so that import,
 load and time to first token are cold and peak RSS belongs to one run. With a peer, the runs of
 lmtool and transformers alternate (ABBA order) so that the machine's drift (memory bandwidth on a
-shared host moves by tens of percent within minutes) falls on both alike. Each metric is reported
-as the median over repeats with its min-max spread.
+shared host moves by tens of percent within minutes) falls on both alike. Each run records how
+much CPU other processes took meanwhile; a run on a busy machine is run again (max_foreign_cpu).
+Each metric is reported as the median over repeats with its min-max spread.
 
 Random-weight checkpoints (--preset, --config) are written once, in the standard layout, under
 the bench cache folder, so loading them is measured exactly as loading a downloaded model is.
@@ -158,6 +159,9 @@ class BenchSpec:
     against: list[str] = field(default_factory=list)
     device: str = "cpu"
     threads: int | None = None
+    # A run during which other processes used more than this share of the CPU (percent) is run
+    # again, at most RETRIES times: on a shared machine its numbers describe the neighbours.
+    max_foreign_cpu: float = 20.0
     timeout_s: float = 3600.0
 
 
@@ -265,6 +269,22 @@ def spawn(spec: BenchSpec, runner: str, dtype: str) -> dict:
         return json.loads(result_file.read_text())
 
 
+RETRIES = 2  # extra attempts of a run on a busy machine
+
+
+def measured_run(spec: BenchSpec, runner: str, dtype: str, runs: list[dict[str, Any]]) -> dict:
+    """One run, repeated while the machine was busy with other work (see max_foreign_cpu); every
+    attempt is logged in `runs`."""
+    for attempt in range(RETRIES + 1):
+        sample = spawn(spec, runner, dtype)
+        busy = sample.get("foreign_cpu_percent") or 0.0
+        kept = busy <= spec.max_foreign_cpu or attempt == RETRIES
+        runs.append({"runner": runner, "dtype": dtype, "foreign_cpu_percent": busy, "kept": kept})
+        if kept:
+            return sample
+    raise AssertionError("unreachable")
+
+
 def run_order(runners: list[str], repeat: int) -> list[str]:
     """ABBA order: every pair of repeats runs each runner first once."""
     order = []
@@ -286,7 +306,7 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
     results = []
     foreign: list[float] = []  # other processes' share of the CPU during each measured run
     backends: dict[str, str] = {}  # dtype -> lmtool's linear backend (lmtool.inference)
-    runs: list[dict[str, Any]] = []  # measured runs in the order they ran
+    runs: list[dict[str, Any]] = []  # every measured attempt, in the order they ran
     for dtype in dtypes:
         if spec.warmup:
             # Warms the page cache and any on-disk caches; its numbers are dropped.
@@ -299,17 +319,17 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
             done += 1
             if on_run:
                 on_run(runner, dtype, done, total)
-            sample = spawn(spec, runner, dtype)
+            sample = measured_run(spec, runner, dtype, runs)
             samples[runner].append(flatten(sample))
             foreign.append(sample.get("foreign_cpu_percent") or 0.0)
-            runs.append({"runner": runner, "dtype": dtype, "foreign_cpu_percent": foreign[-1]})
             if sample.get("backend"):
                 backends[dtype] = sample["backend"]
         results += compare(spec, dtype, samples)
     return {
         "provenance": {
             **provenance(spec),
-            "max_foreign_cpu_percent": max(foreign, default=0.0),
+            "max_foreign_cpu_percent": max(foreign, default=0.0),  # of the runs kept
+            "runs_discarded_as_busy": sum(not r["kept"] for r in runs),
             "lmtool_linear_backend": backends,
         },
         "model": {"name": spec.name, "folder": str(spec.folder)},

@@ -135,3 +135,15 @@ def test_bad_invocations_fail_in_one_line_before_any_work(capsys, tmp_path, args
 def test_bad_lists_are_usage_errors(capsys, tiny_config):
     code, _, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--batch", "1,x")
     assert code == ExitCode.USAGE and "comma-separated integers" in err
+
+
+def test_a_run_on_a_busy_machine_is_run_again_at_most_twice(monkeypatch):
+    from lmtool import bench
+
+    busy = iter([80.0, 5.0, 90.0, 90.0, 90.0])
+    monkeypatch.setattr(bench, "spawn", lambda spec, runner, dtype: {"foreign_cpu_percent": next(busy)})
+    spec = bench.BenchSpec(folder=Path(), name="x", dtypes=["float32"], max_foreign_cpu=20.0)
+    runs: list[dict] = []
+    assert bench.measured_run(spec, "lmtool", "float32", runs)["foreign_cpu_percent"] == 5.0
+    assert bench.measured_run(spec, "lmtool", "float32", runs)["foreign_cpu_percent"] == 90.0  # kept: out of retries
+    assert [r["kept"] for r in runs] == [False, True, False, False, True]

@@ -94,7 +94,8 @@ def describe_setup(report: dict[str, Any]) -> str:
         f"lmtool {p['lmtool']}, torch {p['torch']}, transformers {p['transformers'] or 'not installed'}; "
         f"median [min–max] of {s['repeat']} fresh processes per runner, alternating"
         f"{', after a warm-up run' if s['warmup'] else ''}; decode of {s['new_tokens']} tokens after a "
-        f"32-token prompt; other processes used at most {p['max_foreign_cpu_percent']:.0f}% of the CPU during a run"
+        f"32-token prompt; other processes used at most {p['max_foreign_cpu_percent']:.0f}% of the CPU during a run kept "
+        f"({p['runs_discarded_as_busy']} busier runs re-run)"
     )
 
 
@@ -131,6 +132,9 @@ def bench_command(
     against: list[str] = typer.Option([], "--against", help="Also run this peer, alternating: transformers."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
+    max_foreign_cpu: float = typer.Option(
+        20.0, "--max-foreign-cpu", min=0, help="Re-run (twice at most) a run during which other processes used more than this % of the CPU; 100 = never."
+    ),
     checkpoint_dtype: str = typer.Option("bfloat16", "--checkpoint-dtype", help="dtype of random weights on disk."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where random checkpoints are kept."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -156,6 +160,7 @@ def bench_command(
         against=against,
         device=device,
         threads=threads,
+        max_foreign_cpu=max_foreign_cpu,
     )
     spec.folder, spec.name = model_folder(model, preset, config, random_weights, checkpoint_dtype, cache_dir)
 
