@@ -27,7 +27,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
 PRESETS = ["gemma-2b", "bloom-560m"]
-METRIC_ORDER = ["decode@1", "decode@8", "prefill@512", "ttft_s", "load_s", "peak_rss", "model_rss"]
+METRIC_ORDER = ["decode@1", "decode_gbps@1", "decode@8", "prefill@512", "ttft_s", "load_s", "peak_rss", "model_rss"]
 
 
 def target(preset: str, dtype: str, key: str) -> tuple[str, str, float] | None:
@@ -77,6 +77,9 @@ def rows_of(preset: str, report: dict) -> list[list[str]]:
         if "per_weight_bytes" in r:
             lm_cell += f" ({r['per_weight_bytes']['lmtool']:.2f}× weights)"
             hf_cell += f" ({r['per_weight_bytes']['transformers']:.2f}× weights)"
+        if "share_of_bandwidth" in r:  # reports from before the bandwidth probe lack it
+            lm_cell += f" ({r['share_of_bandwidth']['lmtool']:.0%} of read bandwidth)"
+            hf_cell += f" ({r['share_of_bandwidth']['transformers']:.0%} of read bandwidth)"
         goal = target(preset, r["dtype"], r["key"])
         verdict = ""
         if goal:
@@ -99,6 +102,15 @@ def machine(report: dict) -> str:
     )
 
 
+def bandwidth(reports: dict[str, dict]) -> str:
+    """The memory read bandwidth measured between each preset's runs, if it was."""
+    measured = {preset: r["provenance"].get("memory_bandwidth_gbps") for preset, r in reports.items()}
+    parts = [f"{spread(summary)} GB/s during {preset}" for preset, summary in measured.items() if summary]
+    if not parts:
+        return ""
+    return "; memory read bandwidth (sum of a 1 GiB float32 tensor after each run) " + ", ".join(parts)
+
+
 def render(reports: dict[str, dict]) -> str:
     header = ["model", "dtype", "metric", "lmtool", "transformers", "lmtool ÷ transformers", "target"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -108,7 +120,7 @@ def render(reports: dict[str, dict]) -> str:
     s = first["settings"]
     notes = [
         "",
-        f"Machine: {machine(first)}.",
+        f"Machine: {machine(first)}{bandwidth(reports)}.",
         f"Median [min–max] of {s['repeat']} fresh processes per runner and dtype, lmtool and transformers "
         "alternating, each after one unmeasured warm-up run; random weights stored in bfloat16 (float32 rows "
         f"load the same bfloat16 files). Decode: {s['new_tokens']} tokens after a 32-token prompt, prefill "

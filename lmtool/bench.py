@@ -5,7 +5,9 @@ load and time to first token are cold and peak RSS belongs to one run. With a pe
 lmtool and transformers alternate (ABBA order) so that the machine's drift (memory bandwidth on a
 shared host moves by tens of percent within minutes) falls on both alike. Each run records how
 much CPU other processes took meanwhile; a run on a busy machine is run again (max_foreign_cpu).
-Each metric is reported as the median over repeats with its min-max spread.
+Each metric is reported as the median over repeats with its min-max spread. Because that drift
+bounds batch-1 decode, the parent also measures the memory read bandwidth after every measured run
+(memory_read_bandwidth) and reports how close each runner's decode comes to it.
 
 Random-weight checkpoints (--preset, --config) are written once, in the standard layout, under
 the bench cache folder, so loading them is measured exactly as loading a downloaded model is.
@@ -162,6 +164,7 @@ class BenchSpec:
     # A run during which other processes used more than this share of the CPU (percent) is run
     # again, at most RETRIES times: on a shared machine its numbers describe the neighbours.
     max_foreign_cpu: float = 20.0
+    bandwidth: bool = True  # probe the memory read bandwidth after each measured run (cpu only)
     timeout_s: float = 3600.0
 
 
@@ -173,6 +176,11 @@ class Metric:
     higher_is_better: bool
 
 
+# Batch-1 decode reads every weight once per token (a tied embedding once, as the LM head), so
+# weight bytes × tokens/s is the read rate it reaches: a lower bound, the KV cache is not counted.
+EFFECTIVE = "decode_gbps@1"
+
+
 def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
     metrics = [
         Metric("load_s", "import + load", "s", False),
@@ -180,6 +188,8 @@ def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
     ]
     metrics += [Metric(f"prefill@{n}", f"prefill {n} tokens", "tok/s", True) for n in spec.prompt_lens]
     metrics += [Metric(f"decode@{b}", f"decode batch {b}", "tok/s", True) for b in spec.batches]
+    if 1 in spec.batches:
+        metrics.append(Metric(EFFECTIVE, "decode b1 effective GB/s (weight bytes × tok/s)", "GB/s", True))
     metrics.append(Metric("peak_rss", "peak RSS", "GiB", False))
     metrics.append(Metric("model_rss", "peak RSS above torch's own", "GiB", False))
     if device.startswith("cuda"):
@@ -187,8 +197,8 @@ def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
     return metrics
 
 
-def flatten(sample: dict) -> dict[str, float]:
-    """A worker's result as {metric key: value}."""
+def flatten(sample: dict, weights: int) -> dict[str, float]:
+    """A worker's result as {metric key: value}; weights: the weight bytes in the run's dtype."""
     values = {
         "load_s": sample["load_s"],
         "ttft_s": sample["ttft_s"],
@@ -197,6 +207,8 @@ def flatten(sample: dict) -> dict[str, float]:
     }
     values.update({f"prefill@{n}": v for n, v in sample["prefill_tokens_per_s"].items()})
     values.update({f"decode@{b}": v for b, v in sample["decode_tokens_per_s"].items()})
+    if "decode@1" in values:
+        values[EFFECTIVE] = weights * values["decode@1"] / 1e9
     if "peak_cuda_bytes" in sample:
         values["peak_cuda"] = sample["peak_cuda_bytes"] / 2**30
     return values
@@ -232,6 +244,26 @@ def weight_bytes(folder: Path, dtype: str) -> int:
     """Bytes of the model's weights once loaded in dtype (floating tensors take its size)."""
     size = dtype_size(DTYPES[dtype])
     return sum(i.numel * size if i.dtype.is_floating_point else i.nbytes for i in Checkpoint(folder).infos())
+
+
+def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """The machine's memory read bandwidth in GB/s (1e9 bytes): the best of `repeats` sums of a
+    float32 tensor of nbytes, with `threads` torch threads as the runs use. Called in the parent,
+    between runs, so that it neither adds to a worker's peak RSS nor competes with a run."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        tensor = torch.ones(nbytes // 4, dtype=torch.float32)  # written once, so its pages are mapped
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tensor.sum()
+            best = max(best, tensor.nbytes / (time.perf_counter() - start) / 1e9)
+        del tensor  # a tensor this large is unmapped at once, before the next run starts
+        return best
+    finally:
+        torch.set_num_threads(previous)
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -307,7 +339,11 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
     foreign: list[float] = []  # other processes' share of the CPU during each measured run
     backends: dict[str, str] = {}  # dtype -> lmtool's linear backend (lmtool.inference)
     runs: list[dict[str, Any]] = []  # every measured attempt, in the order they ran
+    # The probe is a CPU read; a CUDA run's decode is bound by the GPU's memory instead.
+    probe = spec.bandwidth and spec.device == "cpu"
+    bandwidth: dict[str, list[float]] = {}  # dtype -> GB/s after each of its measured runs
     for dtype in dtypes:
+        weights = weight_bytes(spec.folder, dtype)
         if spec.warmup:
             # Warms the page cache and any on-disk caches; its numbers are dropped.
             for runner in runners:
@@ -320,14 +356,18 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
             if on_run:
                 on_run(runner, dtype, done, total)
             sample = measured_run(spec, runner, dtype, runs)
-            samples[runner].append(flatten(sample))
+            samples[runner].append(flatten(sample, weights))
+            if probe:  # right after the run, so the samples follow the machine's drift
+                bandwidth.setdefault(dtype, []).append(memory_read_bandwidth(spec.threads))
             foreign.append(sample.get("foreign_cpu_percent") or 0.0)
             if sample.get("backend"):
                 backends[dtype] = sample["backend"]
-        results += compare(spec, dtype, samples)
+        results += compare(spec, dtype, samples, bandwidth.get(dtype))
+    every = [gbps for values in bandwidth.values() for gbps in values]
     return {
         "provenance": {
             **provenance(spec),
+            "memory_bandwidth_gbps": summarize(every) if every else None,  # None: not measured
             "max_foreign_cpu_percent": max(foreign, default=0.0),  # of the runs kept
             "runs_discarded_as_busy": sum(not r["kept"] for r in runs),
             "lmtool_linear_backend": backends,
@@ -339,8 +379,11 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
     }
 
 
-def compare(spec: BenchSpec, dtype: str, samples: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
-    """One row per metric: each runner's summary and lmtool's ratio to each peer."""
+def compare(
+    spec: BenchSpec, dtype: str, samples: dict[str, list[dict[str, float]]], bandwidth: list[float] | None = None
+) -> list[dict[str, Any]]:
+    """One row per metric: each runner's summary and lmtool's ratio to each peer. bandwidth: the
+    memory read bandwidth measured between this dtype's runs (GB/s), if it was."""
     rows = []
     weights = weight_bytes(spec.folder, dtype)
     for metric in metrics_of(spec, spec.device):
@@ -353,6 +396,11 @@ def compare(spec: BenchSpec, dtype: str, samples: dict[str, list[dict[str, float
         if metric.key in ("peak_rss", "model_rss"):
             row["weight_gib"] = weights / 2**30
             row["per_weight_bytes"] = {r: s["median"] * 2**30 / weights for r, s in row["runners"].items()}
+        if metric.key == EFFECTIVE and bandwidth:
+            row["memory_bandwidth_gbps"] = summarize(bandwidth)
+            # Medians over the same stretch of time: how close each runner's decode gets to the roof.
+            roof = row["memory_bandwidth_gbps"]["median"]
+            row["share_of_bandwidth"] = {r: s["median"] / roof for r, s in row["runners"].items()}
         rows.append(row)
     return rows
 
@@ -405,6 +453,11 @@ def provenance(spec: BenchSpec) -> dict[str, Any]:
 
 def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (dtype, metric, runner), provenance repeated on each (as llama-bench does)."""
+    setup = dict(report["provenance"])
+    # The bandwidth summary becomes three flat columns (empty when it was not measured).
+    bandwidth = setup.pop("memory_bandwidth_gbps", None) or {}
+    for stat in ("median", "min", "max"):
+        setup[f"memory_bandwidth_gbps_{stat}"] = bandwidth.get(stat)
     rows = []
     for result in report["results"]:
         for runner, summary in result["runners"].items():
@@ -420,7 +473,8 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "max": summary["max"],
                     "repeats": len(summary["samples"]),
                     "ratio_lmtool_to_runner": result["ratio"].get(runner),
-                    **report["provenance"],
+                    "share_of_bandwidth": result.get("share_of_bandwidth", {}).get(runner),
+                    **setup,
                 }
             )
     return rows

@@ -125,12 +125,25 @@ class ForeignLoad:
         return max(0.0, busy - own) / (wall * (os.cpu_count() or 1)) * 100 if wall > 0 else None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. On Linux VmHWM, which belongs to the process image:
+    ru_maxrss carries over the parent's peak through fork and exec, so a bench parent that once
+    held a large buffer would raise every run's figure."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_memory(device: str) -> dict:
     import torch
 
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    peak = {"peak_rss_bytes": peak_rss_bytes()}
     if device.startswith("cuda"):
         peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     return peak

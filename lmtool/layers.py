@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .cache import KVCache, Step
 
 
@@ -105,6 +106,9 @@ def scaled_dot_product(
     scale: float,
 ) -> torch.Tensor:
     """q [B,H,T,hd], k/v [B,KV,S,hd] with H a multiple of KV -> [B,H,T,hd]."""
+    if q.shape[2] == 1 and native.usable(q, k, v):
+        # The decode step: one call instead of SDPA's set-up around a tiny product.
+        return native.attend_one(q, k, v, scale, key_mask=mask[:, 0, 0, :] if mask is not None else None)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and q.shape[2] == 1 and mask is None:
         # One query per sequence: fold the query heads of a group into the query axis, which
@@ -197,16 +201,20 @@ class GatedMLP(nn.Module):
             gate, up = self.fused_gate_up.forward_parts(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is gelu_tanh and native.usable(gate, up):
+            return self.down_proj(native.gelu_tanh_mul(gate, up))  # GeGLU in one pass
         return self.down_proj(self.act(gate) * up)
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    if native.usable(x):
+        return native.gelu_tanh_mul(x)
     return F.gelu(x, approximate="tanh")
 
 
 ACTIVATIONS = {
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_tanh": _gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,

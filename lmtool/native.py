@@ -1,17 +1,21 @@
-"""Native CPU kernels for linear layers at small batch (decode), built once with the system
-C compiler and loaded with ctypes.
+"""Native CPU kernels for the decode step, built once with the system C compiler and loaded with
+ctypes.
 
 Why: decoding multiplies a few activation rows by every weight matrix, so its speed is the rate
 at which weights stream from memory. PyTorch's F.linear reaches about half the DRAM bandwidth
 there; these kernels read the checkpoint's row-major weights as they are (memory-mapped, never
 reordered or copied) and reach it. A float32 model whose checkpoint is bfloat16 keeps its
-weights in bfloat16 and widens them in registers (exact), so it streams half the bytes.
+weights in bfloat16 and widens them in registers (exact), so it streams half the bytes. Beside
+the linear layers, the step's GELU (gated or not) and its one-query attention are single calls
+(`gelu_tanh_mul`, `attend_one`): in a small model the many few-microsecond operations they
+replace cost as much as a third of the weight streaming.
 
 The source is C with AVX-512 intrinsics (AVX512-BF16 for bfloat16 activations) and OpenMP; the
 shared object links the libgomp that torch has already loaded, so it runs on torch's threads.
 It is built into ~/.cache/lmtool/kernels under a hash of the source and compiler, in about a
 second, the first time a model loads. Without a compiler or those CPU features, `available()`
-is False and callers use oneDNN (lmtool.prepack). LMTOOL_NATIVE=0 turns the kernels off.
+is False and callers use oneDNN (lmtool.inference) and PyTorch's operations. LMTOOL_NATIVE=0
+turns the kernels off.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ SOURCE = r"""
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 typedef struct { const void* w; const void* bias; int64_t rows; } part_t;
@@ -199,6 +204,134 @@ void lm_linear(int kind, const void* x, int64_t M, int64_t K, const part_t* part
         }
     }
 }
+
+/* ---- elementwise and attention for the decode step ---------------------------------------------
+ * A decode step of a small model is dominated by per-operation overhead, not arithmetic: BLOOM's
+ * GELU is eight tensor operations and eager attention four, each a few microseconds, per layer.
+ * These do each in one call. They compute in float32 and round once. */
+
+/* e^x for float32 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to degree 7
+ * (relative error < 1e-8, below float32 rounding), times 2^n. -inf gives 0. */
+static inline __m512 exp_ps(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(88.7f);
+    const __mmask16 finite = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
+}
+
+/* 16 lanes of a bf16 or f32 array as f32, and back (bf16 rounded to nearest even); `left` < 16
+   is a masked tail. */
+static inline __m512 ld16(const void* p, int64_t i, int bf16, int64_t left) {
+    return bf16 ? ld_bf16_as_ps((const uint16_t*)p + i, left) : ld_ps((const float*)p + i, left);
+}
+static inline void st16(void* p, int64_t i, int bf16, __m512 v, int64_t left) {
+    const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    if (!bf16) { _mm512_mask_storeu_ps((float*)p + i, m, v); return; }
+    /* round to nearest even, NaN kept quiet: as f32_to_bf16 */
+    __m512i u = _mm512_castps_si512(v);
+    __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                          _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000));
+    _mm256_mask_storeu_epi16((uint16_t*)p + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+/* out[r, i] = gelu_tanh(gate[r, i]) * (up ? up[r, i] : 1) over rows x n, rows strided.
+ * gelu_tanh(x) = x/2 (1 + tanh(y)) = x / (1 + e^(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3):
+ * one exp and no cancellation near 0. */
+void lm_gelu_tanh_mul(int bf16, const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
+                      void* out, int64_t out_stride, int64_t rows, int64_t n) {
+    const int64_t chunks = (n + 255) / 256, size = bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    for (int64_t t = 0; t < rows * chunks; t++) {
+        const int64_t r = t / chunks, begin = (t % chunks) * 256, end = begin + 256 < n ? begin + 256 : n;
+        const char* g = (const char*)gate + r * gate_stride * size;
+        const char* u = up ? (const char*)up + r * up_stride * size : NULL;
+        char* o = (char*)out + r * out_stride * size;
+        for (int64_t i = begin; i < end; i += 16) {
+            const int64_t left = end - i;
+            const __m512 x = ld16(g, i, bf16, left);
+            const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                           _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x), _mm512_mul_ps(x, x), x));
+            __m512 v = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), y))));
+            if (u) v = _mm512_mul_ps(v, ld16(u, i, bf16, left));
+            st16(o, i, bf16, v, left);
+        }
+    }
+}
+
+/* Attention of one new query per sequence over S cached keys (the decode step), every head:
+ *   out[b, h] = softmax_s(scale q[b,h].k[b,g,s] + bias[b*H+h, s], masked keys excluded) . v[b,g,s]
+ * with g = h / (H / KV) (grouped and multi-query attention read each KV head once per group).
+ * q[b,h] at q + b*q_bs + h*q_hs, keys at k + b*kv_bs + g*kv_hs + s*hd (values alike), bias rows
+ * (or NULL) bias_rs apart, mask (or NULL) a byte per key, mask_bs apart per sequence; out
+ * [B, H, hd] contiguous. scores: scratch of B*H*S floats. */
+void lm_attend_one(int bf16, const void* q, int64_t q_bs, int64_t q_hs, const void* k, const void* v,
+                   int64_t kv_bs, int64_t kv_hs, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd,
+                   float scale, const void* bias, int64_t bias_rs, const uint8_t* mask, int64_t mask_bs,
+                   void* out, float* scores) {
+    const int64_t size = bf16 ? 2 : 4, groups = H / KV;
+    #pragma omp parallel for schedule(static) if (B * H * S * hd >= 32768)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / groups;
+        const char* qv = (const char*)q + (b * q_bs + h * q_hs) * size;
+        const char* keys = (const char*)k + (b * kv_bs + g * kv_hs) * size;
+        const char* values = (const char*)v + (b * kv_bs + g * kv_hs) * size;
+        const char* brow = bias ? (const char*)bias + bh * bias_rs * size : NULL;
+        float* sc = scores + bh * S;
+        float top = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            if (mask && !mask[b * mask_bs + s]) { sc[s] = -INFINITY; continue; }
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < hd; i += 16)
+                acc = _mm512_fmadd_ps(ld16(qv, i, bf16, hd - i), ld16(keys + s * hd * size, i, bf16, hd - i), acc);
+            float x = _mm512_reduce_add_ps(acc) * scale;
+            if (brow) x += bf16 ? bf16_to_f32(((const uint16_t*)brow)[s]) : ((const float*)brow)[s];
+            sc[s] = x;
+            if (x > top) top = x;
+        }
+        float total = 0.0f;
+        if (top > -INFINITY) {
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; s += 16) {
+                const __mmask16 m = S - s >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - s)) - 1);
+                const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + s), _mm512_set1_ps(top)));
+                _mm512_mask_storeu_ps(sc + s, m, e);
+                sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+            }
+            total = _mm512_reduce_add_ps(sum);
+        } else {
+            for (int64_t s = 0; s < S; s++) sc[s] = 0.0f;
+        }
+        const float norm = total > 0.0f ? 1.0f / total : 0.0f;  /* every key masked: zeros */
+        char* o = (char*)out + bh * hd * size;
+        for (int64_t i = 0; i < hd; i += 64) {  /* 4 accumulators of 16 lanes: hd up to 64 at a time */
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            const int64_t width = hd - i < 64 ? hd - i : 64;
+            for (int64_t s = 0; s < S; s++) {
+                if (sc[s] == 0.0f) continue;
+                const __m512 p = _mm512_set1_ps(sc[s]);
+                const char* row = values + s * hd * size;
+                for (int j = 0; j * 16 < width; j++)
+                    acc[j] = _mm512_fmadd_ps(p, ld16(row, i + j * 16, bf16, width - j * 16), acc[j]);
+            }
+            for (int j = 0; j * 16 < width; j++)
+                st16(o, i + j * 16, bf16, _mm512_mul_ps(acc[j], _mm512_set1_ps(norm)), width - j * 16);
+        }
+    }
+}
 """
 
 
@@ -256,6 +389,14 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_void_p, ctypes.c_int64,
     ]
     lib.lm_linear.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lm_gelu_tanh_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64]
+    lib.lm_gelu_tanh_mul.restype = None
+    lib.lm_attend_one.argtypes = [
+        ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
+        ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr,
+    ]
+    lib.lm_attend_one.restype = None
     return lib
 
 
@@ -293,3 +434,80 @@ class NativeParts:
             self.out_features,
         )
         return y
+
+
+# --- the decode step's elementwise and attention kernels ------------------------------------------
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors: CPU, bfloat16 or float32 alike, and no
+    autograd (the kernels have no backward; training keeps PyTorch's operations)."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.bfloat16, torch.float32)
+        and all(t.dtype == first.dtype and t.device == first.device for t in present)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+        and available()
+    )
+
+
+def rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x as [rows, n] with unit stride along n (a view when it can be) and the row stride."""
+    flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    if flat.stride(-1) != 1 or (flat.shape[0] > 1 and flat.stride(0) < flat.shape[1]):
+        flat = flat.contiguous()
+    return flat, flat.stride(0)
+
+
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up (or just the GELU), in one pass; float32 inside, one
+    rounding. gate and up may be column slices of one fused projection output."""
+    g, g_stride = rows_of(gate)
+    u, u_stride = rows_of(up) if up is not None else (None, 0)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    library().lm_gelu_tanh_mul(
+        int(gate.dtype == torch.bfloat16), g.data_ptr(), g_stride, u.data_ptr() if u is not None else None,
+        u_stride, out.data_ptr(), gate.shape[-1], g.shape[0], gate.shape[-1],
+    )
+    return out
+
+
+def attend_one(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one new query per sequence: q [B,H,1,hd], k/v [B,KV,S,hd] (views of a KV
+    cache: rows of hd contiguous), bias [B*H, S] added to the scaled scores (ALiBi) or None,
+    key_mask [B,S] bool (True = visible) or None -> [B,H,1,hd] (a view of [B,1,H,hd], so the
+    caller's transpose back is free). Softmax in float32."""
+    B, H, _, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    for cached in (k, v):
+        if cached.stride(-1) != 1 or cached.stride(-2) != hd or cached.stride() != k.stride():
+            raise ValueError("attend_one: keys and values must be KV-cache views with rows of head_dim")
+    if bias is not None:
+        bias = bias.reshape(B * H, S)
+        if bias.stride(-1) != 1:
+            bias = bias.contiguous()
+    if key_mask is not None:
+        key_mask = key_mask[:, :S]
+        if key_mask.stride(-1) != 1:
+            key_mask = key_mask.contiguous()
+    out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device)
+    scores = torch.empty(B * H * S, dtype=torch.float32, device=q.device)
+    library().lm_attend_one(
+        int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+        k.stride(0), k.stride(1), B, H, KV, S, hd, scale,
+        bias.data_ptr() if bias is not None else None, bias.stride(0) if bias is not None else 0,
+        key_mask.data_ptr() if key_mask is not None else None, key_mask.stride(0) if key_mask is not None else 0,
+        out.data_ptr(), scores.data_ptr(),
+    )
+    return out.transpose(1, 2)

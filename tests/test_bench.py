@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 import lmtool
-from lmtool.bench import config_name, preset_config, presets, random_checkpoint, run_order
+from lmtool import bench
+from lmtool.bench import (
+    config_name, csv_rows, memory_read_bandwidth, preset_config, presets, random_checkpoint, run_order, weight_bytes,
+)
 from lmtool.errors import ExitCode
 
 from helpers import run_cli
@@ -22,6 +27,15 @@ TINY_GEMMA = {
 }
 TINY_BLOOM = {"model_type": "bloom", "vocab_size": 64, "hidden_size": 32, "n_layer": 2, "n_head": 4}
 QUICK = ["--repeat", "1", "--no-warmup", "--prompt-len", "8", "--new-tokens", "3"]
+
+
+@pytest.fixture(autouse=True)
+def probe(monkeypatch) -> list:
+    """The bandwidth probe as a fixed 12.5 GB/s: it reads 1 GiB per run, which would slow the tests
+    and disturb anything else timed on the machine. Returns the threads of each call."""
+    calls: list = []
+    monkeypatch.setattr(bench, "memory_read_bandwidth", lambda threads=None: calls.append(threads) or 12.5)
+    return calls
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +98,7 @@ def test_json_report_has_every_metric_per_dtype_and_provenance(capsys, tiny_conf
     for key in ("lmtool", "torch", "transformers", "device", "cpu", "threads", "date"):
         assert key in report["provenance"]
     rows = {(r["dtype"], r["key"]) for r in report["results"]}
-    metrics = {"load_s", "ttft_s", "prefill@8", "prefill@16", "decode@1", "decode@2", "peak_rss", "model_rss"}
+    metrics = {"load_s", "ttft_s", "prefill@8", "prefill@16", "decode@1", "decode@2", "decode_gbps@1", "peak_rss", "model_rss"}
     assert rows == {(d, m) for d in ("bfloat16", "float32") for m in metrics}
     for result in report["results"]:
         summary = result["runners"]["lmtool"]
@@ -116,6 +130,50 @@ def test_markdown_table_when_stdout_is_not_a_terminal(capsys, tiny_config, cache
     assert code == 0, err
     assert "| dtype | metric | lmtool |" in out
     assert "decode batch 1 (tok/s) ↑" in out and "× weights" in out
+    assert "decode b1 effective GB/s (weight bytes × tok/s) (GB/s) ↑" in out and "% of read bandwidth" in out
+    assert "memory read bandwidth 12.50 [12.50–12.50] GB/s" in out
+
+
+def test_memory_read_bandwidth_probe_runs_and_restores_threads():
+    threads = torch.get_num_threads()
+    assert memory_read_bandwidth(threads=1, nbytes=2**20, repeats=2) > 0  # no timing asserted
+    assert torch.get_num_threads() == threads
+
+
+def test_bandwidth_after_each_run_reaches_the_json_and_the_csv(capsys, tiny_config, cache, probe):
+    args = ["bench", "--config", str(tiny_config), "--cache-dir", str(cache), *QUICK, "--repeat", "2", "--threads", "1"]
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    assert probe == [1, 1]  # once after each measured run, with the runs' threads
+    report = json.loads(out)
+    assert report["provenance"]["memory_bandwidth_gbps"] == {"median": 12.5, "min": 12.5, "max": 12.5, "samples": [12.5] * 2}
+    rows = {r["key"]: r for r in report["results"]}
+    effective, decode = rows["decode_gbps@1"], rows["decode@1"]["runners"]["lmtool"]
+    assert effective["label"] == "decode b1 effective GB/s (weight bytes × tok/s)" and effective["unit"] == "GB/s"
+    weights = weight_bytes(Path(report["model"]["folder"]), effective["dtype"])
+    assert effective["runners"]["lmtool"]["samples"] == pytest.approx([weights * v / 1e9 for v in decode["samples"]])
+    assert effective["memory_bandwidth_gbps"]["median"] == 12.5
+    assert effective["share_of_bandwidth"]["lmtool"] == pytest.approx(effective["runners"]["lmtool"]["median"] / 12.5)
+
+    code, out, err = run_cli(capsys, *args, "--csv")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert {r["memory_bandwidth_gbps_median"] for r in rows} == {"12.5"}
+    [effective] = [r for r in rows if r["metric"] == "decode_gbps@1"]
+    assert effective["unit"] == "GB/s" and float(effective["share_of_bandwidth"]) > 0
+
+
+def test_no_bandwidth_skips_the_probe(capsys, tiny_config, cache, probe):
+    code, out, err = run_cli(
+        capsys, "bench", "--config", str(tiny_config), "--cache-dir", str(cache), *QUICK, "--no-bandwidth", "--json"
+    )
+    assert code == 0, err
+    assert probe == []
+    report = json.loads(out)
+    assert report["provenance"]["memory_bandwidth_gbps"] is None
+    effective = next(r for r in report["results"] if r["key"] == "decode_gbps@1")
+    assert "share_of_bandwidth" not in effective  # the effective rate is still reported
+    assert {row["memory_bandwidth_gbps_median"] for row in csv_rows(report)} == {None}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -138,8 +196,6 @@ def test_bad_lists_are_usage_errors(capsys, tiny_config):
 
 
 def test_a_run_on_a_busy_machine_is_run_again_at_most_twice(monkeypatch):
-    from lmtool import bench
-
     busy = iter([80.0, 5.0, 90.0, 90.0, 90.0])
     monkeypatch.setattr(bench, "spawn", lambda spec, runner, dtype: {"foreign_cpu_percent": next(busy)})
     spec = bench.BenchSpec(folder=Path(), name="x", dtypes=["float32"], max_foreign_cpu=20.0)

@@ -106,3 +106,72 @@ def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
     ckpt.release(tensor)
     assert torch.equal(tensor, before)
     ckpt.release(before)  # not a view of the file: ignored
+
+
+def tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
+    # float32: a few ulp of float32 arithmetic; bfloat16: about one bfloat16 rounding of the output.
+    scale = expected.abs().max().item() + 1
+    return 1e-5 * scale if dtype == torch.float32 else 1e-2 * scale
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_gelu_matches_pytorch_gated_and_not(dtype):
+    # Widths around the kernel's 16-lane and 256-element chunks; extreme values saturate.
+    for n in (1, 15, 16, 17, 255, 300):
+        fused = (torch.randn(3, 2, 2 * n) * 6).to(dtype)
+        fused[0, 0, 0] = -200.0
+        gate, up = fused.split(n, dim=-1)  # column slices of one projection output, as in GeGLU
+        expected = F.gelu(gate.float(), approximate="tanh")
+        assert (native.gelu_tanh_mul(gate).float() - expected).abs().max() <= tolerance(dtype, expected)
+        expected = expected * up.float()
+        got = native.gelu_tanh_mul(gate, up)
+        assert got.shape == gate.shape and got.dtype == dtype
+        assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), n
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, H, KV, S, hd", [(1, 4, 4, 1, 16), (2, 8, 1, 37, 64), (3, 6, 2, 20, 12), (2, 4, 4, 70, 80)])
+def test_native_one_query_attention_matches_sdpa(dtype, B, H, KV, S, hd):
+    torch.manual_seed(B * S + hd)
+    cache_k, cache_v = (torch.randn(B, KV, S + 5, hd).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # KV-cache views, as decoding passes them
+    q = torch.randn(B, 1, H, hd).to(dtype).transpose(1, 2)
+    bias = torch.randn(B * H, 1, S).to(dtype)
+    key_mask = torch.rand(B, S) > 0.4
+    key_mask[:, -1] = True  # the new token's own key
+
+    def reference(bias, key_mask):
+        scores_bias = torch.zeros(B, H, 1, S) if bias is None else bias.float().view(B, H, 1, S)
+        if key_mask is not None:
+            scores_bias = scores_bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        kv = [t.float().repeat_interleave(H // KV, dim=1) for t in (k, v)]
+        return F.scaled_dot_product_attention(q.float(), *kv, attn_mask=scores_bias, scale=0.3)
+
+    for with_bias, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
+        b, m = (bias if with_bias else None), (key_mask if with_mask else None)
+        expected = reference(b, m)
+        got = native.attend_one(q, k, v, 0.3, b, m)
+        assert got.shape == (B, H, 1, hd) and got.dtype == dtype
+        assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), (with_bias, with_mask)
+
+
+@needs_native
+def test_native_attention_of_a_fully_masked_row_is_zero_not_nan():
+    k = v = torch.randn(1, 2, 4, 16)
+    out = native.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, key_mask=torch.zeros(1, 4, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_kernels_stay_out_of_autograd():
+    # Training (the demo's trainer, fine-tuning) needs gradients, which the kernels do not give.
+    from lmtool.layers import gelu_tanh
+
+    x = torch.randn(4, 8, requires_grad=True)
+    assert not native.usable(x)
+    gelu_tanh(x).sum().backward()
+    expected = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)[0]
+    assert torch.allclose(x.grad, expected)
+    with torch.no_grad():
+        assert native.usable(x) == native.available()

@@ -81,6 +81,8 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         cells = [cell(result["runners"][r], result["unit"]) for r in runners]
         if "per_weight_bytes" in result:
             cells = [f"{c} = {result['per_weight_bytes'][r]:.2f}× weights" for c, r in zip(cells, runners)]
+        if "share_of_bandwidth" in result:
+            cells = [f"{c} = {result['share_of_bandwidth'][r]:.0%} of read bandwidth" for c, r in zip(cells, runners)]
         ratios = [f"{result['ratio'][p]:.2f}×" if result["ratio"].get(p) else "–" for p in report["settings"]["against"]]
         rows.append([result["dtype"], label, *cells, *ratios])
     return header, rows
@@ -89,13 +91,19 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def describe_setup(report: dict[str, Any]) -> str:
     p, s = report["provenance"], report["settings"]
     backends = ", ".join(sorted(set(p.get("lmtool_linear_backend", {}).values()))) or "n/a"
+    bandwidth = p.get("memory_bandwidth_gbps")
+    measured = (
+        f"; memory read bandwidth {cell(bandwidth, 'GB/s')} GB/s (sum of a 1 GiB float32 tensor, best of 5, "
+        f"after each of {len(bandwidth['samples'])} runs)"
+        if bandwidth else ""
+    )
     return (
         f"{report['model']['name']} on {p['device_name']} ({p['device']}, {p['threads']} threads, lmtool linear layers: {backends}); "
         f"lmtool {p['lmtool']}, torch {p['torch']}, transformers {p['transformers'] or 'not installed'}; "
         f"median [min–max] of {s['repeat']} fresh processes per runner, alternating"
         f"{', after a warm-up run' if s['warmup'] else ''}; decode of {s['new_tokens']} tokens after a "
         f"32-token prompt; other processes used at most {p['max_foreign_cpu_percent']:.0f}% of the CPU during a run kept "
-        f"({p['runs_discarded_as_busy']} busier runs re-run)"
+        f"({p['runs_discarded_as_busy']} busier runs re-run){measured}"
     )
 
 
@@ -135,6 +143,9 @@ def bench_command(
     max_foreign_cpu: float = typer.Option(
         20.0, "--max-foreign-cpu", min=0, help="Re-run (twice at most) a run during which other processes used more than this % of the CPU; 100 = never."
     ),
+    bandwidth: bool = typer.Option(
+        True, "--bandwidth/--no-bandwidth", help="Measure memory read bandwidth after each run (cpu; about 1 s each)."
+    ),
     checkpoint_dtype: str = typer.Option("bfloat16", "--checkpoint-dtype", help="dtype of random weights on disk."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where random checkpoints are kept."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -161,6 +172,7 @@ def bench_command(
         device=device,
         threads=threads,
         max_foreign_cpu=max_foreign_cpu,
+        bandwidth=bandwidth,
     )
     spec.folder, spec.name = model_folder(model, preset, config, random_weights, checkpoint_dtype, cache_dir)
 
