@@ -177,7 +177,9 @@ class Metric:
 
 
 # Batch-1 decode reads every weight once per token (a tied embedding once, as the LM head), so
-# weight bytes × tokens/s is the read rate it reaches: a lower bound, the KV cache is not counted.
+# the weight bytes it reads × tokens/s is the read rate it reaches (a lower bound: the KV cache is
+# not counted). Runners may read different bytes (streamed_bytes), so this ratio can differ from
+# the tok/s ratio.
 EFFECTIVE = "decode_gbps@1"
 
 
@@ -189,7 +191,7 @@ def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
     metrics += [Metric(f"prefill@{n}", f"prefill {n} tokens", "tok/s", True) for n in spec.prompt_lens]
     metrics += [Metric(f"decode@{b}", f"decode batch {b}", "tok/s", True) for b in spec.batches]
     if 1 in spec.batches:
-        metrics.append(Metric(EFFECTIVE, "decode b1 effective GB/s (weight bytes × tok/s)", "GB/s", True))
+        metrics.append(Metric(EFFECTIVE, "decode b1 weight read rate (bytes read per token × tok/s)", "GB/s", True))
     metrics.append(Metric("peak_rss", "peak RSS", "GiB", False))
     metrics.append(Metric("model_rss", "peak RSS above torch's own", "GiB", False))
     if device.startswith("cuda"):
@@ -198,7 +200,7 @@ def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
 
 
 def flatten(sample: dict, weights: int) -> dict[str, float]:
-    """A worker's result as {metric key: value}; weights: the weight bytes in the run's dtype."""
+    """A worker's result as {metric key: value}; weights: the weight bytes one decode step reads."""
     values = {
         "load_s": sample["load_s"],
         "ttft_s": sample["ttft_s"],
@@ -244,6 +246,15 @@ def weight_bytes(folder: Path, dtype: str) -> int:
     """Bytes of the model's weights once loaded in dtype (floating tensors take its size)."""
     size = dtype_size(DTYPES[dtype])
     return sum(i.numel * size if i.dtype.is_floating_point else i.nbytes for i in Checkpoint(folder).infos())
+
+
+def streamed_bytes(folder: Path, dtype: str, backend: str | None) -> int:
+    """Weight bytes one batch-1 decode step reads: the run dtype's, except where lmtool's native
+    kernels keep a bfloat16 checkpoint's weights in bfloat16 for a float32 model (inference.py)."""
+    stored = {info.dtype for info in Checkpoint(folder).infos() if info.dtype.is_floating_point}
+    if backend == "native" and dtype == "float32" and stored == {torch.bfloat16}:
+        return weight_bytes(folder, "bfloat16")
+    return weight_bytes(folder, dtype)
 
 
 def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repeats: int = 5) -> float:
@@ -343,7 +354,6 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
     probe = spec.bandwidth and spec.device == "cpu"
     bandwidth: dict[str, list[float]] = {}  # dtype -> GB/s after each of its measured runs
     for dtype in dtypes:
-        weights = weight_bytes(spec.folder, dtype)
         if spec.warmup:
             # Warms the page cache and any on-disk caches; its numbers are dropped.
             for runner in runners:
@@ -356,7 +366,7 @@ def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | No
             if on_run:
                 on_run(runner, dtype, done, total)
             sample = measured_run(spec, runner, dtype, runs)
-            samples[runner].append(flatten(sample, weights))
+            samples[runner].append(flatten(sample, streamed_bytes(spec.folder, dtype, sample.get("backend"))))
             if probe:  # right after the run, so the samples follow the machine's drift
                 bandwidth.setdefault(dtype, []).append(memory_read_bandwidth(spec.threads))
             foreign.append(sample.get("foreign_cpu_percent") or 0.0)

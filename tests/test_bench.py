@@ -130,7 +130,7 @@ def test_markdown_table_when_stdout_is_not_a_terminal(capsys, tiny_config, cache
     assert code == 0, err
     assert "| dtype | metric | lmtool |" in out
     assert "decode batch 1 (tok/s) ↑" in out and "× weights" in out
-    assert "decode b1 effective GB/s (weight bytes × tok/s) (GB/s) ↑" in out and "% of read bandwidth" in out
+    assert "decode b1 weight read rate (bytes read per token × tok/s) (GB/s) ↑" in out and "% of read bandwidth" in out
     assert "memory read bandwidth 12.50 [12.50–12.50] GB/s" in out
 
 
@@ -149,7 +149,7 @@ def test_bandwidth_after_each_run_reaches_the_json_and_the_csv(capsys, tiny_conf
     assert report["provenance"]["memory_bandwidth_gbps"] == {"median": 12.5, "min": 12.5, "max": 12.5, "samples": [12.5] * 2}
     rows = {r["key"]: r for r in report["results"]}
     effective, decode = rows["decode_gbps@1"], rows["decode@1"]["runners"]["lmtool"]
-    assert effective["label"] == "decode b1 effective GB/s (weight bytes × tok/s)" and effective["unit"] == "GB/s"
+    assert effective["label"] == "decode b1 weight read rate (bytes read per token × tok/s)" and effective["unit"] == "GB/s"
     weights = weight_bytes(Path(report["model"]["folder"]), effective["dtype"])
     assert effective["runners"]["lmtool"]["samples"] == pytest.approx([weights * v / 1e9 for v in decode["samples"]])
     assert effective["memory_bandwidth_gbps"]["median"] == 12.5
@@ -203,3 +203,16 @@ def test_a_run_on_a_busy_machine_is_run_again_at_most_twice(monkeypatch):
     assert bench.measured_run(spec, "lmtool", "float32", runs)["foreign_cpu_percent"] == 5.0
     assert bench.measured_run(spec, "lmtool", "float32", runs)["foreign_cpu_percent"] == 90.0  # kept: out of retries
     assert [r["kept"] for r in runs] == [False, True, False, False, True]
+
+
+def test_read_rate_counts_the_bytes_each_backend_reads(tmp_path, tiny_config):
+    from lmtool.bench import random_checkpoint, read_config_file, streamed_bytes
+
+    folder = random_checkpoint("tiny", read_config_file(tiny_config), "bfloat16", tmp_path)
+    half, full = weight_bytes(folder, "bfloat16"), weight_bytes(folder, "float32")
+    assert full == 2 * half
+    # native kernels keep a bfloat16 checkpoint's weights in bfloat16 for a float32 model
+    assert streamed_bytes(folder, "float32", "native") == half
+    assert streamed_bytes(folder, "float32", "onednn") == full
+    assert streamed_bytes(folder, "float32", None) == full  # transformers
+    assert streamed_bytes(folder, "bfloat16", "native") == half
