@@ -60,6 +60,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct { const void* w; const void* bias; int64_t rows; } part_t;
@@ -96,7 +97,7 @@ static inline __m512 ld_bf16_as_ps(const uint16_t* p, int64_t left) {
 #define TILE(NAME, XT, WT, VT, STEP, XLOAD, XLOADM, WLOAD, WLOADM, MAC, MB, NB)                      \
 static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(                        \
     const XT* x, int64_t ldx, const WT* w, int64_t K, float* out /* [MB][NB] */,                   \
-    const WT* ahead, int ahead_rows) {                                                             \
+    const WT* ahead, int ahead_rows, WT* copy) {                                                   \
     __m512 acc[MB][NB];                                                                            \
     for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();     \
     int64_t k = 0;                                                                                 \
@@ -106,6 +107,7 @@ static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(    
         for (int i = 0; i < MB; i++) xv[i] = XLOAD(x + i * ldx + k);                               \
         for (int j = 0; j < NB; j++) {                                                             \
             const VT wv = WLOAD(w + j * K + k);                                                    \
+            if (copy) memcpy(copy + j * K + k, w + j * K + k, STEP * sizeof(WT));                  \
             for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                    \
         }                                                                                          \
     }                                                                                              \
@@ -114,6 +116,7 @@ static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(    
         for (int i = 0; i < MB; i++) xv[i] = XLOADM(x + i * ldx + k, K - k);                       \
         for (int j = 0; j < NB; j++) {                                                             \
             const VT wv = WLOADM(w + j * K + k, K - k);                                            \
+            if (copy) memcpy(copy + j * K + k, w + j * K + k, (K - k) * sizeof(WT));               \
             for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                    \
         }                                                                                          \
     }                                                                                              \
@@ -135,6 +138,24 @@ TILES(ff, float, float, __m512, 16, ld_ps_full, ld_ps, ld_ps_full, ld_ps, mac_ps
 
 enum { BF16_BF16 = 0, F32_BF16 = 1, F32_F32 = 2 };  /* (x, W) dtypes */
 
+/* Weight rows that do not start on a 64-byte cache line (safetensors aligns tensor data to 8 bytes
+   only, so most checkpoint tensors are such) make every vector load straddle two lines. Read once,
+   at one or two activation rows, that hides under the memory stream; read again from cache by the
+   later passes of a block (four rows and more) it costs about a quarter of the speed. So the first
+   pass also copies a block that fits L1 into an aligned per-thread buffer, and the later passes read
+   that (measured: about +10 % at 8 rows over Gemma-2B's mapped weights). */
+static __thread void* aligned_rows;
+static __thread size_t aligned_size;
+static void* aligned_buffer(size_t bytes) {
+    if (aligned_size < bytes) {
+        free(aligned_rows);
+        aligned_size = (bytes + 63) / 64 * 64;
+        aligned_rows = aligned_alloc(64, aligned_size);
+        if (!aligned_rows) aligned_size = 0;
+    }
+    return aligned_rows;
+}
+
 /* One block of nb (8, 4 or 1) weight rows for all M activation rows: out[M][nb]. With M >= 4 the
    8-row block is read in several passes (2 activation rows each) while the first comes from DRAM
    and the others from cache, so each pass prefetches a share of the next block's rows (`next`,
@@ -148,16 +169,21 @@ static void block(int kind, const void* x, int64_t M, const void* w, int64_t K, 
         if (nb == 8) {                                                                             \
             const int64_t passes = M / 2;                                                          \
             const int share = passes >= 2 && ahead ? (int)((8 + passes - 1) / passes) : 0;         \
+            const int misaligned = (((uintptr_t)ww | (uintptr_t)(K * sizeof(WT))) & 63) != 0;      \
+            const int fits_l1 = 8 * K * sizeof(WT) <= 32768;  /* a bigger copy only moves the misses */ \
+            WT* copy = passes >= 2 && misaligned && fits_l1 ? (WT*)aligned_buffer(8 * K * sizeof(WT)) : NULL; \
             for (int64_t p = 0; m + 2 <= M; m += 2, p++) {                                         \
                 const int first = (int)(p * share) < 8 ? (int)(p * share) : 8;                     \
                 const int rows = first + share <= 8 ? share : 8 - first;                           \
-                tile_##NAME##_2_8(xx + m * K, K, ww, K, out + m * 8, rows ? ahead + first * K : ww, rows); \
+                tile_##NAME##_2_8(xx + m * K, K, ww, K, out + m * 8, rows ? ahead + first * K : ww, rows, \
+                                  p == 0 ? copy : NULL);                                           \
+                if (p == 0 && copy) ww = copy;                                                     \
             }                                                                                      \
-            for (; m < M; m++) tile_##NAME##_1_8(xx + m * K, K, ww, K, out + m * 8, ww, 0);        \
+            for (; m < M; m++) tile_##NAME##_1_8(xx + m * K, K, ww, K, out + m * 8, ww, 0, NULL);  \
         } else if (nb == 4) {                                                                      \
-            for (; m < M; m++) tile_##NAME##_1_4(xx + m * K, K, ww, K, out + m * 4, ww, 0);        \
+            for (; m < M; m++) tile_##NAME##_1_4(xx + m * K, K, ww, K, out + m * 4, ww, 0, NULL);  \
         } else {                                                                                   \
-            for (; m < M; m++) tile_##NAME##_1_1(xx + m * K, K, ww, K, out + m, ww, 0);            \
+            for (; m < M; m++) tile_##NAME##_1_1(xx + m * K, K, ww, K, out + m, ww, 0, NULL);      \
         }                                                                                          \
     }
     if (kind == BF16_BF16) RUN(bb, uint16_t, uint16_t)

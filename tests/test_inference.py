@@ -98,6 +98,23 @@ def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
                 assert (out - expected).abs().max().item() <= tol, (K, rows, M)
 
 
+@needs_native
+@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+def test_native_kernel_on_weights_off_cache_line_boundaries(activation, weight):
+    # Checkpoint tensors are 8-byte aligned at best; several activation rows take the path that
+    # copies such blocks into an aligned buffer first.
+    for K in (64, 2048):
+        buffer = torch.randn(40 * K + 8).to(weight)
+        for offset in (0, 4):
+            w = buffer[offset : offset + 40 * K].view(40, K)
+            for M in (1, 4, 8, 16):
+                x = torch.randn(M, K).to(activation)
+                out = native.NativeParts([w], [None], activation)(x).float()
+                expected = F.linear(x.float(), w.float())
+                tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
+                assert (out - expected).abs().max().item() <= tol, (K, offset, M)
+
+
 def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
     ckpt = Checkpoint(checkpoint)
     name = max(ckpt.keys(), key=lambda k: ckpt.info(k).numel)
