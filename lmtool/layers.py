@@ -108,7 +108,7 @@ def scaled_dot_product(
     """q [B,H,T,hd], k/v [B,KV,S,hd] with H a multiple of KV -> [B,H,T,hd]."""
     if q.shape[2] == 1 and native.usable(q, k, v):
         # The decode step: one call instead of SDPA's set-up around a tiny product.
-        return native.attend_one(q, k, v, scale, key_mask=mask[:, 0, 0, :] if mask is not None else None)
+        return native.attend_one(q, k, v, scale, mask=mask)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and q.shape[2] == 1 and mask is None:
         # One query per sequence: fold the query heads of a group into the query axis, which

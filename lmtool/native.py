@@ -506,12 +506,13 @@ def attend_one(
     v: torch.Tensor,
     scale: float,
     bias: torch.Tensor | None = None,
-    key_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per sequence: q [B,H,1,hd], k/v [B,KV,S,hd] (views of a KV
     cache: rows of hd contiguous), bias [B*H, S] added to the scaled scores (ALiBi) or None,
-    key_mask [B,S] bool (True = visible) or None -> [B,H,1,hd] (a view of [B,1,H,hd], so the
-    caller's transpose back is free). Softmax in float32."""
+    mask the step's boolean attention mask [B,1,1,S] (True = visible; layers.causal_mask) or None
+    -> [B,H,1,hd] (a view of [B,1,H,hd], so the caller's transpose back is free). Softmax in
+    float32."""
     B, H, _, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     if q.stride(-1) != 1:
@@ -523,8 +524,8 @@ def attend_one(
         bias = bias.reshape(B * H, S)
         if bias.stride(-1) != 1:
             bias = bias.contiguous()
+    key_mask = mask[:, 0, 0, :S] if mask is not None else None  # [B,S]: one query row
     if key_mask is not None:
-        key_mask = key_mask[:, :S]
         if key_mask.stride(-1) != 1:
             key_mask = key_mask.contiguous()
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device)

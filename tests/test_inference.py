@@ -169,7 +169,7 @@ def test_native_one_query_attention_matches_sdpa(dtype, B, H, KV, S, hd):
     for with_bias, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
         b, m = (bias if with_bias else None), (key_mask if with_mask else None)
         expected = reference(b, m)
-        got = native.attend_one(q, k, v, 0.3, b, m)
+        got = native.attend_one(q, k, v, 0.3, b, m[:, None, None, :] if m is not None else None)
         assert got.shape == (B, H, 1, hd) and got.dtype == dtype
         assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), (with_bias, with_mask)
 
@@ -177,7 +177,7 @@ def test_native_one_query_attention_matches_sdpa(dtype, B, H, KV, S, hd):
 @needs_native
 def test_native_attention_of_a_fully_masked_row_is_zero_not_nan():
     k = v = torch.randn(1, 2, 4, 16)
-    out = native.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, key_mask=torch.zeros(1, 4, dtype=torch.bool))
+    out = native.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, mask=torch.zeros(1, 1, 1, 4, dtype=torch.bool))
     assert torch.equal(out, torch.zeros_like(out))
 
 

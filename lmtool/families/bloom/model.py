@@ -108,7 +108,7 @@ class BloomAttention(nn.Module):
         The decode step (one query) goes to the native kernel where it runs: float32 throughout."""
         B, H, T, hd = q.shape
         if T == 1 and native.usable(q, k, v, alibi):
-            return native.attend_one(q, k, v, self.inv_norm_factor, alibi, mask[:, 0, 0, :] if mask is not None else None)
+            return native.attend_one(q, k, v, self.inv_norm_factor, alibi, mask)
         S = k.shape[2]
         q, k, v = q.reshape(B * H, T, hd), k.reshape(B * H, S, hd), v.reshape(B * H, S, hd)
         scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
