@@ -73,50 +73,64 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* ---- loads of one k-step; `left` < step means a masked tail --------------------------------- */
-/* bf16 x bf16: 32 elements per step */
-static inline __m512bh ld_bh(const uint16_t* p, int64_t left) {
-    if (left >= 32) return (__m512bh)_mm512_loadu_si512(p);
-    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << left) - 1), p);
-}
-/* 16 elements per step for the f32 paths */
+/* ---- loads of one step: 32 bf16 elements (bf16 x bf16), 16 for the f32 paths; `left` < 16
+ * means a masked tail ----------------------------------------------------------------------------- */
 static inline __m512 ld_ps(const float* p, int64_t left) {
     if (left >= 16) return _mm512_loadu_ps(p);
     return _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), p);
 }
+static inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 static inline __m512 ld_bf16_as_ps(const uint16_t* p, int64_t left) {
-    __m256i h = left >= 16 ? _mm256_loadu_si256((const __m256i*)p)
-                           : _mm256_maskz_loadu_epi16((__mmask16)((1u << left) - 1), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return widen_bf16(left >= 16 ? _mm256_loadu_si256((const __m256i*)p)
+                                 : _mm256_maskz_loadu_epi16((__mmask16)((1u << left) - 1), p));
+}
+/* Lanes [lo, hi) of one step, the others zero (and never read, so never a fault). */
+static inline uint64_t lanes(int64_t lo, int64_t hi) { return ((1ull << hi) - 1) & ~((1ull << lo) - 1); }
+static inline __m512bh ld_bh_r(const uint16_t* p, int64_t lo, int64_t hi) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)lanes(lo, hi), p);
+}
+static inline __m512 ld_ps_r(const float* p, int64_t lo, int64_t hi) { return _mm512_maskz_loadu_ps((__mmask16)lanes(lo, hi), p); }
+static inline __m512 ld_bf16_as_ps_r(const uint16_t* p, int64_t lo, int64_t hi) {
+    return widen_bf16(_mm256_maskz_loadu_epi16((__mmask16)lanes(lo, hi), p));
 }
 
 /* ---- tiles: MB rows of x times NB rows of W, accumulators in registers ------------------------
  * Each k-step loads the MB activation vectors once, then streams one vector of each of the NB
  * weight rows through all of them. NB = 8 rows at a time keep enough independent streams in
- * flight to reach DRAM bandwidth at batch 1. */
-#define TILE(NAME, XT, WT, VT, STEP, XLOAD, XLOADM, WLOAD, WLOADM, MAC, MB, NB)                      \
+ * flight to reach DRAM bandwidth at batch 1. Row j of W is read at w + j * ldw over [lead, span):
+ * a row that starts `lead` elements past a vector boundary is read from that boundary, with those
+ * lanes masked off (see lm_linear), so that every load is aligned. */
+#define TILE(NAME, XT, WT, VT, STEP, XLOAD, XLOADR, WLOAD, WLOADR, MAC, MB, NB)                      \
 static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(                        \
-    const XT* x, int64_t ldx, const WT* w, int64_t K, float* out /* [MB][NB] */,                   \
-    const WT* ahead, int ahead_rows, WT* copy) {                                                   \
+    const XT* x, int64_t ldx, const WT* w, int64_t ldw, int64_t span, int64_t lead,                \
+    float* out /* [MB][NB] */, const WT* ahead, int ahead_rows) {                                  \
     __m512 acc[MB][NB];                                                                            \
     for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();     \
     int64_t k = 0;                                                                                 \
-    for (; k + STEP <= K; k += STEP) {                                                             \
-        for (int r = 0; r < ahead_rows; r++) _mm_prefetch((const char*)(ahead + r * K + k), _MM_HINT_T1); \
+    if (lead || span < STEP) { /* first step: lanes [lead, min(span, STEP)) */                      \
+        const int64_t hi = span < STEP ? span : STEP;                                              \
+        VT xv[MB];                                                                                 \
+        for (int i = 0; i < MB; i++) xv[i] = XLOADR(x + i * ldx, lead, hi);                        \
+        for (int j = 0; j < NB; j++) {                                                             \
+            const VT wv = WLOADR(w + j * ldw, lead, hi);                                           \
+            for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                    \
+        }                                                                                          \
+        k = STEP;                                                                                  \
+    }                                                                                              \
+    for (; k + STEP <= span; k += STEP) {                                                          \
+        for (int r = 0; r < ahead_rows; r++) _mm_prefetch((const char*)(ahead + r * ldw + k), _MM_HINT_T1); \
         VT xv[MB];                                                                                 \
         for (int i = 0; i < MB; i++) xv[i] = XLOAD(x + i * ldx + k);                               \
         for (int j = 0; j < NB; j++) {                                                             \
-            const VT wv = WLOAD(w + j * K + k);                                                    \
-            if (copy) memcpy(copy + j * K + k, w + j * K + k, STEP * sizeof(WT));                  \
+            const VT wv = WLOAD(w + j * ldw + k);                                                  \
             for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                    \
         }                                                                                          \
     }                                                                                              \
-    if (k < K) { /* masked tail: missing elements load as zeros */                                 \
+    if (k < span) { /* masked tail */                                                              \
         VT xv[MB];                                                                                 \
-        for (int i = 0; i < MB; i++) xv[i] = XLOADM(x + i * ldx + k, K - k);                       \
+        for (int i = 0; i < MB; i++) xv[i] = XLOADR(x + i * ldx + k, 0, span - k);                 \
         for (int j = 0; j < NB; j++) {                                                             \
-            const VT wv = WLOADM(w + j * K + k, K - k);                                            \
-            if (copy) memcpy(copy + j * K + k, w + j * K + k, (K - k) * sizeof(WT));               \
+            const VT wv = WLOADR(w + j * ldw + k, 0, span - k);                                    \
             for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                    \
         }                                                                                          \
     }                                                                                              \
@@ -127,41 +141,23 @@ static inline __m512 ld_ps_full(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld_bf16_as_ps_full(const uint16_t* p) { return ld_bf16_as_ps(p, 16); }
 static inline __m512 mac_bh(__m512 acc, __m512bh x, __m512bh w) { return _mm512_dpbf16_ps(acc, x, w); }
 static inline __m512 mac_ps(__m512 acc, __m512 x, __m512 w) { return _mm512_fmadd_ps(x, w, acc); }
-#define TILES(NAME, XT, WT, VT, STEP, XL, XLM, WL, WLM, MAC)                                       \
-    TILE(NAME, XT, WT, VT, STEP, XL, XLM, WL, WLM, MAC, 1, 8)                                       \
-    TILE(NAME, XT, WT, VT, STEP, XL, XLM, WL, WLM, MAC, 2, 8)                                       \
-    TILE(NAME, XT, WT, VT, STEP, XL, XLM, WL, WLM, MAC, 1, 4)                                       \
-    TILE(NAME, XT, WT, VT, STEP, XL, XLM, WL, WLM, MAC, 1, 1)
-TILES(bb, uint16_t, uint16_t, __m512bh, 32, ld_bh_full, ld_bh, ld_bh_full, ld_bh, mac_bh)
-TILES(fb, float, uint16_t, __m512, 16, ld_ps_full, ld_ps, ld_bf16_as_ps_full, ld_bf16_as_ps, mac_ps)
-TILES(ff, float, float, __m512, 16, ld_ps_full, ld_ps, ld_ps_full, ld_ps, mac_ps)
+#define TILES(NAME, XT, WT, VT, STEP, XL, XLR, WL, WLR, MAC)                                       \
+    TILE(NAME, XT, WT, VT, STEP, XL, XLR, WL, WLR, MAC, 1, 8)                                       \
+    TILE(NAME, XT, WT, VT, STEP, XL, XLR, WL, WLR, MAC, 2, 8)                                       \
+    TILE(NAME, XT, WT, VT, STEP, XL, XLR, WL, WLR, MAC, 1, 4)                                       \
+    TILE(NAME, XT, WT, VT, STEP, XL, XLR, WL, WLR, MAC, 1, 1)
+TILES(bb, uint16_t, uint16_t, __m512bh, 32, ld_bh_full, ld_bh_r, ld_bh_full, ld_bh_r, mac_bh)
+TILES(fb, float, uint16_t, __m512, 16, ld_ps_full, ld_ps_r, ld_bf16_as_ps_full, ld_bf16_as_ps_r, mac_ps)
+TILES(ff, float, float, __m512, 16, ld_ps_full, ld_ps_r, ld_ps_full, ld_ps_r, mac_ps)
 
 enum { BF16_BF16 = 0, F32_BF16 = 1, F32_F32 = 2 };  /* (x, W) dtypes */
-
-/* Weight rows that do not start on a 64-byte cache line (safetensors aligns tensor data to 8 bytes
-   only, so most checkpoint tensors are such) make every vector load straddle two lines. Read once,
-   at one or two activation rows, that hides under the memory stream; read again from cache by the
-   later passes of a block (four rows and more) it costs about a quarter of the speed. So the first
-   pass also copies a block that fits L1 into an aligned per-thread buffer, and the later passes read
-   that (measured: about +10 % at 8 rows over Gemma-2B's mapped weights). */
-static __thread void* aligned_rows;
-static __thread size_t aligned_size;
-static void* aligned_buffer(size_t bytes) {
-    if (aligned_size < bytes) {
-        free(aligned_rows);
-        aligned_size = (bytes + 63) / 64 * 64;
-        aligned_rows = aligned_alloc(64, aligned_size);
-        if (!aligned_rows) aligned_size = 0;
-    }
-    return aligned_rows;
-}
 
 /* One block of nb (8, 4 or 1) weight rows for all M activation rows: out[M][nb]. With M >= 4 the
    8-row block is read in several passes (2 activation rows each) while the first comes from DRAM
    and the others from cache, so each pass prefetches a share of the next block's rows (`next`,
    or NULL) into L2: memory and arithmetic then overlap instead of alternating. */
-static void block(int kind, const void* x, int64_t M, const void* w, int64_t K, int64_t nb, float* out,
-                  const void* next) {
+static void block(int kind, const void* x, int64_t ldx, int64_t M, const void* w, int64_t ldw, int64_t span,
+                  int64_t lead, int64_t nb, float* out, const void* next) {
 #define RUN(NAME, XT, WT)                                                                          \
     {                                                                                              \
         const XT* xx = (const XT*)x; const WT* ww = (const WT*)w; const WT* ahead = (const WT*)next; \
@@ -169,27 +165,44 @@ static void block(int kind, const void* x, int64_t M, const void* w, int64_t K, 
         if (nb == 8) {                                                                             \
             const int64_t passes = M / 2;                                                          \
             const int share = passes >= 2 && ahead ? (int)((8 + passes - 1) / passes) : 0;         \
-            const int misaligned = (((uintptr_t)ww | (uintptr_t)(K * sizeof(WT))) & 63) != 0;      \
-            const int fits_l1 = 8 * K * sizeof(WT) <= 32768;  /* a bigger copy only moves the misses */ \
-            WT* copy = passes >= 2 && misaligned && fits_l1 ? (WT*)aligned_buffer(8 * K * sizeof(WT)) : NULL; \
             for (int64_t p = 0; m + 2 <= M; m += 2, p++) {                                         \
                 const int first = (int)(p * share) < 8 ? (int)(p * share) : 8;                     \
                 const int rows = first + share <= 8 ? share : 8 - first;                           \
-                tile_##NAME##_2_8(xx + m * K, K, ww, K, out + m * 8, rows ? ahead + first * K : ww, rows, \
-                                  p == 0 ? copy : NULL);                                           \
-                if (p == 0 && copy) ww = copy;                                                     \
+                tile_##NAME##_2_8(xx + m * ldx, ldx, ww, ldw, span, lead, out + m * 8,             \
+                                  rows ? ahead + first * ldw : ww, rows);                          \
             }                                                                                      \
-            for (; m < M; m++) tile_##NAME##_1_8(xx + m * K, K, ww, K, out + m * 8, ww, 0, NULL);  \
+            for (; m < M; m++) tile_##NAME##_1_8(xx + m * ldx, ldx, ww, ldw, span, lead, out + m * 8, ww, 0); \
         } else if (nb == 4) {                                                                      \
-            for (; m < M; m++) tile_##NAME##_1_4(xx + m * K, K, ww, K, out + m * 4, ww, 0, NULL);  \
+            for (; m < M; m++) tile_##NAME##_1_4(xx + m * ldx, ldx, ww, ldw, span, lead, out + m * 4, ww, 0); \
         } else {                                                                                   \
-            for (; m < M; m++) tile_##NAME##_1_1(xx + m * K, K, ww, K, out + m, ww, 0, NULL);      \
+            for (; m < M; m++) tile_##NAME##_1_1(xx + m * ldx, ldx, ww, ldw, span, lead, out + m, ww, 0); \
         }                                                                                          \
     }
     if (kind == BF16_BF16) RUN(bb, uint16_t, uint16_t)
     else if (kind == F32_BF16) RUN(fb, float, uint16_t)
     else RUN(ff, float, float)
 #undef RUN
+}
+
+/* Weight rows off a vector boundary. safetensors aligns tensor data to 8 bytes only, so most
+   checkpoint tensors start 8 to 56 bytes past a 64-byte line, and every load then straddles two
+   lines. At one activation row that hides under the memory stream; with several, each block is
+   read again from cache, split loads and all (Gemma-2B's mapped weights at 8 rows: 27 -> 32 GB/s
+   once aligned). When every row of a part starts at the same offset `lead` past a boundary (the
+   row length is a multiple of the vector), the part is read from the boundary before its first
+   element with the first `lead` lanes masked off, and the activations are given the same offset:
+   a copy of x with `lead` zeros before each row (a few KB, made once per call and shared by the
+   parts of equal lead). */
+static __thread char* shifted_rows;
+static __thread size_t shifted_size;
+static char* shifted_buffer(size_t bytes) {
+    if (shifted_size < bytes) {
+        free(shifted_rows);
+        shifted_size = (bytes + 63) / 64 * 64;
+        shifted_rows = aligned_alloc(64, shifted_size);
+        if (!shifted_rows) shifted_size = 0;
+    }
+    return shifted_rows;
 }
 
 /* y[M, ldy] (columns of all parts side by side). M <= 16. */
@@ -203,7 +216,35 @@ void lm_linear(int kind, const void* x, int64_t M, int64_t K, const part_t* part
         col += parts[p].rows;
     }
     const int x_bf16 = kind == BF16_BF16;
-    const size_t wsize = kind == F32_F32 ? 4 : 2;
+    const size_t wsize = kind == F32_F32 ? 4 : 2, xsize = x_bf16 ? 2 : 4;
+    const int64_t step = x_bf16 ? 32 : 16, vbytes = step * wsize;  /* weight elements, bytes per load */
+    int64_t lead[16], ldx[16];
+    const char* xs[16];
+    size_t bytes = 0;
+    for (int64_t p = 0; p < nparts; p++) {
+        const uintptr_t at = (uintptr_t)parts[p].w;
+        lead[p] = (K * wsize) % vbytes == 0 && at % wsize == 0 ? (int64_t)(at % vbytes / wsize) : 0;
+        ldx[p] = lead[p] ? (lead[p] + K + step - 1) / step * step : K;
+        bytes += lead[p] ? M * ldx[p] * xsize : 0;
+    }
+    char* buffer = bytes ? shifted_buffer(bytes) : NULL;
+    for (int64_t p = 0, used = 0; p < nparts; p++) {
+        xs[p] = (const char*)x;
+        if (!lead[p]) continue;
+        if (!buffer) { lead[p] = 0; ldx[p] = K; continue; }  /* no memory: unaligned loads */
+        int64_t q = 0;
+        while (q < p && lead[q] != lead[p]) q++;
+        if (q < p) { xs[p] = xs[q]; continue; }
+        char* rows = buffer + used;
+        for (int64_t m = 0; m < M; m++) {
+            char* row = rows + m * ldx[p] * xsize;
+            memset(row, 0, lead[p] * xsize);
+            memcpy(row + lead[p] * xsize, (const char*)x + m * K * xsize, K * xsize);
+            memset(row + (lead[p] + K) * xsize, 0, (ldx[p] - lead[p] - K) * xsize);
+        }
+        xs[p] = rows;
+        used += M * ldx[p] * xsize;
+    }
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < total; t++) {
         int64_t p = nparts - 1;
@@ -216,7 +257,7 @@ void lm_linear(int kind, const void* x, int64_t M, int64_t K, const part_t* part
             const int64_t nb = left >= 8 ? 8 : left >= 4 ? 4 : 1;
             const char* rows = (const char*)parts[p].w + n * K * wsize;
             const void* next = n + 16 <= parts[p].rows ? rows + 8 * K * wsize : NULL;
-            block(kind, x, M, rows, K, nb, out, next);
+            block(kind, xs[p], ldx[p], M, rows - lead[p] * wsize, K, lead[p] + K, lead[p], nb, out, next);
             for (int64_t m = 0; m < M; m++) {
                 for (int64_t j = 0; j < nb; j++) {
                     float v = out[m * nb + j];

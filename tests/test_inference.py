@@ -100,19 +100,27 @@ def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
 
 @needs_native
 @pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
-def test_native_kernel_on_weights_off_cache_line_boundaries(activation, weight):
-    # Checkpoint tensors are 8-byte aligned at best; several activation rows take the path that
-    # copies such blocks into an aligned buffer first.
-    for K in (64, 2048):
-        buffer = torch.randn(40 * K + 8).to(weight)
-        for offset in (0, 4):
-            w = buffer[offset : offset + 40 * K].view(40, K)
-            for M in (1, 4, 8, 16):
+def test_native_kernel_on_weights_off_vector_boundaries(activation, weight):
+    # Checkpoint tensors are 8-byte aligned at best. Rows that start past a vector boundary are read
+    # from the boundary with the lanes before them masked off; here the bytes around each tensor
+    # hold NaN and inf, which would reach the sums if a masked lane were ever used. K = 100 rows do
+    # not all start at the same offset (the unaligned path).
+    for K in (64, 2048, 100):
+        for offsets in ([0], [1], [4], [7, 7, 3], [31, 12, 0, 31]):
+            weights = []
+            for i, offset in enumerate(offsets):
+                rows = 8 * i + 9
+                buffer = torch.full((offset + rows * K + 64,), float("nan")).to(weight)
+                buffer[offset + rows * K:] = float("inf")
+                assert buffer.data_ptr() % 64 == 0  # so that `offset` sets the tensor's lead
+                buffer[offset : offset + rows * K] = torch.randn(rows * K).to(weight)
+                weights.append(buffer[offset : offset + rows * K].view(rows, K))
+            for M in (1, 2, 4, 8, 16):
                 x = torch.randn(M, K).to(activation)
-                out = native.NativeParts([w], [None], activation)(x).float()
-                expected = F.linear(x.float(), w.float())
+                out = native.NativeParts(weights, [None] * len(weights), activation)(x).float()
+                expected = F.linear(x.float(), torch.cat(weights).float())
                 tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
-                assert (out - expected).abs().max().item() <= tol, (K, offset, M)
+                assert (out - expected).abs().max().item() <= tol, (K, offsets, M)
 
 
 def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
