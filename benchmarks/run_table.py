@@ -2,7 +2,8 @@
 
 From the repository root, with lmtool and transformers installed:
 
-    python benchmarks/run_table.py                   # both presets, 3 repeats: about 40 min on 2 cores
+    python benchmarks/run_table.py                   # both presets, 3 repeats: about 25 min on 2 cores
+    python benchmarks/run_table.py --repeat 5        # the README's table: about 40 min
     python benchmarks/run_table.py --repeat 5 --presets bloom-560m
     python benchmarks/run_table.py --render-only     # re-print the table from the saved reports
 
