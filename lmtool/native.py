@@ -422,21 +422,48 @@ def kernel_cache() -> Path:
     return base / "lmtool" / "kernels"
 
 
-def build(compiler: str) -> Path:
-    """Compile SOURCE once per (source, compiler version, flags); returns the shared object."""
+def build(compiler: str, source: str = SOURCE) -> Path:
+    """Compile the kernels' source once per (source, compiler version, flags); returns the shared
+    object. benchmarks/kernel_sweep.py builds another revision's source beside this one."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE, version, *CFLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, version, *CFLAGS]).encode()).hexdigest()[:16]
     target = kernel_cache() / f"lm_linear-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        source = Path(tmp) / "lm_linear.c"
-        source.write_text(SOURCE)
+        c_file = Path(tmp) / "lm_linear.c"
+        c_file.write_text(source)
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, str(source), "-o", str(built)], check=True, capture_output=True, timeout=300)
+        subprocess.run([compiler, *CFLAGS, str(c_file), "-o", str(built)], check=True, capture_output=True, timeout=300)
         os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
     return target
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+ARGTYPES = {
+    "lm_linear": [ctypes.c_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
+    "lm_gelu_tanh_mul": [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
+    "lm_attend_one": [
+        ctypes.c_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+        ctypes.c_float, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+    ],
+}
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """A built kernels object with the argument types of the functions it has declared (an older
+    revision's, built by benchmarks/kernel_sweep.py, may lack the later ones)."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in ARGTYPES.items():
+        if hasattr(lib, name):
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, None
+    return lib
 
 
 @lru_cache(maxsize=1)
@@ -444,27 +471,13 @@ def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when they cannot be used here (see the module docstring)."""
     if os.environ.get("LMTOOL_NATIVE", "1") == "0" or not cpu_has_features():
         return None
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
+        return load_library(build(cc))
     except (OSError, subprocess.SubprocessError):
         return None
-    lib.lm_linear.argtypes = [
-        ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(Part), ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64,
-    ]
-    lib.lm_linear.restype = None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.lm_gelu_tanh_mul.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, i64, i64, i64]
-    lib.lm_gelu_tanh_mul.restype = None
-    lib.lm_attend_one.argtypes = [
-        ctypes.c_int, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
-        ctypes.c_float, ptr, i64, ptr, i64, ptr, ptr,
-    ]
-    lib.lm_attend_one.restype = None
-    return lib
 
 
 def available() -> bool:

@@ -216,3 +216,23 @@ def test_read_rate_counts_the_bytes_each_backend_reads(tmp_path, tiny_config):
     assert streamed_bytes(folder, "float32", "onednn") == full
     assert streamed_bytes(folder, "float32", None) == full  # transformers
     assert streamed_bytes(folder, "bfloat16", "native") == half
+
+
+@pytest.mark.skipif(not lmtool.native.available(), reason="native kernels unavailable here")
+def test_kernel_sweep_alternates_this_tree_with_a_revision_and_compares_outputs(tmp_path, probe, capsys):
+    import runpy
+
+    sweep = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sweep.py"))
+    folder = random_checkpoint("tiny", TINY_GEMMA, "bfloat16", tmp_path)
+    report = sweep["main"]([str(folder), "--rows", "1,3", "--repeat", "2", "--against", "HEAD"])
+    assert sorted(report["rows"]) == [1, 3]
+    for by_library in report["rows"].values():
+        assert sorted(by_library) == ["HEAD", "this tree"]
+        assert all(r["median_gbps"] > 0 for r in by_library.values())
+        assert by_library["HEAD"]["max_abs_diff"] == 0.0  # the committed kernels compute the same
+    assert report["bandwidth_gbps"] == [12.5, 12.5] and probe == [2, 2]
+    out = capsys.readouterr().out
+    # two layers of q/k/v, o, gate/up and down, and the tied LM head
+    assert "9 native layers" in out and "  3 rows  HEAD" in out
+    with pytest.raises(SystemExit, match="cannot read lmtool/native.py at 'no-such-rev'"):
+        sweep["main"]([str(folder), "--against", "no-such-rev", "--no-bandwidth"])
