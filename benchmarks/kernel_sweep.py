@@ -2,8 +2,9 @@
 one decode step's worth of calls, at a few activation-row counts, as GB/s of weights read.
 
 With --against REV the kernels of another git revision run on the same mapped weights, alternating
-with this tree's in one process: the host's memory bandwidth drifts by a third within minutes, so
-only alternated numbers compare. The two revisions' outputs are compared as well.
+with this tree's in one process (the order swapped every round): the host's memory bandwidth
+drifts by a third within minutes, so only alternated numbers compare. The outputs are compared as
+well; kernels that lay their sums out differently may differ in the last bit.
 
 From the repository root:
 
@@ -35,9 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def revision_source(revision: str) -> str:
     """The kernels' C source as lmtool/native.py holds it at a git revision (read, not run)."""
-    done = subprocess.run(
-        ["git", "show", f"{revision}:lmtool/native.py"], capture_output=True, text=True, cwd=ROOT
-    )
+    try:
+        done = subprocess.run(
+            ["git", "show", f"{revision}:lmtool/native.py"], capture_output=True, text=True, cwd=ROOT
+        )
+    except OSError as exc:
+        raise SystemExit(f"kernel_sweep: cannot run git: {exc}") from None
     if done.returncode != 0:
         raise SystemExit(f"kernel_sweep: cannot read lmtool/native.py at '{revision}': {done.stderr.strip()}")
     for node in ast.parse(done.stdout).body:
@@ -72,19 +76,26 @@ def layer_calls(layers: list[NativeLinear], rows: int, dtype: torch.dtype) -> li
 
 
 def sweep(libraries: dict[str, ctypes.CDLL], calls: list[Call], nbytes: int, repeat: int):
-    """GB/s of each library over `repeat` alternating rounds (after one unkept warm-up round), and
-    each one's outputs of the last round."""
+    """GB/s of each library over `repeat` rounds (after one unkept warm-up round), the order
+    swapped every round, and each library's outputs of the last round (written over NaN, so that
+    an output one library leaves unwritten cannot pass for the other's)."""
     rates: dict[str, list[float]] = {name: [] for name in libraries}
     outputs: dict[str, torch.Tensor] = {}
+    names = list(libraries)
     for round_ in range(repeat + 1):
-        for name, lib in libraries.items():
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            lib = libraries[name]
+            if round_ == repeat:
+                for call in calls:
+                    call.out.fill_(float("nan"))
             start = time.perf_counter()
             for call in calls:
                 lib.lm_linear(*call.args)
             elapsed = time.perf_counter() - start
             if round_:
                 rates[name].append(nbytes / elapsed / 1e9)
-            outputs[name] = torch.cat([call.out.float().flatten() for call in calls])
+            if round_ == repeat:
+                outputs[name] = torch.cat([call.out.float().flatten() for call in calls])
     return rates, outputs
 
 
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--preset", help="random weights of a bench preset (written once to the bench cache)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--rows", default="1,8", help="activation rows per call, comma-separated (<= 16)")
-    parser.add_argument("--repeat", type=int, default=6)
+    parser.add_argument("--repeat", type=int, default=6, help="timed rounds (>= 1)")
     parser.add_argument("--against", metavar="REV", help="also run the kernels of this git revision")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory read bandwidth probe")
@@ -104,9 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
     rows_list = [int(r) for r in args.rows.split(",")]
     if any(not 1 <= r <= native.MAX_ROWS for r in rows_list):
         parser.error(f"--rows must be between 1 and {native.MAX_ROWS}")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if not native.available():
         raise SystemExit("kernel_sweep: the native kernels are not available here (see lmtool/native.py)")
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args, rows_list)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, rows_list: list[int]) -> dict:
     folder = args.model or bench.random_checkpoint(args.preset, bench.preset_config(args.preset))
     lm = lmtool.load(folder, task="causal-lm", dtype=args.dtype, tokenizer=False)
     layers = native_layers(lm.model)

@@ -4,8 +4,11 @@ the peer alternating, and the output formats. No timing is asserted (the machine
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -218,21 +221,41 @@ def test_read_rate_counts_the_bytes_each_backend_reads(tmp_path, tiny_config):
     assert streamed_bytes(folder, "bfloat16", "native") == half
 
 
-@pytest.mark.skipif(not lmtool.native.available(), reason="native kernels unavailable here")
-def test_kernel_sweep_alternates_this_tree_with_a_revision_and_compares_outputs(tmp_path, probe, capsys):
-    import runpy
+def kernel_sweep(monkeypatch):
+    """benchmarks/kernel_sweep.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sweep.py"
+    spec = importlib.util.spec_from_file_location("kernel_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kernel_sweep", module)
+    spec.loader.exec_module(module)
+    return module
 
-    sweep = runpy.run_path(str(Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sweep.py"))
+
+@pytest.mark.skipif(not lmtool.native.available(), reason="native kernels unavailable here")
+def test_kernel_sweep_alternates_two_kernel_builds_and_compares_their_outputs(tmp_path, probe, capsys, monkeypatch):
+    sweep = kernel_sweep(monkeypatch)
+    # Another revision's source, as git would give it: the same kernels with a different text, so a
+    # second shared object is built and loaded beside this tree's.
+    monkeypatch.setattr(sweep, "revision_source", lambda rev: lmtool.native.SOURCE + f"\n/* {rev} */\n")
     folder = random_checkpoint("tiny", TINY_GEMMA, "bfloat16", tmp_path)
-    report = sweep["main"]([str(folder), "--rows", "1,3", "--repeat", "2", "--against", "HEAD"])
+    threads = torch.get_num_threads()
+    report = sweep.main([str(folder), "--rows", "1,3", "--repeat", "2", "--against", "other", "--threads", "1"])
+    assert torch.get_num_threads() == threads
     assert sorted(report["rows"]) == [1, 3]
     for by_library in report["rows"].values():
-        assert sorted(by_library) == ["HEAD", "this tree"]
+        assert sorted(by_library) == ["other", "this tree"]
         assert all(r["median_gbps"] > 0 for r in by_library.values())
-        assert by_library["HEAD"]["max_abs_diff"] == 0.0  # the committed kernels compute the same
-    assert report["bandwidth_gbps"] == [12.5, 12.5] and probe == [2, 2]
+        assert by_library["other"]["max_abs_diff"] == 0.0  # the same kernels, built twice
+    assert report["bandwidth_gbps"] == [12.5, 12.5] and probe == [1, 1]
     out = capsys.readouterr().out
     # two layers of q/k/v, o, gate/up and down, and the tied LM head
-    assert "9 native layers" in out and "  3 rows  HEAD" in out
+    assert "9 native layers" in out and "  3 rows  other" in out
+
+
+def test_kernel_sweep_reads_a_revisions_kernel_source_from_git(monkeypatch):
+    sweep = kernel_sweep(monkeypatch)
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=sweep.ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    assert "void lm_linear(" in sweep.revision_source("HEAD")
     with pytest.raises(SystemExit, match="cannot read lmtool/native.py at 'no-such-rev'"):
-        sweep["main"]([str(folder), "--against", "no-such-rev", "--no-bandwidth"])
+        sweep.revision_source("no-such-rev")

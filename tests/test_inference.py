@@ -3,6 +3,9 @@ of plain nn.Linear on both backends, keep the checkpoint's names, and copy nothi
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +125,41 @@ def test_native_kernel_on_weights_off_vector_boundaries(activation, weight):
                 tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
                 assert (out - expected).abs().max().item() <= tol, (K, offsets, M)
 
+
+@needs_native
+@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+def test_native_kernel_reads_nothing_beyond_the_lines_of_a_tensor(activation, weight):
+    # Each tensor is placed against an unreadable page, ending right before it or starting at an
+    # offset right after it: a load that reached past the cache lines holding the tensor's data
+    # would crash the process here.
+    libc = ctypes.CDLL(None)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page, size = mmap.PAGESIZE, torch.empty((), dtype=weight).element_size()
+    read_write, private_anonymous = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    for K in (1, 17, 32, 100):
+        for offset in (0, 1, 7, 31):
+            for at_end in (False, True):
+                nbytes = 9 * K * size
+                pages = (nbytes + offset * size + page - 1) // page + 2
+                base = libc.mmap(None, pages * page, read_write, private_anonymous, -1, 0)
+                assert base not in (None, ctypes.c_void_p(-1).value)
+                try:
+                    libc.mprotect(base, page, 0)  # PROT_NONE
+                    libc.mprotect(base + (pages - 1) * page, page, 0)
+                    start = base + (pages - 1) * page - nbytes if at_end else base + page + offset * size
+                    w = torch.frombuffer((ctypes.c_char * nbytes).from_address(start), dtype=weight).view(9, K)
+                    w.copy_(torch.randn(9, K).to(weight))
+                    for M in (1, 3, 16):
+                        x = torch.randn(M, K).to(activation)
+                        out = native.NativeParts([w], [None], activation)(x).float()
+                        expected = F.linear(x.float(), w.float())
+                        tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
+                        assert (out - expected).abs().max().item() <= tol, (K, offset, at_end, M)
+                finally:
+                    libc.munmap(base, pages * page)
 
 def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
     ckpt = Checkpoint(checkpoint)
