@@ -52,7 +52,7 @@ def revision_source(revision: str) -> str:
 
 @dataclass
 class Call:
-    args: tuple  # lm_linear's arguments, pointers into x and out
+    kernel: native.NativeParts
     x: torch.Tensor
     out: torch.Tensor
 
@@ -64,15 +64,11 @@ def native_layers(model: torch.nn.Module) -> list[NativeLinear]:
 
 
 def layer_calls(layers: list[NativeLinear], rows: int, dtype: torch.dtype) -> list[Call]:
-    calls = []
-    for layer in layers:
-        kernel = layer.kernel
-        x = torch.randn(rows, kernel.in_features).to(dtype)
-        out = torch.empty(rows, kernel.out_features, dtype=dtype)
-        args = (kernel.kind, x.data_ptr(), rows, kernel.in_features, kernel.parts, len(kernel.weights),
-                out.data_ptr(), kernel.out_features)
-        calls.append(Call(args, x, out))
-    return calls
+    return [
+        Call(layer.kernel, torch.randn(rows, layer.in_features).to(dtype),
+             torch.empty(rows, layer.out_features, dtype=dtype))
+        for layer in layers
+    ]
 
 
 def sweep(libraries: dict[str, ctypes.CDLL], calls: list[Call], nbytes: int, repeat: int):
@@ -90,7 +86,7 @@ def sweep(libraries: dict[str, ctypes.CDLL], calls: list[Call], nbytes: int, rep
                     call.out.fill_(float("nan"))
             start = time.perf_counter()
             for call in calls:
-                lib.lm_linear(*call.args)
+                call.kernel.run(call.x, call.out, lib)
             elapsed = time.perf_counter() - start
             if round_:
                 rates[name].append(nbytes / elapsed / 1e9)

@@ -507,13 +507,17 @@ class NativeParts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] contiguous, M <= MAX_ROWS, in the activation dtype -> [M, N]."""
-        rows = x.shape[0]
-        y = torch.empty(rows, self.out_features, dtype=x.dtype, device=x.device)
-        library().lm_linear(
-            self.kind, x.data_ptr(), rows, self.in_features, self.parts, len(self.weights), y.data_ptr(),
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        self.run(x, y)
+        return y
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
+        """y [M, N] = x [M, K] . W^T (+ b), both contiguous; lib: another build of the kernels
+        (benchmarks/kernel_sweep.py), else this tree's."""
+        (lib or library()).lm_linear(
+            self.kind, x.data_ptr(), x.shape[0], self.in_features, self.parts, len(self.weights), y.data_ptr(),
             self.out_features,
         )
-        return y
 
 
 # --- the decode step's elementwise and attention kernels ------------------------------------------
@@ -574,21 +578,16 @@ def attend_one(
     for cached in (k, v):
         if cached.stride(-1) != 1 or cached.stride(-2) != hd or cached.stride() != k.stride():
             raise ValueError("attend_one: keys and values must be KV-cache views with rows of head_dim")
-    if bias is not None:
-        bias = bias.reshape(B * H, S)
-        if bias.stride(-1) != 1:
-            bias = bias.contiguous()
-    key_mask = mask[:, 0, 0, :S] if mask is not None else None  # [B,S]: one query row
-    if key_mask is not None:
-        if key_mask.stride(-1) != 1:
-            key_mask = key_mask.contiguous()
+    bias, bias_stride = rows_of(bias.reshape(B * H, S)) if bias is not None else (None, 0)
+    # [B,S]: the mask's one query row
+    key_mask, mask_stride = rows_of(mask[:, 0, 0, :S]) if mask is not None else (None, 0)
     out = torch.empty(B, 1, H, hd, dtype=q.dtype, device=q.device)
     scores = torch.empty(B * H * S, dtype=torch.float32, device=q.device)
     library().lm_attend_one(
         int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
         k.stride(0), k.stride(1), B, H, KV, S, hd, scale,
-        bias.data_ptr() if bias is not None else None, bias.stride(0) if bias is not None else 0,
-        key_mask.data_ptr() if key_mask is not None else None, key_mask.stride(0) if key_mask is not None else 0,
+        bias.data_ptr() if bias is not None else None, bias_stride,
+        key_mask.data_ptr() if key_mask is not None else None, mask_stride,
         out.data_ptr(), scores.data_ptr(),
     )
     return out.transpose(1, 2)
