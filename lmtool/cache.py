@@ -48,6 +48,61 @@ class KVCache:
         self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
 
+    def extend(self, k: torch.Tensor, v: torch.Tensor, step: Step, mask: torch.Tensor | None):
+        """Add a step's keys and values; return the keys, values and mask its queries attend over
+        (here: every position so far, under the mask the layer built)."""
+        k, v = self.update(k, v, step.start)
+        return k, v, mask
+
+
+class WindowKVCache:
+    """Keys and values of a sliding-window attention layer in a ring of window + 1 slots: a
+    query attends to itself and the `window` positions before it, so memory stays constant
+    however long the sequence grows. Each slot records which position it holds, and the cache
+    builds the mask of its keys from that (the layer's own mask does not know the ring's order).
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, window: int, head_dim: int, dtype, device):
+        self.window = window
+        self.slots = window + 1
+        shape = (batch, num_kv_heads, self.slots, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.position_of_slot = torch.full((self.slots,), -1, dtype=torch.long, device=device)
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, step: Step, mask: torch.Tensor | None):
+        T, start, end = k.shape[2], step.start, step.end
+        device = k.device
+        new = torch.arange(start, end, device=device)
+        if T == 1:
+            # Decode: write in place; the ring then holds exactly the keys this query may see.
+            slot = start % self.slots
+            self.keys[:, :, slot] = k[:, :, 0]
+            self.values[:, :, slot] = v[:, :, 0]
+            self.position_of_slot[slot] = start
+            held = self.position_of_slot
+            visible = (held >= 0) & step.key_mask[:, held.clamp(min=0)]
+            if start >= self.window and not step.has_padding:
+                return self.keys, self.values, None
+            return self.keys, self.values, visible[:, None, None, :]
+        if start == 0:
+            keys, values, held = k, v, new
+        else:
+            keys = torch.cat([self.keys, k], dim=2)
+            values = torch.cat([self.values, v], dim=2)
+            held = torch.cat([self.position_of_slot, new])
+        q = new[:, None]
+        allowed = (held[None, :] <= q) & (held[None, :] >= q - self.window) & (held[None, :] >= 0)
+        visible = allowed[None, None] & step.key_mask[:, held.clamp(min=0)][:, None, None, :]
+        visible = visible | (held[None, :] == q)[None, None]  # a pad query keeps its own key: no empty row
+        # Keep the last window + 1 new positions for the steps that follow.
+        n = min(T, self.slots)
+        kept = new[-n:]
+        self.keys[:, :, kept % self.slots] = k[:, :, -n:]
+        self.values[:, :, kept % self.slots] = v[:, :, -n:]
+        self.position_of_slot[kept % self.slots] = kept
+        return keys, values, visible
+
 
 @dataclass
 class RecurrentState:

@@ -145,6 +145,11 @@ class ModelConfig:
             return [self.id2label[i] for i in range(len(self.id2label))]
         return [f"LABEL_{i}" for i in range(self.num_labels)]
 
+    def structure(self) -> dict[str, Any]:
+        """What `lmtool inspect` shows about the architecture beyond the config (a family's block
+        pattern, its decoding state...); nothing for plain decoder stacks."""
+        return {}
+
     @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:

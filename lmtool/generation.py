@@ -1,6 +1,6 @@
 """Text generation: sampling, a prefill-then-decode loop over a preallocated cache, stop strings.
 
-The loop is deliberately small: one prefill call over the left-padded prompts, then one call per
+The loop is deliberately small: a prefill over the left-padded prompts (in chunks when long), then one call per
 new token with only that token as input. Everything a step does not need (logits of earlier
 positions, attention masks of decode steps) is left out, so the per-token cost is the model's.
 """
@@ -16,6 +16,10 @@ import torch
 
 from .heads import TaskModel
 from .tokenizer import Tokenizer, pad_sequences
+
+
+# Prompt tokens per prefill call.
+PREFILL_CHUNK = 1024
 
 
 @dataclass
@@ -180,11 +184,13 @@ def generate(
     stop: list[str] | None = None,
     ignore_eos: bool = False,
     on_text: Callable[[int, str], None] | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generate for a batch of tokenized prompts (left-padded together).
 
     on_text(row, delta) is called as text becomes printable (needs a tokenizer). A row stops at an
-    EOS id (unless ignore_eos), at a stop string, or after max_new_tokens.
+    EOS id (unless ignore_eos), at a stop string, or after max_new_tokens. Prompts longer than
+    prefill_chunk tokens are prefilled in chunks of that many.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -206,7 +212,12 @@ def generate(
     stats = GenerationStats()
 
     cache = model.make_cache(B, width + max_new_tokens)
-    logits = model(input_ids, attention_mask=mask if padded else None, cache=cache, logits_to_keep=1)[:, -1]
+    # Long prompts go in chunks, each continuing the cache: prefill memory is bounded by the
+    # chunk (for the recurrent families, whose state is constant, by nothing else).
+    for begin in range(0, width, prefill_chunk):
+        chunk = slice(begin, begin + prefill_chunk)
+        chunk_mask = mask[:, chunk] if padded else None
+        logits = model(input_ids[:, chunk], attention_mask=chunk_mask, cache=cache, logits_to_keep=1)[:, -1]
     stats.prefill_s = time.perf_counter() - t0
     active = [True] * B
     t_decode = time.perf_counter()

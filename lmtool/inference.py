@@ -32,18 +32,10 @@ from torch import nn
 
 from . import native
 from .heads import CausalLMHead
-from .layers import GatedMLP, SelfAttention
 
 # Rows of a tied LM head packed (onednn) or cast for F.linear (native, prefill) at a time: bounds
 # the temporary copy.
 SLICE_BYTES = 256 * 2**20
-# Groups fused into one call: owner class -> (fused module name, the checkpoint's module names).
-FUSED_GROUPS = {
-    SelfAttention: ("fused_qkv", ["q_proj", "k_proj", "v_proj"]),
-    GatedMLP: ("fused_gate_up", ["gate_proj", "up_proj"]),
-}
-
-
 def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
     """'native', 'onednn', or None (plain nn.Linear) for a model of this dtype on this device."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
@@ -295,14 +287,10 @@ def freeze_linears(owner: nn.Module, prefix: str, names: list[str], fused_name: 
 
 
 def fusable(module: nn.Module) -> tuple[str, list[str]] | None:
-    """The fused group of a module whose forward goes through the fused path (subclasses that
-    override it, LoRA-adapted projections for instance, are left alone)."""
-    for cls, group in FUSED_GROUPS.items():
-        if isinstance(module, cls):
-            method = "project_qkv" if cls is SelfAttention else "forward"
-            if getattr(type(module), method) is getattr(cls, method):
-                return group
-    return None
+    """The group of linear layers a module declares to be called as one (`fusion`: the fused
+    module's name and the checkpoint's module names), e.g. q/k/v or gate/up. A module whose
+    forward does not go through the fused path (a LoRA-adapted projection) declares None."""
+    return getattr(type(module), "fusion", None)
 
 
 def freeze_head(model: nn.Module, source: WeightSource, embedding_name: str) -> None:

@@ -73,6 +73,7 @@ def describe_model(family: Family, config, infos: list[TensorInfo]) -> dict[str,
         "task": family.task_for(config.architectures),
         "heads": heads,
         "tied_embeddings": bool(config.tie_word_embeddings),
+        "structure": config.structure(),
         "config": config.to_dict(),
     }
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
-from .cache import KVCache, Step
+from .cache import KVCache, Step, WindowKVCache
 
 
 class RMSNorm(nn.Module):
@@ -86,6 +86,8 @@ def causal_mask(step: Step, window: int | None = None) -> torch.Tensor | None:
     token under left padding) is allowed its own key, so no row is all-masked and nothing is NaN.
     """
     T, S = step.length, step.start + step.length
+    if window is not None and S <= window:
+        window = None  # every key is within the window
     if not step.has_padding and window is None and (step.start == 0 or T == 1):
         return None
     device = step.key_mask.device
@@ -131,6 +133,9 @@ class SelfAttention(nn.Module):
     Weight names are transformers' (q_proj, k_proj, v_proj, o_proj) so checkpoints map 1:1.
     """
 
+    # q/k/v as one call at load (lmtool.inference): one kernel instead of three.
+    fusion = ("fused_qkv", ["q_proj", "k_proj", "v_proj"])
+
     def __init__(
         self,
         hidden_size: int,
@@ -169,7 +174,7 @@ class SelfAttention(nn.Module):
         step: Step,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
+        cache: KVCache | WindowKVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
@@ -179,13 +184,15 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(k, v, step.start)
+            k, v, mask = cache.extend(k, v, step, mask)
         out = scaled_dot_product(q, k, v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): GeGLU for Gemma, with biases for RecurrentGemma."""
+
+    fusion = ("fused_gate_up", ["gate_proj", "up_proj"])  # one call at load (lmtool.inference)
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = False):
         super().__init__()

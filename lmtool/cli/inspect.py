@@ -38,6 +38,8 @@ def render(result: dict, console: Console, show_tensors: bool) -> None:
     if "heads" in result:
         table.add_row("heads", ", ".join(result["heads"]) or "none (backbone only)")
         table.add_row("tied embeddings", "yes" if result["tied_embeddings"] else "no")
+    for key, value in result.get("structure", {}).items():
+        table.add_row(key, _size(value) if "state" in key and isinstance(value, int) else str(value))
     table.add_row("parameters", f"{_count(result['parameters'])} ({result['parameters']:,})")
     table.add_row("size", f"{_size(result['bytes'])} in {result['tensor_count']} tensors")
     table.add_row("dtypes", ", ".join(f"{k} {_size(v)}" for k, v in result["dtypes"].items()))

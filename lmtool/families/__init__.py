@@ -3,6 +3,8 @@
 from ..registry import register
 from .bloom import FAMILY as BLOOM
 from .gemma import FAMILY as GEMMA
+from .recurrent_gemma import FAMILY as RECURRENT_GEMMA
 
 register(GEMMA)
 register(BLOOM)
+register(RECURRENT_GEMMA)

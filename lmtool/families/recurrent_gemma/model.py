@@ -1,0 +1,157 @@
+"""RecurrentGemma (Griffin) backbone: residual blocks whose temporal mixing is either a recurrent
+block (causal conv + RG-LRU) or local (sliding-window) MQA attention, each followed by a biased
+GeGLU MLP.
+
+Numerics follow transformers 5.23 (fp32 norms, gates in the model dtype, fp32 scan state), with
+three places where we follow the authors' reference (`recurrentgemma`, the code the checkpoints
+were trained with) instead, because transformers differs from it there:
+- a query attends to itself and the `attention_window_size` keys before it (transformers: one
+  key fewer, so its outputs differ from position `window` on);
+- a sequence starts at position 0: the scan resets and the convolution reads nothing before it,
+  so left padding does not leak into the real tokens (transformers' conv reads the pads);
+- the convolution continues its state across calls, so chunked prefill equals one-shot
+  (transformers restarts it on every multi-token call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...cache import ModelCache, RecurrentState, Step, WindowKVCache, begin_step
+from ...layers import ACTIVATIONS, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, rounded_scale
+from ...recurrent import causal_conv1d, linear_scan
+from .config import RecurrentGemmaConfig
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit: block-diagonal input and recurrence gates, a = sigma^(8 c)
+    with c the recurrence gate (as exp(-8 c softplus(L))), inputs scaled by sqrt(1 - a^2)."""
+
+    def __init__(self, width: int, num_blocks: int):
+        super().__init__()
+        self.num_blocks, self.block_width = num_blocks, width // num_blocks
+        self.recurrent_param = nn.Parameter(torch.empty(width))
+        shape_w, shape_b = (num_blocks, self.block_width, self.block_width), (num_blocks, self.block_width)
+        self.input_gate_weight = nn.Parameter(torch.empty(shape_w))
+        self.input_gate_bias = nn.Parameter(torch.empty(shape_b))
+        self.recurrent_gate_weight = nn.Parameter(torch.empty(shape_w))
+        self.recurrent_gate_bias = nn.Parameter(torch.empty(shape_b))
+
+    def block_diagonal(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x [N, nb, bw] -> sigmoid(x_h @ W_h + b_h) per block h (W_h used untransposed)."""
+        blocks = x.transpose(0, 1)  # [nb, N, bw]
+        out = torch.baddbmm(bias[:, None, :], blocks, weight)
+        return torch.sigmoid(out.transpose(0, 1))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
+        B, T, L = x.shape
+        blocks = x.reshape(B * T, self.num_blocks, self.block_width)
+        input_gate = self.block_diagonal(blocks, self.input_gate_weight, self.input_gate_bias).reshape(B, T, L)
+        recurrent_gate = self.block_diagonal(blocks, self.recurrent_gate_weight, self.recurrent_gate_bias).reshape(B, T, L)
+        log_a = -8.0 * recurrent_gate * F.softplus(self.recurrent_param)
+        a, a_square = torch.exp(log_a), torch.exp(2 * log_a)
+        reset = (positions == 0)[..., None]
+        # At a sequence start the input passes unscaled and the previous state is forgotten.
+        multiplier = torch.where(reset, torch.ones_like(a_square), torch.sqrt(1 - a_square))
+        normalized = x * input_gate * multiplier.to(x.dtype)
+        a = a * ~reset
+        h0 = state.get("scan") if state is not None else None
+        h, last = linear_scan(a, normalized, h0)
+        if state is not None:
+            state.set("scan", last)
+        return h
+
+
+class RecurrentBlock(nn.Module):
+    """linear_out( RG-LRU(conv(linear_x(h))) * act(linear_y(h)) )."""
+
+    # linear_y and linear_x read the same input: one call at load (lmtool.inference).
+    fusion = ("fused_yx", ["linear_y", "linear_x"])
+
+    def __init__(self, config: RecurrentGemmaConfig):
+        super().__init__()
+        D, L, K = config.hidden_size, config.recurrent_width, config.conv1d_width
+        self.linear_y = nn.Linear(D, L)
+        self.linear_x = nn.Linear(D, L)
+        self.linear_out = nn.Linear(L, D)
+        self.conv_1d = nn.Conv1d(L, L, kernel_size=K, groups=L, padding=K - 1)
+        self.rg_lru = RGLRU(L, config.num_attention_heads)
+        self.act = ACTIVATIONS[config.hidden_activation]
+        self.fused_yx: nn.Module | None = None
+
+    def forward(self, h: torch.Tensor, step: Step, state: RecurrentState | None) -> torch.Tensor:
+        if self.fused_yx is not None:
+            y, x = self.fused_yx.forward_parts(h)
+        else:
+            y, x = self.linear_y(h), self.linear_x(h)
+        y = self.act(y)
+        conv_state = state.get("conv") if state is not None else None
+        x, conv_state = causal_conv1d(x, self.conv_1d.weight[:, 0], self.conv_1d.bias, step.positions, conv_state)
+        if state is not None:
+            state.set("conv", conv_state)
+        x = self.rg_lru(x, step.positions, state)
+        return self.linear_out(x * y)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, config: RecurrentGemmaConfig, kind: str):
+        super().__init__()
+        D = config.hidden_size
+        self.kind = kind
+        self.temporal_pre_norm = RMSNorm(D, config.rms_norm_eps, unit_offset=True, weight_before_cast=True)
+        if kind == "recurrent":
+            self.temporal_block: nn.Module = RecurrentBlock(config)
+        else:
+            self.temporal_block = SelfAttention(
+                D, config.num_attention_heads, config.kv_heads, config.head_dim,
+                qkv_bias=config.attention_bias, o_bias=True,
+            )
+        self.channel_pre_norm = RMSNorm(D, config.rms_norm_eps, unit_offset=True, weight_before_cast=True)
+        self.mlp_block = GatedMLP(D, config.mlp_width, config.hidden_activation, bias=True)
+
+    def forward(self, x, step, rope, mask, cache):
+        h = self.temporal_pre_norm(x)
+        if self.kind == "recurrent":
+            h = self.temporal_block(h, step, cache)
+        else:
+            h = self.temporal_block(h, step, rope, mask, cache)
+        x = x + h
+        return x + self.mlp_block(self.channel_pre_norm(x))
+
+
+class RecurrentGemmaModel(nn.Module):
+    def __init__(self, config: RecurrentGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ResidualBlock(config, kind) for kind in config.layer_types)
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True, weight_before_cast=True)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_base)
+
+    def make_cache(self, batch: int, max_len: int, dtype, device) -> ModelCache:
+        """A window ring per attention layer and conv/scan states per recurrent layer: the same
+        size whatever max_len is."""
+        c = self.config
+        layers = [
+            WindowKVCache(batch, c.kv_heads, c.attention_window_size, c.head_dim, dtype, device)
+            if kind == "attention" else RecurrentState()
+            for kind in c.layer_types
+        ]
+        return ModelCache(layers, batch, max_len, device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
+        step = begin_step(input_ids, attention_mask, cache)
+        x = self.embed_tokens(input_ids)
+        # sqrt(hidden) rounded to bfloat16 in every dtype (50.5 for 2560), as the authors and
+        # transformers both do.
+        x = x * rounded_scale(math.sqrt(self.config.hidden_size), torch.bfloat16).to(x.dtype)
+        rope = self.rotary(step.positions, x.dtype)
+        # A query sees itself and the `window` keys before it (window + 1 keys in all).
+        mask = causal_mask(step, window=self.config.attention_window_size + 1) if cache is None else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, rope, mask, cache[i] if cache is not None else None)
+        return self.final_norm(x)
