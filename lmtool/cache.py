@@ -69,6 +69,8 @@ class WindowKVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.position_of_slot = torch.full((self.slots,), -1, dtype=torch.long, device=device)
+        # Whether each row's slot holds a real token (False: empty, or a left pad).
+        self.real = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, step: Step, mask: torch.Tensor | None):
         T, start, end = k.shape[2], step.start, step.end
@@ -80,27 +82,30 @@ class WindowKVCache:
             self.keys[:, :, slot] = k[:, :, 0]
             self.values[:, :, slot] = v[:, :, 0]
             self.position_of_slot[slot] = start
-            held = self.position_of_slot
-            visible = (held >= 0) & step.key_mask[:, held.clamp(min=0)]
+            self.real[:, slot] = step.key_mask[:, start]
             if start >= self.window and not step.has_padding:
                 return self.keys, self.values, None
-            return self.keys, self.values, visible[:, None, None, :]
+            return self.keys, self.values, self.real[:, None, None, :]
+        real_new = step.key_mask[:, start:end]
         if start == 0:
-            keys, values, held = k, v, new
+            keys, values, held, real = k, v, new, real_new
         else:
             keys = torch.cat([self.keys, k], dim=2)
             values = torch.cat([self.values, v], dim=2)
             held = torch.cat([self.position_of_slot, new])
+            real = torch.cat([self.real, real_new], dim=1)
         q = new[:, None]
         allowed = (held[None, :] <= q) & (held[None, :] >= q - self.window) & (held[None, :] >= 0)
-        visible = allowed[None, None] & step.key_mask[:, held.clamp(min=0)][:, None, None, :]
+        visible = allowed[None, None] & real[:, None, None, :]
         visible = visible | (held[None, :] == q)[None, None]  # a pad query keeps its own key: no empty row
         # Keep the last window + 1 new positions for the steps that follow.
         n = min(T, self.slots)
         kept = new[-n:]
-        self.keys[:, :, kept % self.slots] = k[:, :, -n:]
-        self.values[:, :, kept % self.slots] = v[:, :, -n:]
-        self.position_of_slot[kept % self.slots] = kept
+        slots = kept % self.slots
+        self.keys[:, :, slots] = k[:, :, -n:]
+        self.values[:, :, slots] = v[:, :, -n:]
+        self.position_of_slot[slots] = kept
+        self.real[:, slots] = real_new[:, -n:]
         return keys, values, visible
 
 

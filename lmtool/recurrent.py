@@ -3,46 +3,50 @@
 Both keep their state in a `RecurrentState` of the layer's cache entry and always continue it, so
 a prompt processed in several chunks gives the same result as one call (chunked prefill is exact).
 A sequence starts wherever its position id is 0 (the first real token, and every left pad): there
-the scan forgets its state and the convolution reads no earlier input, which makes a left-padded
-row equal to the row alone.
+the scan forgets its state; the convolution reads zeros for the pads before it. A left-padded row
+is then equal to the row alone.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    positions: torch.Tensor,
     state: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal convolution over time, continuing from `state`.
 
-    x [B,T,C]; weight [C,K] with weight[:, K-1] applied to the current step; positions [B,T]
-    (tap s of step t is used only when s <= positions[t], i.e. within the step's own sequence);
-    state [B,K-1,C], the inputs before x (None: zeros). Returns (y [B,T,C], the new state).
-    Accumulates in x's dtype, tap by tap from the current step back, then adds the bias (the
-    order of the authors' reference).
+    x [B,T,C]; weight [C,K] with weight[:, K-1] applied to the current step; state [B,K-1,C],
+    the inputs before x (None: zeros). Returns (y [B,T,C], the new state: the last K-1 inputs).
+    Inputs that no output may read (left pads, before a sequence's first token) must be zero:
+    the caller zeroes them (`zero_pads`), which is what the authors' per-tap document mask
+    amounts to when everything before a sequence is padding.
     """
     B, T, C = x.shape
     K = weight.shape[1]
     if state is None:
         state = x.new_zeros(B, K - 1, C)
     history = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
-    # Positions >= K-1 everywhere (the usual case after the first few tokens): no tap is cut.
-    cut = bool((positions < K - 1).any())
-    y = None
-    for s in range(K):
-        tap = history[:, K - 1 - s : K - 1 - s + T] * weight[:, K - 1 - s]
-        if cut and s:
-            tap = tap * (positions >= s)[..., None].to(x.dtype)
-        y = tap if y is None else y + tap
-    if bias is not None:
-        y = y + bias
-    return y, history[:, T:].clone() if K > 1 else history[:, :0]
+    if T == 1:
+        # The decode step as transformers computes it: products, one sum, the bias.
+        y = (history * weight.T).sum(1, keepdim=True)
+        y = y + bias if bias is not None else y
+    else:
+        y = F.conv1d(history.transpose(1, 2), weight[:, None, :], bias, groups=C).transpose(1, 2)
+    return y, history[:, T:].clone()
+
+
+def zero_pads(x: torch.Tensor, step) -> torch.Tensor:
+    """x [B,T,...] with the positions of left pads zeroed (a no-op without padding)."""
+    if not step.has_padding:
+        return x
+    real = step.key_mask[:, step.start : step.end]
+    return x * real.reshape(*real.shape, *([1] * (x.dim() - 2))).to(x.dtype)
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +58,9 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tu
     only, so a zero in a (a reset) stays exactly zero.
     """
     dtype = x.dtype
+    if x.shape[1] == 1 and h0 is not None:  # the decode step
+        last = a[:, 0].float() * h0 + x[:, 0].float()
+        return last[:, None].to(dtype), last
     a32, h = a.float(), x.float()
     if h0 is not None:
         h = torch.cat([h[:, :1] + a32[:, :1] * h0[:, None], h[:, 1:]], dim=1)

@@ -299,21 +299,20 @@ def test_linear_scan_matches_a_loop_and_resets_exactly():
     assert torch.allclose(h2[0, 10:], h[0, 10:], atol=1e-6)
 
 
-def test_causal_conv_continues_its_state_and_respects_sequence_starts():
+def test_causal_conv_continues_its_state_and_equals_torch_conv():
     torch.manual_seed(0)
-    x, w, b = torch.randn(1, 9, 3), torch.randn(3, 4), torch.randn(3)
-    positions = torch.arange(9)[None]
-    whole, _ = causal_conv1d(x, w, b, positions, None)
-    first, state = causal_conv1d(x[:, :5], w, b, positions[:, :5], None)
-    second, _ = causal_conv1d(x[:, 5:], w, b, positions[:, 5:], state)
-    assert torch.allclose(torch.cat([first, second], 1), whole, atol=1e-6)
+    x, w, b = torch.randn(2, 9, 3), torch.randn(3, 4), torch.randn(3)
+    whole, _ = causal_conv1d(x, w, b, None)
     reference = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None, :], b, padding=3, groups=3)[..., :9]
     assert torch.allclose(whole, reference.transpose(1, 2), atol=1e-5)
-    # A sequence starting at step 4 (position 0) reads nothing before it.
-    restarted = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
-    y, _ = causal_conv1d(x, w, b, restarted, None)
-    alone, _ = causal_conv1d(x[:, 4:], w, b, restarted[:, 4:], None)
-    assert torch.allclose(y[:, 4:], alone, atol=1e-6)
+    # In pieces (several steps, then one at a time), each continuing the state.
+    first, state = causal_conv1d(x[:, :5], w, b, None)
+    pieces = [first]
+    for t in range(5, 9):
+        y, state = causal_conv1d(x[:, t : t + 1], w, b, state)
+        pieces.append(y)
+    assert torch.allclose(torch.cat(pieces, 1), whole, atol=1e-5)
+    assert torch.equal(state, x[:, -3:])
 
 
 TASK_TEXTS = [

@@ -23,7 +23,7 @@ from torch import nn
 
 from ...cache import ModelCache, RecurrentState, Step, WindowKVCache, begin_step
 from ...layers import ACTIVATIONS, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, rounded_scale
-from ...recurrent import causal_conv1d, linear_scan
+from ...recurrent import causal_conv1d, linear_scan, zero_pads
 from .config import RecurrentGemmaConfig
 
 
@@ -90,7 +90,7 @@ class RecurrentBlock(nn.Module):
             y, x = self.linear_y(h), self.linear_x(h)
         y = self.act(y)
         conv_state = state.get("conv") if state is not None else None
-        x, conv_state = causal_conv1d(x, self.conv_1d.weight[:, 0], self.conv_1d.bias, step.positions, conv_state)
+        x, conv_state = causal_conv1d(zero_pads(x, step), self.conv_1d.weight[:, 0], self.conv_1d.bias, conv_state)
         if state is not None:
             state.set("conv", conv_state)
         x = self.rg_lru(x, step.positions, state)
