@@ -251,6 +251,18 @@ def _known_tokens_only(settings: dict[str, Any], backend: Any) -> dict[str, Any]
     return checked
 
 
+def find_tokenizer(options: ConvertOptions, near: list[Path], notes: list[str], family: Family) -> dict[str, bytes]:
+    """An original checkpoint's tokenizer files: from --tokenizer, else the first file of `near`
+    that exists (a tokenizer.model beside the checkpoint), else none (with a note)."""
+    path = options.tokenizer or next((p for p in near if p.is_file()), None)
+    if path is None:
+        notes.append("no tokenizer given (--tokenizer) or found beside the checkpoint: the output has none")
+        return {}
+    if options.tokenizer is None:
+        notes.append(f"tokenizer from {path}")
+    return tokenizer_files(path, family)
+
+
 def tokenizer_files(path: Path | None, family: Family) -> dict[str, bytes]:
     """The tokenizer files of an output folder from --tokenizer PATH (a folder, a tokenizer.json
     or a tokenizer.model). A SentencePiece model is also converted to tokenizer.json, so loaders

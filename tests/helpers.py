@@ -99,3 +99,30 @@ def cached_vs_full(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
         steps += [model(ids[:, t : t + 1], cache=cache) for t in range(8, 10)]
         cached = torch.cat(steps, dim=1)
     return (cached - full)[mask.bool()].abs().max().item()
+
+
+def padded_batch(vocab: int, lengths=(9, 6, 3), pad: int = 0, first_id: int = 3):
+    """Random ids (first_id..vocab-1: no special token), left-padded with `pad`, and the mask."""
+    width = max(lengths)
+    ids = torch.randint(first_id, vocab, (len(lengths), width))
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n :] = 1
+        ids[row, : width - n] = pad
+    return ids, mask
+
+
+def interrupt_midway(monkeypatch, converter_class) -> None:
+    """Make converter_class's plans raise KeyboardInterrupt halfway through writing tensors."""
+    original = converter_class.plan
+
+    def failing_plan(self, src, options):
+        plan = original(self, src, options)
+
+        def fail():
+            raise KeyboardInterrupt
+
+        plan.tensors[len(plan.tensors) // 2].produce = fail
+        return plan
+
+    monkeypatch.setattr(converter_class, "plan", failing_plan)

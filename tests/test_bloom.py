@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.models.bloom.modeling_bloom import _get_alibi_slopes, build_alibi_tensor
 
+import helpers
 import lmtool
 from lmtool.checkpoint import PlannedTensor, write_weights
 from lmtool.errors import CheckpointError, ConfigError
@@ -57,14 +58,7 @@ def tiny_config(**overrides) -> HFBloomConfig:
 
 
 def padded_batch(lengths=(9, 6, 3)):
-    """Random ids left-padded with the pad id, and the mask."""
-    width = max(lengths)
-    ids = torch.randint(4, VOCAB, (len(lengths), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n :] = 1
-        ids[row, : width - n] = PAD
-    return ids, mask
+    return helpers.padded_batch(VOCAB, lengths, pad=PAD, first_id=4)
 
 
 def real_positions(task, out, mask):

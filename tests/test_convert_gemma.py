@@ -20,6 +20,7 @@ from fixtures_gemma import (
 )
 
 import lmtool
+from helpers import interrupt_midway
 from lmtool.checkpoint import Checkpoint
 from lmtool.convert import ConvertOptions, convert, find_converter
 from lmtool.errors import CheckpointError, ConfigError, LmtoolError
@@ -153,18 +154,7 @@ def test_existing_output_is_refused_without_force(tmp_path, mqa):
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, mqa, monkeypatch):
     _, ckpt = mqa
-    original = GemmaPytorchConverter.plan
-
-    def failing_plan(self, src, options):
-        plan = original(self, src, options)
-
-        def fail():
-            raise KeyboardInterrupt
-
-        plan.tensors[len(plan.tensors) // 2].produce = fail  # midway through writing
-        return plan
-
-    monkeypatch.setattr(GemmaPytorchConverter, "plan", failing_plan)
+    interrupt_midway(monkeypatch, GemmaPytorchConverter)
     with pytest.raises(KeyboardInterrupt):
         convert(ckpt, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # no output, no temporary folder

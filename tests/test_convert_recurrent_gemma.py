@@ -21,7 +21,7 @@ from griffin_oracle import (
     griffin_modules,
     hf_to_griffin_state,
 )
-from helpers import randomize, run_cli
+from helpers import interrupt_midway, randomize, run_cli
 
 import lmtool
 from lmtool.checkpoint import Checkpoint
@@ -469,18 +469,7 @@ def test_a_damaged_file_is_one_line(tmp_path, content, capsys):
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, release, monkeypatch):
     _, _, pt = release
-    original = RecurrentGemmaPytorchConverter.plan
-
-    def failing_plan(self, src, options):
-        plan = original(self, src, options)
-
-        def fail():
-            raise KeyboardInterrupt
-
-        plan.tensors[len(plan.tensors) // 2].produce = fail  # midway through writing
-        return plan
-
-    monkeypatch.setattr(RecurrentGemmaPytorchConverter, "plan", failing_plan)
+    interrupt_midway(monkeypatch, RecurrentGemmaPytorchConverter)
     out_parent = tmp_path / "outputs"
     out_parent.mkdir()
     with pytest.raises(KeyboardInterrupt):

@@ -12,7 +12,7 @@ from lmtool.errors import ConfigError
 from lmtool.families.gemma.config import GemmaConfig
 from lmtool.generation import SamplingParams, generate
 
-from helpers import cached_vs_full, randomize, save_hf, tiny_gemma_config
+from helpers import cached_vs_full, padded_batch, randomize, save_hf, tiny_gemma_config
 
 # MHA, MQA (as gemma-2b), GQA, and a head_dim unrelated to hidden/heads (as gemma-7b).
 SHAPES = {
@@ -21,17 +21,6 @@ SHAPES = {
     "gqa-wide-head": dict(num_key_value_heads=2, head_dim=12),
 }
 FP32_TOL = 1e-4
-
-
-def padded_batch(vocab: int, lengths=(9, 6, 3)):
-    """Random ids, left-padded with id 0, and the mask."""
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n :] = 1
-        ids[row, : width - n] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

@@ -23,7 +23,7 @@ from lmtool.generation import SamplingParams, generate
 from lmtool.recurrent import causal_conv1d, linear_scan
 
 from griffin_oracle import griffin_from_hf, griffin_greedy, griffin_logits
-from helpers import randomize
+from helpers import padded_batch, randomize
 
 WINDOW = 8
 FP32_TOL = 1e-4
@@ -44,16 +44,6 @@ def tiny_config(**overrides) -> HFConfig:
     )
     values.update(overrides)
     return HFConfig(**values)
-
-
-def padded_batch(lengths, vocab=VOCAB):
-    width = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), width))
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n :] = 1
-        ids[row, : width - n] = 0
-    return ids, mask
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -110,7 +100,7 @@ def test_past_window_matches_the_authors_and_not_transformers(authors):
 
 def test_left_padded_rows_equal_rows_alone_and_the_authors(authors):
     _, griffin, lm = authors
-    ids, mask = padded_batch((20, 13, 5))
+    ids, mask = padded_batch(VOCAB, (20, 13, 5))
     real = mask.bool()
     with torch.no_grad():
         ours = lm.model(ids, attention_mask=mask)
@@ -127,7 +117,7 @@ def test_chunked_and_cached_equal_one_shot(pair, chunks):
     every real position equals the full forward."""
     _, _, lm = pair
     width = sum(chunks)
-    ids, mask = padded_batch((width, width - 4, width - 11))
+    ids, mask = padded_batch(VOCAB, (width, width - 4, width - 11))
     with torch.no_grad():
         full = lm.model(ids, attention_mask=mask)
         cache = lm.model.make_cache(ids.shape[0], width)
@@ -168,7 +158,7 @@ def test_greedy_equals_transformers_within_and_the_authors_past_the_window(autho
     prompts = [[2, 17, 33, 4, 91], [2, 5, 6]]
     greedy = SamplingParams(temperature=0)
     # Within the window transformers' greedy is the reference.
-    ids, mask = padded_batch((5, 3))
+    ids, mask = padded_batch(VOCAB, (5, 3))
     for row, prompt in enumerate(prompts):
         ids[row, ids.shape[1] - len(prompt) :] = torch.tensor(prompt)
     short = WINDOW - 5

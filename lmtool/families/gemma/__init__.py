@@ -7,6 +7,22 @@ from .convert import GemmaOrbaxConverter, GemmaPytorchConverter
 from .flax import FLAX as FLAX_CONVERTER
 from .model import GemmaModel
 
+# What google/gemma-* (and google/recurrentgemma-*) ship; `lmtool convert` writes it (with the
+# tokenizer's own special tokens).
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "GemmaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<bos>",
+    "eos_token": "<eos>",
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+    "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    "padding_side": "left",
+    "clean_up_tokenization_spaces": False,
+}
+
 FAMILY = Family(
     model_type="gemma",
     class_prefix="Gemma",
@@ -15,20 +31,7 @@ FAMILY = Family(
     backbone_prefix="model",
     add_bos_token=True,
     chat_format=format_chat,
-    # What google/gemma-* ship; `lmtool convert` writes it (with the tokenizer's own special tokens).
-    tokenizer_config={
-        "tokenizer_class": "GemmaTokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "mask_token": "<mask>",
-        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-    },
+    tokenizer_config=TOKENIZER_CONFIG,
     converters={
         GemmaPytorchConverter.name: GemmaPytorchConverter(),
         GemmaOrbaxConverter.name: GemmaOrbaxConverter(),

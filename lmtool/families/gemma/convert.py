@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from ...checkpoint import PlannedTensor
-from ...convert import ConversionPlan, ConvertOptions, tokenizer_files
+from ...convert import ConversionPlan, ConvertOptions, find_tokenizer
 from ...errors import CheckpointError, ConfigError
 from ...original_formats import ORBAX_INSTALL, OrbaxArrays, load_state_dict, orbax_metadata_text, pickle_text
 from .config import GemmaConfig
@@ -158,18 +158,6 @@ def _family():
     from . import FAMILY  # not at import time: FAMILY is built from this module's converters
 
     return FAMILY
-
-
-def find_tokenizer(options: ConvertOptions, near: list[Path], notes: list[str]) -> dict[str, bytes]:
-    """The output's tokenizer files: from --tokenizer, else a tokenizer.model beside the
-    checkpoint, else none (with a note)."""
-    path = options.tokenizer or next((p for p in near if p.is_file()), None)
-    if path is None:
-        notes.append("no tokenizer given (--tokenizer) or found beside the checkpoint: the output has none")
-        return {}
-    if options.tokenizer is None:
-        notes.append(f"tokenizer from {path}")
-    return tokenizer_files(path, _family())
 
 
 def tokenizer_size(files: dict[str, bytes]) -> int | None:
@@ -319,7 +307,7 @@ class GemmaPytorchConverter:
         if source.quantized:
             notes.append("int8 weights dequantized (weight * weight_scaler) to float32; --dtype casts them")
         folder = src if src.is_dir() else src.parent
-        files = find_tokenizer(options, [folder / "tokenizer.model"], notes)
+        files = find_tokenizer(options, [folder / "tokenizer.model"], notes, _family())
         return ConversionPlan(_family(), config, tensors, self.name, files, notes)
 
 
@@ -408,7 +396,7 @@ class GemmaOrbaxConverter:
         source = OrbaxSource(src)
         notes: list[str] = []
         near = [source.root / "tokenizer.model", source.root.parent / "tokenizer.model"]
-        files = find_tokenizer(options, near, notes)
+        files = find_tokenizer(options, near, notes, _family())
         # The embedding is padded (256128 rows for 256000 ids): the tokenizer says where ids end.
         config = gemma_config(source.shapes(), options, str(src), notes, tokenizer_size(files))
         return ConversionPlan(_family(), config, source.planned(config), self.name, files, notes)

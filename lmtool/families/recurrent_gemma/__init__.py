@@ -1,6 +1,7 @@
 """RecurrentGemma (Griffin): google/recurrentgemma-2b, -9b and their -it variants."""
 
 from ...registry import Family
+from ..gemma import TOKENIZER_CONFIG as GEMMA_TOKENIZER_CONFIG
 from ..gemma.chat import format_chat
 from .config import RecurrentGemmaConfig
 from .convert import RecurrentGemmaOrbaxConverter, RecurrentGemmaPytorchConverter
@@ -24,19 +25,7 @@ FAMILY = Family(
     backbone_prefix="model",
     add_bos_token=True,
     chat_format=format_chat,  # the -it models use Gemma's turn format
-    tokenizer_config={
-        "tokenizer_class": "GemmaTokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": "<bos>",
-        "eos_token": "<eos>",
-        "pad_token": "<pad>",
-        "unk_token": "<unk>",
-        "mask_token": "<mask>",
-        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-    },
+    tokenizer_config=GEMMA_TOKENIZER_CONFIG,  # the same tokenizer as Gemma's
     soft_cap=lambda config: config.soft_cap,
     converters={
         RecurrentGemmaPytorchConverter.name: RecurrentGemmaPytorchConverter(),

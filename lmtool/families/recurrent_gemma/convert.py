@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ...checkpoint import PlannedTensor
-from ...convert import ConversionPlan, ConvertOptions, tokenizer_files
+from ...convert import ConversionPlan, ConvertOptions, find_tokenizer
 from ...errors import CheckpointError, ConfigError
 from ...original_formats import ORBAX_INSTALL, OrbaxArrays, load_state_dict, orbax_metadata_text, pickle_text
 from .config import RecurrentGemmaConfig
@@ -361,18 +361,6 @@ def recurrent_gemma_config(
     return config
 
 
-def find_tokenizer(options: ConvertOptions, near: list[Path], notes: list[str]) -> dict[str, bytes]:
-    """The output's tokenizer files: from --tokenizer, else a tokenizer.model beside the
-    checkpoint, else none (with a note)."""
-    path = options.tokenizer or next((p for p in near if p.is_file()), None)
-    if path is None:
-        notes.append("no tokenizer given (--tokenizer) or found beside the checkpoint: the output has none")
-        return {}
-    if options.tokenizer is None:
-        notes.append(f"tokenizer from {path}")
-    return tokenizer_files(path, _family())
-
-
 # --- converters ---------------------------------------------------------------------------------------
 
 
@@ -407,7 +395,7 @@ class RecurrentGemmaPytorchConverter:
         notes: list[str] = []
         config = recurrent_gemma_config(reader.layout(), options, str(path), notes)
         tensors = reader.planned(config)
-        files = find_tokenizer(options, [path.parent / "tokenizer.model"], notes)
+        files = find_tokenizer(options, [path.parent / "tokenizer.model"], notes, _family())
         return ConversionPlan(_family(), config, tensors, self.name, files, notes)
 
 
@@ -429,5 +417,5 @@ class RecurrentGemmaOrbaxConverter:
         config = recurrent_gemma_config(reader.layout(), options, source.name, notes)
         tensors = reader.planned(config)
         near = [source.root / "tokenizer.model", source.root.parent / "tokenizer.model"]
-        files = find_tokenizer(options, near, notes)
+        files = find_tokenizer(options, near, notes, _family())
         return ConversionPlan(_family(), config, tensors, self.name, files, notes)
