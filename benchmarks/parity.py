@@ -3,6 +3,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/parity.py
 
 The tests assert the bounds; this script reports the measured values, for release notes.
+RecurrentGemma is compared with transformers within the attention window and with the authors'
+model (the `recurrentgemma` package) past it, where transformers attends to one key fewer.
 """
 
 from __future__ import annotations
@@ -78,6 +80,46 @@ def measure(family: str) -> None:
                   f"padded row vs alone {vs_alone:.1e}")
 
 
+def measure_recurrent_gemma() -> None:
+    from griffin_oracle import griffin_from_hf, griffin_logits
+    from helpers import padded_batch
+
+    window = 8
+    base = dict(vocab_size=120, hidden_size=48, intermediate_size=96, num_attention_heads=4, lru_width=48,
+                attention_window_size=window, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    shapes = {
+        "mqa, conv 4, 5 layers": dict(num_key_value_heads=1, conv1d_width=4, num_hidden_layers=5),
+        "gqa, conv 3, (A, R)": dict(num_key_value_heads=2, conv1d_width=3, num_hidden_layers=4,
+                                    block_types=["attention", "recurrent"]),
+    }
+    for shape, extra in shapes.items():
+        torch.manual_seed(0)
+        hf = randomize(tf.RecurrentGemmaForCausalLM(tf.RecurrentGemmaConfig(**base, **extra)))
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp)
+            lm = lmtool.load(tmp, dtype="float32")
+        ids, mask = padded_batch(120, (3 * window + 2, 2 * window, 5))
+        real = mask.bool()
+        with torch.no_grad():
+            full = lm.model(ids, attention_mask=mask)
+            within = (lm.model(ids[:, :window]) - hf(ids[:, :window], use_cache=False).logits).abs().max().item()
+            figures = {"transformers, within the window": within}
+            if extra["num_key_value_heads"] == 1:  # the authors' attention is MQA only
+                authors = griffin_logits(griffin_from_hf(hf), ids, mask)
+                figures["authors, 3 windows, padded batch"] = (full - authors)[real].abs().max().item()
+            alone = lm.model(ids[2:, real[2]])
+            figures["padded row vs alone"] = (alone[0] - full[2, real[2]]).abs().max().item()
+            cache = lm.model.make_cache(3, ids.shape[1])
+            pieces, start = [], 0
+            for n in (5, 7, 3, 1, 1, 9):
+                pieces.append(lm.model(ids[:, start : start + n], attention_mask=mask[:, start : start + n], cache=cache))
+                start += n
+            chunked = torch.cat(pieces, dim=1)
+            figures["chunked prefill + decode vs one-shot"] = (chunked - full)[real].abs().max().item()
+        print("recurrent_gemma " + shape + ": " + ", ".join(f"{k} {v:.1e}" for k, v in figures.items()))
+
+
 if __name__ == "__main__":
     for name in FAMILIES:
         measure(name)
+    measure_recurrent_gemma()

@@ -367,3 +367,21 @@ def _close(a, b, tol=1e-4):
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= tol
     return a == b
+
+
+def test_inspect_shows_the_block_pattern_and_the_true_decoding_state(pair, capsys):
+    """The state size inspect reports is what make_cache allocates (float32 model: 4 bytes)."""
+    from helpers import run_cli
+
+    name, _, lm = pair
+    code, out, err = run_cli(capsys, "inspect", str(lm.path), "--json")
+    assert code == 0, err
+    structure = json.loads(out)["structure"]
+    cache = lm.model.make_cache(1, 64)
+    with torch.no_grad():
+        lm.model(torch.randint(3, VOCAB, (1, 3 * WINDOW)), cache=cache)
+    allocated = sum(t.numel() * t.element_size() for layer in cache.layers for t in _tensors(layer))
+    assert structure["decoding state per sequence"] == allocated
+    pattern = SHAPES[name].get("block_types", ["recurrent", "recurrent", "attention"])
+    assert structure["block pattern"].startswith(", ".join(pattern))
+    assert f"window {WINDOW}" in structure["attention"]
