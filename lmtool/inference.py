@@ -224,6 +224,36 @@ class CastEmbedding(nn.Module):
         destination[prefix + "weight"] = self.weight
 
 
+class FrozenBlockDiagonal(nn.Module):
+    """Block-diagonal maps over one input, y_m[:, h] = x[:, h] @ W_m[h] + b_m[h] (RecurrentGemma's
+    RG-LRU gates, W_m [blocks, in, out]), for up to native.MAX_ROWS rows: each block's weights are
+    transposed once at load into the [out, in] rows the native kernels read (a copy of a few MB per
+    layer; torch's bfloat16 baddbmm reads them at a quarter of the bandwidth at batch 1), and one
+    kernel call per block computes every map. Larger inputs stay with the owner's own tensors."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], source: "WeightSource"):
+        super().__init__()
+        self.block_width = weights[0].shape[2]
+        self.maps = len(weights)
+        self.blocks = []
+        for h in range(weights[0].shape[0]):
+            rows = [source.cast(w[h].T.contiguous(), source.weight_dtype(w)) for w in weights]
+            self.blocks.append(native.NativeParts(rows, [b[h] for b in biases], source.dtype))
+        for w in weights:
+            source.release_pages(w)  # read once to transpose; the owner's copy faults back in if used
+
+    def takes(self, x: torch.Tensor) -> bool:
+        return x.shape[0] <= native.MAX_ROWS and not torch.is_grad_enabled()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x [N, blocks, in] -> one [N, blocks, out] per map."""
+        by_block = x.transpose(0, 1).contiguous()  # [blocks, N, in]: each block's rows contiguous
+        out = torch.empty(len(self.blocks), x.shape[0], self.maps * self.block_width, dtype=x.dtype, device=x.device)
+        for block, parts in enumerate(self.blocks):
+            parts.run(by_block[block], out[block])
+        return list(out.transpose(0, 1).split(self.block_width, dim=-1))
+
+
 class WeightSource:
     """The checkpoint's tensors under our parameter names, still mapped; `done` marks them used
     and drops their pages when they were copied."""
@@ -330,6 +360,11 @@ def load_frozen(model: nn.Module, source: WeightSource) -> None:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and source.has(f"{prefix}{name}.weight"):
                 freeze_linears(module, prefix, [name], None, source)
+    for prefix, module in list(model.named_modules()):
+        # Modules with weights of their own shape (not nn.Linear) set up their frozen form.
+        freeze = getattr(module, "freeze", None)
+        if callable(freeze):
+            freeze(source, f"{prefix}." if prefix else "")
     table = source.tensors[embedding_name]
     if table.dtype != source.dtype:
         setattr(backbone, attr, CastEmbedding(table, source.dtype))

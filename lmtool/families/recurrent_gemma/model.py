@@ -40,25 +40,45 @@ class RGLRU(nn.Module):
         self.input_gate_bias = nn.Parameter(torch.empty(shape_b))
         self.recurrent_gate_weight = nn.Parameter(torch.empty(shape_w))
         self.recurrent_gate_bias = nn.Parameter(torch.empty(shape_b))
+        # Both gates at once on the native kernels, set up at load (lmtool.inference).
+        self.frozen_gates: nn.Module | None = None
 
-    def block_diagonal(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """x [N, nb, bw] -> sigmoid(x_h @ W_h + b_h) per block h (W_h used untransposed)."""
+    def freeze(self, source, prefix: str) -> None:
+        if source.backend == "native":
+            from ...inference import FrozenBlockDiagonal
+
+            names = ("input_gate", "recurrent_gate")
+            weights = [source.tensors[f"{prefix}{n}_weight"] for n in names]
+            biases = [source.cast(source.tensors[f"{prefix}{n}_bias"]) for n in names]
+            self.frozen_gates = FrozenBlockDiagonal(weights, biases, source)
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, nb, bw] -> (input gate, recurrence gate) before the sigmoid: x_h @ W_h + b_h per
+        block h, W_h used untransposed, one rounding (as transformers' baddbmm)."""
+        if self.frozen_gates is not None and self.frozen_gates.takes(x):
+            return tuple(self.frozen_gates(x))
         blocks = x.transpose(0, 1)  # [nb, N, bw]
-        out = torch.baddbmm(bias[:, None, :], blocks, weight)
-        return torch.sigmoid(out.transpose(0, 1))
+        return tuple(
+            torch.baddbmm(bias[:, None, :], blocks, weight).transpose(0, 1)
+            for weight, bias in ((self.input_gate_weight, self.input_gate_bias),
+                                 (self.recurrent_gate_weight, self.recurrent_gate_bias))
+        )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
         B, T, L = x.shape
-        blocks = x.reshape(B * T, self.num_blocks, self.block_width)
-        input_gate = self.block_diagonal(blocks, self.input_gate_weight, self.input_gate_bias).reshape(B, T, L)
-        recurrent_gate = self.block_diagonal(blocks, self.recurrent_gate_weight, self.recurrent_gate_bias).reshape(B, T, L)
+        input_gate, recurrent_gate = (
+            torch.sigmoid(g).reshape(B, T, L) for g in self.gates(x.reshape(B * T, self.num_blocks, self.block_width))
+        )
         log_a = -8.0 * recurrent_gate * F.softplus(self.recurrent_param)
-        a, a_square = torch.exp(log_a), torch.exp(2 * log_a)
-        reset = (positions == 0)[..., None]
-        # At a sequence start the input passes unscaled and the previous state is forgotten.
-        multiplier = torch.where(reset, torch.ones_like(a_square), torch.sqrt(1 - a_square))
-        normalized = x * input_gate * multiplier.to(x.dtype)
-        a = a * ~reset
+        a = torch.exp(log_a)
+        multiplier = torch.sqrt(1 - torch.exp(2 * log_a))
+        reset = positions == 0
+        if bool(reset.any()):
+            # At a sequence start the input passes unscaled and the previous state is forgotten.
+            reset = reset[..., None]
+            multiplier = multiplier.masked_fill(reset, 1.0)
+            a = a.masked_fill(reset, 0.0)
+        normalized = x * input_gate * multiplier
         h0 = state.get("scan") if state is not None else None
         h, last = linear_scan(a, normalized, h0)
         if state is not None:
