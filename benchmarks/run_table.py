@@ -1,10 +1,12 @@
-"""Reproduce the README's speed table: lmtool against transformers on Gemma-2B and BLOOM-560m.
+"""Reproduce the README's speed table: lmtool against transformers on Gemma-2B, BLOOM-560m and
+RecurrentGemma-2B.
 
 From the repository root, with lmtool and transformers installed:
 
     python benchmarks/run_table.py                   # both presets, 3 repeats: about 25 min on 2 cores
     python benchmarks/run_table.py --repeat 5        # the README's table: about 40 min
     python benchmarks/run_table.py --repeat 5 --presets bloom-560m
+    python benchmarks/run_table.py --repeat 3 --presets recurrentgemma-2b   # about 20 min
     python benchmarks/run_table.py --render-only     # re-print the table from the saved reports
 
 For each preset it runs
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
-PRESETS = ["gemma-2b", "bloom-560m"]
+PRESETS = ["gemma-2b", "bloom-560m", "recurrentgemma-2b"]
 METRIC_ORDER = ["decode@1", "decode_gbps@1", "decode@8", "prefill@512", "ttft_s", "load_s", "peak_rss", "model_rss"]
 
 
@@ -43,7 +45,9 @@ def target(preset: str, dtype: str, key: str) -> tuple[str, str, float] | None:
         return "ratio", "<=", 0.5
     if key == "load_s" and dtype == "float32":
         return "ratio", "<=", 0.5
-    if key == "peak_rss":
+    if key == "peak_rss" and not preset.startswith("recurrentgemma"):
+        return "weights", "<=", 1.1
+    if key == "model_rss" and preset.startswith("recurrentgemma"):  # its issue counts above torch's own
         return "weights", "<=", 1.1
     return None
 
@@ -119,9 +123,11 @@ def render(reports: dict[str, dict]) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows_of(preset, report)]
     first = next(iter(reports.values()))
     s = first["settings"]
+    runs = {preset: r["provenance"]["date"] for preset, r in reports.items()}
+    when = "" if len(set(runs.values())) == 1 else "; runs: " + ", ".join(f"{p} {d}" for p, d in runs.items())
     notes = [
         "",
-        f"Machine: {machine(first)}{bandwidth(reports)}.",
+        f"Machine: {machine(first)}{bandwidth(reports)}{when}.",
         f"Median [min–max] of {s['repeat']} fresh processes per runner and dtype, lmtool and transformers "
         "alternating, each after one unmeasured warm-up run; random weights stored in bfloat16 (float32 rows "
         f"load the same bfloat16 files). Decode: {s['new_tokens']} tokens after a 32-token prompt, prefill "

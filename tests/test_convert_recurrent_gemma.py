@@ -475,3 +475,18 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, release, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert(pt, out_parent / "out")
     assert list(out_parent.iterdir()) == []  # no output, no temporary folder
+
+
+def test_inspect_describes_the_original_checkpoints(release, orbax_release, capsys):
+    """inspect reads the authors' .pt and orbax folder through their conversion plans: family,
+    block pattern, window (the default here, noted), and the tensors the output would have."""
+    _, _, pt = release
+    for source in (pt, orbax_release):
+        code, out, err = run_cli(capsys, "inspect", str(source), "--json")
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["family"] == "recurrent_gemma"
+        assert result["structure"]["block pattern"].startswith("recurrent, recurrent, attention")
+        assert "window 2048" in result["structure"]["attention"]
+        assert any("2048" in note for note in result["notes"])
+        assert result["config"]["num_hidden_layers"] == 5
