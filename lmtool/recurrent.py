@@ -75,3 +75,111 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tu
                 a32[:, d:] = a32[:, d:] * a32[:, :-d]
             d *= 2
     return h.to(dtype), h[:, -1].clone()
+
+
+# --- Mamba2 (SSD) ----------------------------------------------------------------------------
+
+
+def segment_sum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., L] -> [..., L, L] with entry (l, s) = a_{s+1} + ... + a_l for l >= s (0 on the
+    diagonal) and -inf above it. A masked cumulative sum, not a difference of cumulative sums
+    (which would cancel catastrophically), as transformers and the Mamba2 authors compute it."""
+    L = a.shape[-1]
+    x = a[..., None].expand(*a.shape, L)  # [..., m, s] = a_m
+    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = torch.cumsum(x.masked_fill(~below, 0), dim=-2)
+    causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a.device), diagonal=0)
+    return sums.masked_fill(~causal, float("-inf"))
+
+
+def ssd_chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Mamba2 selective state-space scan (SSD) over a sequence, chunk by chunk, in float32.
+
+    Per head h (of H, each P wide) with state S [P,N]:
+        S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T,    y_t = S_t C_t + D_h x_t.
+    x [b,T,H,P]; dt [b,T,H], the discretisation step (softplus and any clamp already applied);
+    A [H] (negative); B, C [b,T,G,N], head h reading group h // (H/G); D [H] or None;
+    initial_state [b,H,P,N] (None: zeros), the state carried in from an earlier call.
+    Returns (y [b,T,H,P] float32, the final state [b,H,P,N] float32).
+
+    Within a chunk the output is the quadratic ("attention-like") form: C_l . B_s weighted by
+    the decay between s and l; across chunks the state is carried by a Python loop over chunks
+    (not over positions), so memory is bounded by one chunk. The last chunk may be shorter
+    (nothing is padded). The operations are those of transformers' torch fallback, so rounding
+    agrees to float32 noise.
+    """
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G  # heads per group
+    xf = x.float()
+    dtf = dt.float()
+    Af = A.float()
+    xs = (xf * dtf[..., None]).view(b, T, G, R, P)  # the input scaled by dt
+    a = (Af * dtf).view(b, T, G, R)  # log-decay per step
+    Bf, Cf = B.float(), C.float()
+    if initial_state is None:
+        state = xf.new_zeros(b, G, R, P, N)
+    else:
+        state = initial_state.float().reshape(b, G, R, P, N)
+    outputs = []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        xs_c, B_c, C_c = xs[:, start:end], Bf[:, start:end], Cf[:, start:end]
+        a_c = a[:, start:end].permute(0, 2, 3, 1)  # [b,G,R,l]
+        a_cum = torch.cumsum(a_c, dim=-1)
+        # 1. Within the chunk: y_l += sum_s (C_l . B_s) exp(a_{s+1} + ... + a_l) xs_s.
+        decay = torch.exp(segment_sum(a_c))  # [b,G,R,l,s]
+        scores = torch.einsum("blgn,bsgn->bgls", C_c, B_c)[:, :, None] * decay
+        y = torch.einsum("bgrls,bsgrp->blgrp", scores, xs_c)
+        # 2. From the state at the chunk's start: y_l += (C_l . S) exp(a_1 + ... + a_l).
+        from_state = torch.einsum("blgn,bgrpn->blgrp", C_c, state)
+        y = y + from_state * torch.exp(a_cum).permute(0, 3, 1, 2)[..., None]
+        outputs.append(y)
+        # 3. The state at the chunk's end.
+        to_end = torch.exp(a_cum[..., -1:] - a_cum)  # [b,G,R,l]
+        B_decay = B_c[:, :, :, None, :] * to_end.permute(0, 3, 1, 2)[..., None]  # [b,l,G,R,N]
+        added = torch.einsum("blgrn,blgrp->bgrpn", B_decay, xs_c)
+        state = state * torch.exp(a_cum[..., -1])[..., None, None] + added
+    y = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)).reshape(b, T, H, P)
+    if D is not None:
+        y = y + D[:, None] * xf
+    return y.contiguous(), state.reshape(b, H, P, N)
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the same recurrence (decode), with transformers' rounding steps.
+
+    state [b,H,P,N] float32; x [b,H,P]; dt [b,H] (after softplus) and B, C [b,G,N] in the model
+    dtype. The decay is exp(dt A) in float32; dt B x is formed in the model dtype and added to the
+    float32 state; the output reads the state cast to the model dtype. Returns (y [b,H,P] in x's
+    dtype, the new state float32).
+    """
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    R = H // G
+    decay = torch.exp(dt.float() * A.float())  # [b,H]
+    B_h = B[:, :, None, :].expand(b, G, R, N).reshape(b, H, 1, N)
+    C_h = C[:, :, None, :].expand(b, G, R, N).reshape(b, H, N, 1)
+    dBx = (dt[:, :, None, None] * B_h) * x[..., None]  # [b,H,P,N], model dtype
+    state = state * decay[..., None, None] + dBx
+    y = torch.matmul(state.to(x.dtype), C_h)[..., 0]  # [b,H,P]
+    if D is not None:
+        y = (y + x * D[:, None]).to(y.dtype)
+    return y.to(x.dtype), state
