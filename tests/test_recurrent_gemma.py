@@ -305,69 +305,6 @@ def test_causal_conv_continues_its_state_and_equals_torch_conv():
     assert torch.equal(state, x[:, -3:])
 
 
-TASK_TEXTS = [
-    "Sarah is from Berlin and works for Acme Corporation.",
-    "Wolfgang works for Acme in Berlin.",
-    "Clara and Jean visited Berlin last summer, and Sarah lives in Berlin, Germany.",
-]
-
-
-def _task_checkpoint(folder, task):
-    from test_tasks_fixtures import CLASS_LABELS, NER_LABELS, _hf_tokenizer
-
-    tok = _hf_tokenizer("spm")
-    labels = CLASS_LABELS if task == "sequence-classification" else NER_LABELS
-    torch.manual_seed(5)
-    hf = randomize(HEADS[task](tiny_config(vocab_size=len(tok), num_hidden_layers=4, id2label=labels)), std=0.3)
-    hf.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    written = json.loads((folder / "config.json").read_text())
-    written["architectures"] = ["RecurrentGemmaFor" + HEADS[task].__mro__[1].__name__.removeprefix("GenericFor")]
-    (folder / "config.json").write_text(json.dumps(written))
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-    settings["add_bos_token"] = True
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    return folder
-
-
-@pytest.mark.parametrize("task, command", [
-    ("sequence-classification", "classify"), ("token-classification", "tag"), ("question-answering", "qa"),
-])
-def test_task_commands_run_and_batching_changes_nothing(tmp_path, capsys, task, command):
-    """classify/tag/qa on RecurrentGemma heads; texts of different lengths batched (padded)
-    give the records they give one at a time (texts several attention windows long)."""
-    from helpers import run_cli
-
-    folder = _task_checkpoint(tmp_path / "model", task)
-    extra = ["--question", "Who works for Acme?"] if command == "qa" else []
-    code, batched, err = run_cli(capsys, command, str(folder), *TASK_TEXTS, *extra, "--json", "--batch-size", "3")
-    assert code == 0, err
-    records = [json.loads(line) for line in batched.splitlines()]
-    assert len(records) == len(TASK_TEXTS)
-    for text, record in zip(TASK_TEXTS, records):
-        code, alone, err = run_cli(capsys, command, str(folder), text, *extra, "--json", "--batch-size", "1")
-        assert code == 0, err
-        alone_record = json.loads(alone)
-        record.pop("id", None), alone_record.pop("id", None)
-        assert _close(record, alone_record)
-    if command == "classify":
-        lm = lmtool.load(folder, dtype="float32")
-        ids = lm.tokenizer.encode(TASK_TEXTS[0])
-        with torch.no_grad():
-            logits = lm.model(torch.tensor([ids]))[0]
-        assert records[0]["label"] == lm.config.labels[int(logits.argmax())]
-
-
-def _close(a, b, tol=1e-4):
-    """Equal records up to float rounding in scores."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= tol
-    return a == b
-
 
 def test_inspect_shows_the_block_pattern_and_the_true_decoding_state(pair, capsys):
     """The state size inspect reports is what make_cache allocates (float32 model: 4 bytes)."""

@@ -4,6 +4,7 @@ decoding state, and a Mistral-style SentencePiece tokenizer."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -448,3 +449,21 @@ def test_tokenizer_agrees_with_transformers(tmp_path):
     batch = theirs(texts[:4], padding=True, return_tensors="pt")
     assert torch.equal(ids, batch["input_ids"]) and torch.equal(mask, batch["attention_mask"])
     assert ids[1, 0].item() == theirs.pad_token_id  # padded on the left
+
+
+def test_convert_round_trip_loads_in_transformers(tmp_path, pair, capsys):
+    """`lmtool convert --dtype` writes the shared blocks once, under the first hybrid layer of
+    each, as transformers saves and loads them."""
+    _, hf, frozen, _ = pair
+    out = tmp_path / "bf16"
+    code, _, err = run_cli(capsys, "convert", str(frozen.path), str(out), "--dtype", "bfloat16")
+    assert code == 0, err
+    again, info = Zamba2ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert set(load_file(out / "model.safetensors")) == set(load_file(frozen.path / "model.safetensors"))
+    ids = torch.randint(3, VOCAB, (1, 9))
+    with torch.no_grad():
+        expected = copy.deepcopy(hf).to(torch.bfloat16)(ids).logits.float()
+        ours = lmtool.load(out).model(ids).float()
+    assert again.dtype == torch.bfloat16
+    assert (ours - expected).abs().max().item() <= 0.02 * max(expected.abs().max().item(), 1.0)
