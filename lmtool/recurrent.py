@@ -9,6 +9,8 @@ is then equal to the row alone.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,28 +55,39 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tu
     """h_t = a_t * h_{t-1} + x_t over the time axis of a, x [B,T,C], accumulated in float32.
 
     h0 [B,C] float32 (None: zeros). Returns (h [B,T,C] in x's dtype, h_T in float32).
-    One step is a fused multiply-add; longer inputs use a parallel prefix scan (log2 T passes
-    over the whole input, no Python loop over positions) that composes the steps with products
-    only, so a zero in a (a reset) stays exactly zero.
+    One step is a fused multiply-add. Longer inputs are cut into about sqrt(T) chunks of about
+    sqrt(T) steps: the steps within every chunk run side by side (one loop over a chunk's steps,
+    each an operation over all chunks), then the state entering each chunk is carried across
+    them (one loop over chunks) and added in, scaled by the product of a since the chunk's start.
+    That is about 2 sqrt(T) vector operations instead of T, each over T / sqrt(T) positions, and
+    products only: a zero in a (a reset) cuts every later chunk off from what came before.
     """
     dtype = x.dtype
-    if x.shape[1] == 1 and h0 is not None:  # the decode step
+    B, T, C = x.shape
+    if T == 1 and h0 is not None:  # the decode step
         last = a[:, 0].float() * h0 + x[:, 0].float()
         return last[:, None].to(dtype), last
-    a32, h = a.float(), x.float()
-    if h0 is not None:
-        h = torch.cat([h[:, :1] + a32[:, :1] * h0[:, None], h[:, 1:]], dim=1)
-    T = h.shape[1]
-    if T > 1:
-        a32 = a32.clone()
-        d = 1
-        while d < T:
-            # After this pass, h_t holds the scan over (t - 2d, t] and a_t the product over it.
-            h[:, d:] = h[:, d:] + a32[:, d:] * h[:, :-d]
-            if 2 * d < T:
-                a32[:, d:] = a32[:, d:] * a32[:, :-d]
-            d *= 2
-    return h.to(dtype), h[:, -1].clone()
+    steps = max(1, math.isqrt(T))  # per chunk
+    chunks = -(-T // steps)
+    pad = chunks * steps - T
+    # Padding steps (a = 1, x = 0) keep the state as it was at T, so the last one is h_T.
+    a32 = F.pad(a.float(), (0, 0, 0, pad), value=1.0).view(B, chunks, steps, C)
+    x32 = F.pad(x.float(), (0, 0, 0, pad)).view(B, chunks, steps, C)
+    local = torch.empty_like(x32)  # the scan within each chunk from a zero state
+    decay = torch.empty_like(a32)  # product of a from the chunk's start
+    h, p = x32[:, :, 0], a32[:, :, 0]
+    local[:, :, 0], decay[:, :, 0] = h, p
+    for i in range(1, steps):
+        h = torch.addcmul(x32[:, :, i], a32[:, :, i], h)
+        p = p * a32[:, :, i]
+        local[:, :, i], decay[:, :, i] = h, p
+    entering = torch.empty(B, chunks, C, dtype=torch.float32, device=x.device)
+    state = h0 if h0 is not None else torch.zeros(B, C, dtype=torch.float32, device=x.device)
+    for j in range(chunks):
+        entering[:, j] = state
+        state = torch.addcmul(local[:, j, -1], decay[:, j, -1], state)
+    h_all = torch.addcmul(local, decay, entering[:, :, None]).view(B, chunks * steps, C)[:, :T]
+    return h_all.to(dtype), state
 
 
 # --- Mamba2 (SSD) ----------------------------------------------------------------------------
