@@ -83,17 +83,21 @@ class WindowKVCache:
             self.values[:, :, slot] = v[:, :, 0]
             self.position_of_slot[slot] = start
             self.real[:, slot] = step.key_mask[:, start]
-            if start >= self.window and not step.has_padding:
-                return self.keys, self.values, None
-            return self.keys, self.values, self.real[:, None, None, :]
+            # Until the ring wraps, slots 0..start hold positions 0..start: attend over those only.
+            used = min(start + 1, self.slots)
+            keys, values = self.keys[:, :, :used], self.values[:, :, :used]
+            if not step.has_padding:
+                return keys, values, None
+            return keys, values, self.real[:, None, None, :used]
         real_new = step.key_mask[:, start:end]
         if start == 0:
             keys, values, held, real = k, v, new, real_new
         else:
-            keys = torch.cat([self.keys, k], dim=2)
-            values = torch.cat([self.values, v], dim=2)
-            held = torch.cat([self.position_of_slot, new])
-            real = torch.cat([self.real, real_new], dim=1)
+            used = min(start, self.slots)  # slots holding earlier positions (all once it wrapped)
+            keys = torch.cat([self.keys[:, :, :used], k], dim=2)
+            values = torch.cat([self.values[:, :, :used], v], dim=2)
+            held = torch.cat([self.position_of_slot[:used], new])
+            real = torch.cat([self.real[:, :used], real_new], dim=1)
         q = new[:, None]
         allowed = (held[None, :] <= q) & (held[None, :] >= q - self.window) & (held[None, :] >= 0)
         visible = allowed[None, None] & real[:, None, None, :]
