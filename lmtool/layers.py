@@ -175,9 +175,14 @@ class SelfAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: KVCache | WindowKVCache | None,
+        qkv_delta: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """qkv_delta: terms added to the projected q, k and v (a caller's adapters), so that the
+        projections themselves stay one fused call."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
+        if qkv_delta is not None:
+            q, k, v = q + qkv_delta[0], k + qkv_delta[1], v + qkv_delta[2]
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
-from ...layers import (
-    ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, apply_rotary, causal_mask, scaled_dot_product,
-)
+from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask
 from ...recurrent import causal_conv1d, ssd_chunk_scan, ssd_step
 from .config import Zamba2Config
 
@@ -166,21 +164,11 @@ class SharedAttention(SelfAttention):
             self.linear_v_adapter_list = adapter_list(config, block, width, width)
 
     def forward(self, x, invocation, step, rope, mask, cache):
-        B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        delta = None
         if self.use_adapters:
-            q = q + self.linear_q_adapter_list[invocation](x)
-            k = k + self.linear_k_adapter_list[invocation](x)
-            v = v + self.linear_v_adapter_list[invocation](x)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if cache is not None:
-            k, v, mask = cache.extend(k, v, step, mask)
-        out = scaled_dot_product(q, k, v, mask, self.scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+            adapters = (self.linear_q_adapter_list, self.linear_k_adapter_list, self.linear_v_adapter_list)
+            delta = tuple(adapter[invocation](x) for adapter in adapters)
+        return super().forward(x, step, rope, mask, cache, qkv_delta=delta)
 
 
 class SharedMLP(nn.Module):
