@@ -59,7 +59,7 @@ class WindowKVCache:
     """Keys and values of a sliding-window attention layer in a ring of window + 1 slots: a
     query attends to itself and the `window` positions before it, so memory stays constant
     however long the sequence grows. Each slot records which position it holds, and the cache
-    builds the mask of its keys from that (the layer's own mask does not know the ring's order).
+    builds the mask of its keys (the layer's own mask does not know the ring's order).
     """
 
     def __init__(self, batch: int, num_kv_heads: int, window: int, head_dim: int, dtype, device):
@@ -68,20 +68,17 @@ class WindowKVCache:
         shape = (batch, num_kv_heads, self.slots, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.position_of_slot = torch.full((self.slots,), -1, dtype=torch.long, device=device)
-        # Whether each row's slot holds a real token (False: empty, or a left pad).
+        # Whether each row's slot holds a real token (False: empty, or a left pad). Which position
+        # a slot holds follows from the number written: position p lives in slot p % (window + 1).
         self.real = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, step: Step, mask: torch.Tensor | None):
         T, start, end = k.shape[2], step.start, step.end
-        device = k.device
-        new = torch.arange(start, end, device=device)
         if T == 1:
             # Decode: write in place; the ring then holds exactly the keys this query may see.
             slot = start % self.slots
             self.keys[:, :, slot] = k[:, :, 0]
             self.values[:, :, slot] = v[:, :, 0]
-            self.position_of_slot[slot] = start
             self.real[:, slot] = step.key_mask[:, start]
             # Until the ring wraps, slots 0..start hold positions 0..start: attend over those only.
             used = min(start + 1, self.slots)
@@ -89,17 +86,18 @@ class WindowKVCache:
             if not step.has_padding:
                 return keys, values, None
             return keys, values, self.real[:, None, None, :used]
+        new = torch.arange(start, end, device=k.device)
         real_new = step.key_mask[:, start:end]
-        if start == 0:
-            keys, values, held, real = k, v, new, real_new
-        else:
-            used = min(start, self.slots)  # slots holding earlier positions (all once it wrapped)
-            keys = torch.cat([self.keys[:, :, :used], k], dim=2)
-            values = torch.cat([self.values[:, :, :used], v], dim=2)
-            held = torch.cat([self.position_of_slot[:used], new])
-            real = torch.cat([self.real[:, :used], real_new], dim=1)
+        # Slots holding earlier positions (all of them once the ring has wrapped), in slot order:
+        # slot s holds the last position before `start` that is s modulo the ring's size.
+        used = min(start, self.slots)
+        slot = torch.arange(used, device=k.device)
+        held = torch.cat([slot + self.slots * ((start - 1 - slot) // self.slots), new])
+        keys = torch.cat([self.keys[:, :, :used], k], dim=2)
+        values = torch.cat([self.values[:, :, :used], v], dim=2)
+        real = torch.cat([self.real[:, :used], real_new], dim=1)
         q = new[:, None]
-        allowed = (held[None, :] <= q) & (held[None, :] >= q - self.window) & (held[None, :] >= 0)
+        allowed = (held[None, :] <= q) & (held[None, :] >= q - self.window)
         visible = allowed[None, None] & real[:, None, None, :]
         visible = visible | (held[None, :] == q)[None, None]  # a pad query keeps its own key: no empty row
         # Keep the last window + 1 new positions for the steps that follow.
@@ -108,7 +106,6 @@ class WindowKVCache:
         slots = kept % self.slots
         self.keys[:, :, slots] = k[:, :, -n:]
         self.values[:, :, slots] = v[:, :, -n:]
-        self.position_of_slot[slots] = kept
         self.real[:, slots] = real_new[:, -n:]
         return keys, values, visible
 

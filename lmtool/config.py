@@ -60,6 +60,20 @@ def _check(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
+def rope_setting(parameters: dict | None, key: str, legacy: float | None, default: float) -> float:
+    """A rotary setting: rope_parameters[key] (transformers 5), else the legacy top-level key,
+    else the default."""
+    if parameters and key in parameters:
+        return float(parameters[key])
+    return legacy if legacy is not None else default
+
+
+def check_rope_type(parameters: dict | None, source: str, family: str) -> None:
+    rope_type = (parameters or {}).get("rope_type", "default")
+    if rope_type != "default":
+        raise ConfigError(f"{source}: rope_type '{rope_type}' is not supported for {family}")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Fields every family shares. Subclasses add their own with transformers' names and defaults."""
@@ -144,6 +158,11 @@ class ModelConfig:
         if self.id2label:
             return [self.id2label[i] for i in range(len(self.id2label))]
         return [f"LABEL_{i}" for i in range(self.num_labels)]
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per value of the checkpoint's dtype (float32 when config.json names none)."""
+        return 2 if self.dtype in ("bfloat16", "float16") else 4
 
     def structure(self) -> dict[str, Any]:
         """What `lmtool inspect` shows about the architecture beyond the config (a family's block

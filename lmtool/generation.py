@@ -1,7 +1,7 @@
 """Text generation: sampling, a prefill-then-decode loop over a preallocated cache, stop strings.
 
-The loop is deliberately small: a prefill over the left-padded prompts (in chunks when long), then one call per
-new token with only that token as input. Everything a step does not need (logits of earlier
+The loop is deliberately small: a prefill over the left-padded prompts (in chunks when long),
+then one call per new token with only that token as input. Everything a step does not need (logits of earlier
 positions, attention masks of decode steps) is left out, so the per-token cost is the model's.
 """
 

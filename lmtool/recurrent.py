@@ -1,10 +1,11 @@
 """Building blocks of recurrent layers, shared by the families that have them.
 
-Both keep their state in a `RecurrentState` of the layer's cache entry and always continue it, so
-a prompt processed in several chunks gives the same result as one call (chunked prefill is exact).
-A sequence starts wherever its position id is 0 (the first real token, and every left pad): there
-the scan forgets its state; the convolution reads zeros for the pads before it. A left-padded row
-is then equal to the row alone.
+Convolutions and scans keep their state in a `RecurrentState` of the layer's cache entry and
+always continue it, so a prompt processed in several chunks gives the same result as one call
+(chunked prefill is exact). Left pads are zeroed where they would enter (`pad_multiplier`): the
+convolution then reads zeros before a row's first token, and a scan whose input is zero there
+(Mamba2) or that resets at position 0 (RG-LRU) starts the row from nothing. A left-padded row is
+then equal to the row alone.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def causal_conv1d(
     x [B,T,C]; weight [C,K] with weight[:, K-1] applied to the current step; state [B,K-1,C],
     the inputs before x (None: zeros). Returns (y [B,T,C], the new state: the last K-1 inputs).
     Inputs that no output may read (left pads, before a sequence's first token) must be zero:
-    the caller zeroes them (`zero_pads`), which is what the authors' per-tap document mask
+    the caller zeroes them (`pad_multiplier`), which is what the authors' per-tap document mask
     amounts to when everything before a sequence is padding.
     """
     B, T, C = x.shape
@@ -43,12 +44,13 @@ def causal_conv1d(
     return y, history[:, T:].clone()
 
 
-def zero_pads(x: torch.Tensor, step) -> torch.Tensor:
-    """x [B,T,...] with the positions of left pads zeroed (a no-op without padding)."""
+def pad_multiplier(step, dtype: torch.dtype) -> torch.Tensor | None:
+    """[B,T,1]: 0 at the left pads among a call's positions, 1 elsewhere; None when the call has
+    no pad (every decode step), so the hot path multiplies by nothing."""
     if not step.has_padding:
-        return x
+        return None
     real = step.key_mask[:, step.start : step.end]
-    return x * real.reshape(*real.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    return None if bool(real.all()) else real[..., None].to(dtype)
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

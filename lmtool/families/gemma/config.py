@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import ModelConfig
+from ...config import ModelConfig, check_rope_type, rope_setting
 from ...errors import ConfigError
 
 
@@ -41,9 +41,7 @@ class GemmaConfig(ModelConfig):
 
     @property
     def rope_base(self) -> float:
-        if self.rope_parameters and "rope_theta" in self.rope_parameters:
-            return float(self.rope_parameters["rope_theta"])
-        return self.rope_theta if self.rope_theta is not None else 10000.0
+        return rope_setting(self.rope_parameters, "rope_theta", self.rope_theta, 10000.0)
 
     def validate(self, source: str) -> None:
         super().validate(source)
@@ -58,8 +56,6 @@ class GemmaConfig(ModelConfig):
             raise ConfigError(f"{source}: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported activation '{self.activation}'")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ConfigError(f"{source}: rope_type '{rope_type}' is not supported for Gemma")
+        check_rope_type(self.rope_parameters, source, "Gemma")
         if self.use_bidirectional_attention:
             raise ConfigError(f"{source}: use_bidirectional_attention is not supported")

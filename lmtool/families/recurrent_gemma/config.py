@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ModelConfig
+from ...config import ModelConfig, check_rope_type, rope_setting
 from ...errors import ConfigError
 
 BLOCK_TYPES = ("recurrent", "attention")
@@ -69,15 +69,11 @@ class RecurrentGemmaConfig(ModelConfig):
 
     @property
     def rope_base(self) -> float:
-        if self.rope_parameters and "rope_theta" in self.rope_parameters:
-            return float(self.rope_parameters["rope_theta"])
-        return self.rope_theta if self.rope_theta is not None else 10000.0
+        return rope_setting(self.rope_parameters, "rope_theta", self.rope_theta, 10000.0)
 
     @property
     def rotary_fraction(self) -> float:
-        if self.rope_parameters and "partial_rotary_factor" in self.rope_parameters:
-            return float(self.rope_parameters["partial_rotary_factor"])
-        return self.partial_rotary_factor if self.partial_rotary_factor is not None else 0.5
+        return rope_setting(self.rope_parameters, "partial_rotary_factor", self.partial_rotary_factor, 0.5)
 
     @property
     def rotary_dim(self) -> int:
@@ -94,10 +90,11 @@ class RecurrentGemmaConfig(ModelConfig):
         # The authors' model skips the cap when it is 0 (transformers would divide by zero).
         return self.logits_soft_cap or None
 
-    def state_bytes(self, dtype_bytes: int) -> dict[str, int]:
+    def state_bytes(self) -> dict[str, int]:
         """Decoding state of one sequence, whatever its length: a ring of window + 1 keys and
         values per attention layer; conv inputs (model dtype) and the scan state (float32) per
         recurrent layer."""
+        dtype_bytes = self.dtype_bytes
         kinds = self.layer_types
         ring = 2 * (self.attention_window_size + 1) * self.kv_heads * self.head_dim * dtype_bytes
         recurrent = (self.conv1d_width - 1) * self.recurrent_width * dtype_bytes + self.recurrent_width * 4
@@ -109,8 +106,7 @@ class RecurrentGemmaConfig(ModelConfig):
     def structure(self) -> dict[str, Any]:
         kinds = self.layer_types
         pattern = list(self.block_types or ("recurrent", "recurrent", "attention"))
-        dtype_bytes = 4 if self.dtype == "float32" else 2
-        state = self.state_bytes(dtype_bytes)
+        state = self.state_bytes()
         return {
             "block pattern": f"{', '.join(pattern)} (cycled: {kinds.count('recurrent')} recurrent, "
             f"{kinds.count('attention')} attention layers)",
@@ -155,6 +151,4 @@ class RecurrentGemmaConfig(ModelConfig):
             )
         if self.hidden_activation not in ACTIVATIONS:
             raise ConfigError(f"{source}: unsupported hidden_activation '{self.hidden_activation}'")
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        if rope_type != "default":
-            raise ConfigError(f"{source}: rope_type '{rope_type}' is not supported for RecurrentGemma")
+        check_rope_type(self.rope_parameters, source, "RecurrentGemma")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ...cache import ModelCache, RecurrentState, Step, WindowKVCache, begin_step
 from ...layers import ACTIVATIONS, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, rounded_scale
-from ...recurrent import causal_conv1d, linear_scan, zero_pads
+from ...recurrent import causal_conv1d, linear_scan, pad_multiplier
 from .config import RecurrentGemmaConfig
 
 
@@ -103,14 +103,16 @@ class RecurrentBlock(nn.Module):
         self.act = ACTIVATIONS[config.hidden_activation]
         self.fused_yx: nn.Module | None = None
 
-    def forward(self, h: torch.Tensor, step: Step, state: RecurrentState | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, step: Step, pads: torch.Tensor | None, state: RecurrentState | None):
         if self.fused_yx is not None:
             y, x = self.fused_yx.forward_parts(h)
         else:
             y, x = self.linear_y(h), self.linear_x(h)
         y = self.act(y)
         conv_state = state.get("conv") if state is not None else None
-        x, conv_state = causal_conv1d(zero_pads(x, step), self.conv_1d.weight[:, 0], self.conv_1d.bias, conv_state)
+        if pads is not None:
+            x = x * pads  # the conv reads zeros before a row's first token
+        x, conv_state = causal_conv1d(x, self.conv_1d.weight[:, 0], self.conv_1d.bias, conv_state)
         if state is not None:
             state.set("conv", conv_state)
         x = self.rg_lru(x, step.positions, state)
@@ -133,10 +135,10 @@ class ResidualBlock(nn.Module):
         self.channel_pre_norm = RMSNorm(D, config.rms_norm_eps, unit_offset=True, weight_before_cast=True)
         self.mlp_block = GatedMLP(D, config.mlp_width, config.hidden_activation, bias=True)
 
-    def forward(self, x, step, rope, mask, cache):
+    def forward(self, x, step, rope, mask, pads, cache):
         h = self.temporal_pre_norm(x)
         if self.kind == "recurrent":
-            h = self.temporal_block(h, step, cache)
+            h = self.temporal_block(h, step, pads, cache)
         else:
             h = self.temporal_block(h, step, rope, mask, cache)
         x = x + h
@@ -170,8 +172,9 @@ class RecurrentGemmaModel(nn.Module):
         # transformers both do.
         x = x * rounded_scale(math.sqrt(self.config.hidden_size), torch.bfloat16).to(x.dtype)
         rope = self.rotary(step.positions, x.dtype)
+        pads = pad_multiplier(step, x.dtype)
         # A query sees itself and the `window` keys before it (window + 1 keys in all).
         mask = causal_mask(step, window=self.config.attention_window_size + 1) if cache is None else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, step, rope, mask, cache[i] if cache is not None else None)
+            x = layer(x, step, rope, mask, pads, cache[i] if cache is not None else None)
         return self.final_norm(x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import ModelConfig
+from ...config import ModelConfig, check_rope_type, rope_setting
 from ...errors import ConfigError
 
 # A Mamba2 layer is "linear_attention" in transformers 5.23 and "mamba" in older configs (which
@@ -132,19 +132,18 @@ class Zamba2Config(ModelConfig):
 
     @property
     def rope_base(self) -> float:
-        if self.rope_parameters and "rope_theta" in self.rope_parameters:
-            return float(self.rope_parameters["rope_theta"])
-        return self.rope_theta if self.rope_theta is not None else 10000.0
+        return rope_setting(self.rope_parameters, "rope_theta", self.rope_theta, 10000.0)
 
     @property
     def max_positions(self) -> int:
         return 16384 if self.use_long_context else self.max_position_embeddings
 
     # --- decoding state ---------------------------------------------------------------------------
-    def state_bytes(self, dtype_bytes: int) -> dict[str, int]:
+    def state_bytes(self) -> dict[str, int]:
         """Per sequence: every layer's Mamba2 mixer keeps the last d_conv - 1 conv inputs (model
         dtype) and an SSM state of heads x head_dim x d_state (float32), whatever the length;
         every hybrid layer keeps its own keys and values, which grow with the length."""
+        dtype_bytes = self.dtype_bytes
         mixer = (self.mamba_d_conv - 1) * self.conv_dim * dtype_bytes
         mixer += self.n_mamba_heads * self.mamba_head_dim * self.mamba_d_state * 4
         kv = 2 * self.kv_heads * self.head_dim * dtype_bytes
@@ -152,8 +151,7 @@ class Zamba2Config(ModelConfig):
 
     def structure(self) -> dict[str, Any]:
         kinds, hybrid = self.block_types, self.hybrid_ids
-        dtype_bytes = 4 if self.dtype in (None, "float32") else 2
-        state = self.state_bytes(dtype_bytes)
+        state = self.state_bytes()
         adapters = "MLP" + (" and q/k/v" if self.use_shared_attention_adapter else "")
         rope = f"RoPE theta {self.rope_base:g}" if self.use_mem_rope else "no position encoding"
         return {
@@ -250,6 +248,4 @@ class Zamba2Config(ModelConfig):
         if self.use_mem_rope:
             if self.head_dim % 2:
                 raise ConfigError(f"{source}: RoPE needs an even head dimension, got {self.head_dim}")
-            rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-            if rope_type != "default":
-                raise ConfigError(f"{source}: rope_type '{rope_type}' is not supported for Zamba2")
+            check_rope_type(self.rope_parameters, source, "Zamba2")

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
 from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask
-from ...recurrent import causal_conv1d, ssd_chunk_scan, ssd_step
+from ...recurrent import causal_conv1d, pad_multiplier, ssd_chunk_scan, ssd_step
 from .config import Zamba2Config
 
 
@@ -271,13 +271,9 @@ class Zamba2Model(nn.Module):
         original = x
         rope = self.rotary(step.positions, x.dtype) if self.rotary is not None else None
         mask = causal_mask(step) if self.config.hybrid_ids else None
-        pads = None
-        if step.has_padding:
-            # The pads of this call (also a one-token prompt chunk that is a pad; decode steps
-            # are never pads, as transformers assumes for every single-token call).
-            real = step.key_mask[:, step.start : step.end]
-            if not bool(real.all()):
-                pads = real[..., None].to(x.dtype)
+        # The pads of this call (also a one-token prompt chunk that is a pad; decode steps are
+        # never pads, as transformers assumes for every single-token call).
+        pads = pad_multiplier(step, x.dtype)
         for i, layer in enumerate(self.layers):
             entry = cache[i] if cache is not None else None
             if isinstance(layer, HybridLayer):
