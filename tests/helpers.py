@@ -126,3 +126,33 @@ def interrupt_midway(monkeypatch, converter_class) -> None:
         return plan
 
     monkeypatch.setattr(converter_class, "plan", failing_plan)
+
+
+TASK_CLASS_SUFFIX = {
+    "sequence-classification": "SequenceClassification",
+    "token-classification": "TokenClassification",
+    "question-answering": "QuestionAnswering",
+}
+
+
+def generic_head_classes(pretrained_base, own: dict | None = None) -> dict:
+    """transformers' class for each task head of a family: its own where it has one (`own`),
+    else transformers' generic head over the family's PreTrainedModel, which is what fine-tuning
+    code builds for it."""
+    from transformers import modeling_layers
+
+    classes = {
+        task: type(f"{pretrained_base.__name__}For{suffix}",
+                   (getattr(modeling_layers, "GenericFor" + suffix), pretrained_base), {})
+        for task, suffix in TASK_CLASS_SUFFIX.items()
+    }
+    classes.update(own or {})
+    return classes
+
+
+def name_architecture(folder: Path, prefix: str, task: str) -> None:
+    """Write the family's class name for the task into folder/config.json (save_pretrained wrote
+    the generic class's)."""
+    written = json.loads((folder / "config.json").read_text())
+    written["architectures"] = [f"{prefix}For{TASK_CLASS_SUFFIX[task]}"]
+    (folder / "config.json").write_text(json.dumps(written))

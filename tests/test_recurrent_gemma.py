@@ -9,11 +9,6 @@ import pytest
 import torch
 from transformers import RecurrentGemmaConfig as HFConfig
 from transformers import RecurrentGemmaForCausalLM
-from transformers.modeling_layers import (
-    GenericForQuestionAnswering,
-    GenericForSequenceClassification,
-    GenericForTokenClassification,
-)
 from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaPreTrainedModel
 
 import lmtool
@@ -23,7 +18,7 @@ from lmtool.generation import SamplingParams, generate
 from lmtool.recurrent import causal_conv1d, linear_scan
 
 from griffin_oracle import griffin_from_hf, griffin_greedy, griffin_logits
-from helpers import padded_batch, randomize
+from helpers import generic_head_classes, name_architecture, padded_batch, randomize
 
 WINDOW = 8
 FP32_TOL = 1e-4
@@ -175,23 +170,7 @@ def test_greedy_equals_transformers_within_and_the_authors_past_the_window(autho
         assert batched[row].token_ids == want
 
 
-class _SequenceClassifier(GenericForSequenceClassification, RecurrentGemmaPreTrainedModel):
-    pass
-
-
-class _TokenClassifier(GenericForTokenClassification, RecurrentGemmaPreTrainedModel):
-    pass
-
-
-class _QuestionAnswering(GenericForQuestionAnswering, RecurrentGemmaPreTrainedModel):
-    pass
-
-
-HEADS = {
-    "sequence-classification": _SequenceClassifier,
-    "token-classification": _TokenClassifier,
-    "question-answering": _QuestionAnswering,
-}
+HEADS = generic_head_classes(RecurrentGemmaPreTrainedModel)
 
 
 @pytest.mark.parametrize("task", list(HEADS))
@@ -202,9 +181,7 @@ def test_task_heads_follow_transformers_generic_conventions(tmp_path, task):
     hf = randomize(HEADS[task](config))
     hf.save_pretrained(tmp_path)
     # transformers has no such classes for this family: name them as it names Gemma's.
-    written = json.loads((tmp_path / "config.json").read_text())
-    written["architectures"] = ["RecurrentGemmaFor" + HEADS[task].__mro__[1].__name__.removeprefix("GenericFor")]
-    (tmp_path / "config.json").write_text(json.dumps(written))
+    name_architecture(tmp_path, "RecurrentGemma", task)
     lm = lmtool.load(tmp_path, dtype="float32")
     assert lm.task == task
     ids = torch.randint(3, VOCAB, (2, WINDOW))

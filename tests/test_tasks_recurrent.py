@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lmtool
-from helpers import randomize, run_cli
+from helpers import generic_head_classes, name_architecture, randomize, run_cli
 from test_tasks_fixtures import CLASS_LABELS, NER_LABELS, _hf_tokenizer
 
 TEXTS = [
@@ -22,25 +22,14 @@ COMMANDS = {"sequence-classification": "classify", "token-classification": "tag"
 
 
 def head_classes(family: str) -> dict:
-    """transformers' class for each head of the family: its own where it has one, else its
-    generic head over the family's PreTrainedModel (what fine-tuning code would build)."""
-    from transformers import modeling_layers
-
     if family == "recurrent_gemma":
-        from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaPreTrainedModel as base
-    else:
-        from transformers.models.zamba2.modeling_zamba2 import Zamba2PreTrainedModel as base
-    classes = {
-        task: type(f"Generic{task}", (getattr(modeling_layers, "GenericFor" + name), base), {})
-        for task, name in (("sequence-classification", "SequenceClassification"),
-                           ("token-classification", "TokenClassification"),
-                           ("question-answering", "QuestionAnswering"))
-    }
-    if family == "zamba2":
-        from transformers import Zamba2ForSequenceClassification
+        from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaPreTrainedModel
 
-        classes["sequence-classification"] = Zamba2ForSequenceClassification
-    return classes
+        return generic_head_classes(RecurrentGemmaPreTrainedModel)
+    from transformers import Zamba2ForSequenceClassification
+    from transformers.models.zamba2.modeling_zamba2 import Zamba2PreTrainedModel
+
+    return generic_head_classes(Zamba2PreTrainedModel, {"sequence-classification": Zamba2ForSequenceClassification})
 
 
 def config(family: str, vocab: int, labels: dict):
@@ -70,12 +59,7 @@ def checkpoint(folder, family: str, task: str):
     model = randomize(cls(config(family, len(tok), labels)), std=0.3)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    written = json.loads((folder / "config.json").read_text())
-    prefix = "RecurrentGemma" if family == "recurrent_gemma" else "Zamba2"
-    written["architectures"] = [prefix + "For" + {
-        "sequence-classification": "SequenceClassification", "token-classification": "TokenClassification",
-        "question-answering": "QuestionAnswering"}[task]]
-    (folder / "config.json").write_text(json.dumps(written))
+    name_architecture(folder, "RecurrentGemma" if family == "recurrent_gemma" else "Zamba2", task)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["add_bos_token"] = True
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import Zamba2Config as HFConfig
 from transformers import Zamba2ForCausalLM, Zamba2ForSequenceClassification
-from transformers.modeling_layers import GenericForQuestionAnswering, GenericForTokenClassification
 from transformers.models.zamba2.modeling_zamba2 import Zamba2PreTrainedModel
 
 import lmtool
@@ -21,7 +20,7 @@ from lmtool.families.zamba2.config import Zamba2Config
 from lmtool.generation import SamplingParams, generate
 from lmtool.recurrent import ssd_chunk_scan, ssd_step
 
-from helpers import TEXT, padded_batch, randomize, run_cli
+from helpers import TEXT, generic_head_classes, name_architecture, padded_batch, randomize, run_cli
 
 FP32_TOL = 1e-4
 VOCAB = 120
@@ -196,19 +195,7 @@ def test_dt_clamp_applies_in_prefill_only_as_in_transformers(tmp_path):
     assert _max_diff(ours, one_shot[:, -1:]) > 1e-2
 
 
-class _TokenClassifier(GenericForTokenClassification, Zamba2PreTrainedModel):
-    pass
-
-
-class _QuestionAnswering(GenericForQuestionAnswering, Zamba2PreTrainedModel):
-    pass
-
-
-HEADS = {
-    "sequence-classification": Zamba2ForSequenceClassification,
-    "token-classification": _TokenClassifier,
-    "question-answering": _QuestionAnswering,
-}
+HEADS = generic_head_classes(Zamba2PreTrainedModel, {"sequence-classification": Zamba2ForSequenceClassification})
 
 
 @pytest.mark.parametrize("task", list(HEADS))
@@ -220,9 +207,7 @@ def test_task_heads(tmp_path, task):
     hf = randomized(HEADS[task](config))
     hf.save_pretrained(tmp_path)
     if task != "sequence-classification":
-        written = json.loads((tmp_path / "config.json").read_text())
-        written["architectures"] = ["Zamba2For" + HEADS[task].__mro__[1].__name__.removeprefix("GenericFor")]
-        (tmp_path / "config.json").write_text(json.dumps(written))
+        name_architecture(tmp_path, "Zamba2", task)
     lm = lmtool.load(tmp_path, dtype="float32")
     assert lm.task == task
     saved = load_file(tmp_path / "model.safetensors")
