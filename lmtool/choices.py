@@ -1,0 +1,52 @@
+"""The domain values that the CLI, its shell completions, recipes and the library share.
+
+Plain data and string checks only, importable without torch, so that `--help` and every TAB press
+stay instant. The library checks its own lists against these in tests (tests/test_shell.py).
+"""
+
+from __future__ import annotations
+
+# config.json's "model_type" of each family lmtool implements.
+FAMILIES = ("gemma", "bloom", "recurrent_gemma", "zamba2")
+
+# `convert --from`: the original checkpoint formats, then the standard layout (re-cast, re-shard).
+CONVERT_FORMATS = (
+    "gemma-pytorch",
+    "gemma-orbax",
+    "gemma-flax",
+    "recurrentgemma-pytorch",
+    "recurrentgemma-orbax",
+    "bloom-megatron",
+    "bloom-flax",
+    "standard",
+)
+
+# Floating dtypes a model runs in or is written as; "auto" keeps the checkpoint's.
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)
+# What users type from other tools (llama.cpp, mlx-lm, PyTorch) for the same dtypes.
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+# `--device`: these, or cuda:N for the N-th GPU.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+# Weight quantization schemes (`lmtool quantize --scheme`): per-channel int8; grouped int4;
+# int4-m: grouped int4 with a per-group minimum (asymmetric).
+QUANT_SCHEMES = ("int8", "int4", "int4-m")
+
+# `tag --aggregation`: the strategies of transformers' token-classification pipeline.
+AGGREGATIONS = ("none", "simple", "first", "average", "max")
+
+
+def canonical_dtype(name: str) -> str | None:
+    """The dtype a name or alias stands for ("auto" stays "auto"); None when it is not one."""
+    name = DTYPE_ALIASES.get(name.lower(), name.lower())
+    return name if name in DTYPE_CHOICES else None
+
+
+def is_device(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N (N a non-negative integer)."""
+    kind, _, index = name.partition(":")
+    if not index:
+        return name in DEVICE_CHOICES
+    return kind == "cuda" and index.isdigit()
