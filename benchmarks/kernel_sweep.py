@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import lmtool
-from lmtool import bench, native
+from lmtool import bench, kernels
 from lmtool.inference import NativeLinear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ def revision_source(revision: str) -> str:
 
 @dataclass
 class Call:
-    kernel: native.NativeParts
+    kernel: kernels.NativeParts
     x: torch.Tensor
     out: torch.Tensor
 
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     if bool(args.model) == bool(args.preset):
         parser.error("give a model folder or --preset")
     rows_list = [int(r) for r in args.rows.split(",")]
-    if any(not 1 <= r <= native.MAX_ROWS for r in rows_list):
-        parser.error(f"--rows must be between 1 and {native.MAX_ROWS}")
+    if any(not 1 <= r <= kernels.MAX_ROWS for r in rows_list):
+        parser.error(f"--rows must be between 1 and {kernels.MAX_ROWS}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if not native.available():
+    if not kernels.available():
         raise SystemExit("kernel_sweep: the native kernels are not available here (see lmtool/native.py)")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -130,9 +130,9 @@ def run(args: argparse.Namespace, rows_list: list[int]) -> dict:
     if not layers:
         raise SystemExit(f"kernel_sweep: {folder}: no layer runs on the native kernels at {args.dtype}")
     nbytes = sum(w.numel() * w.element_size() for layer in layers for w in layer.weights)
-    libraries = {"this tree": native.library()}
+    libraries = {"this tree": kernels.library()}
     if args.against:
-        libraries[args.against] = native.load_library(native.build(native.compiler(), revision_source(args.against)))
+        libraries[args.against] = kernels.load_library(kernels.build(kernels.compiler(), revision_source(args.against)))
     size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
     print(f"{folder}: {len(layers)} native layers, {size} of weights, {args.dtype}, "
           f"{args.threads} threads, medians of {args.repeat} alternating rounds")

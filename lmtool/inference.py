@@ -7,7 +7,7 @@ backends do better; load picks one per model:
 - native (lmtool.native): kernels that read the checkpoint's memory-mapped weights in place.
   Nothing is copied at load (a float32 model from a bfloat16 file keeps bfloat16 weights and
   widens them in registers), so loading costs no more than mapping the file. Batches above
-  native.MAX_ROWS rows (prefill) go to F.linear, which is compute-bound and fast there.
+  kernels.MAX_ROWS rows (prefill) go to F.linear, which is compute-bound and fast there.
 - onednn: the weight is reordered once into oneDNN's blocked layout, which its matmul streams
   about twice as fast as F.linear at batch 1 and which is at least as fast at prefill. Reordering
   costs time at load (about 1-2 GB/s) and the packed copy replaces the mapped original: its pages
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import kernels
 from .heads import CausalLMHead
 
 # Rows of a tied LM head packed (onednn) or cast for F.linear (native, prefill) at a time: bounds
@@ -40,7 +40,7 @@ def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
     """'native', 'onednn', or None (plain nn.Linear) for a model of this dtype on this device."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return None
-    if native.available():
+    if kernels.available():
         return "native"
     if not torch.backends.mkldnn.is_available():
         return None
@@ -117,7 +117,7 @@ class FrozenLinear(nn.Module):
 
 class NativeLinear(FrozenLinear):
     """Weights used where they lie (mapped checkpoint tensors); native kernels up to
-    native.MAX_ROWS activation rows, F.linear beyond."""
+    kernels.MAX_ROWS activation rows, F.linear beyond."""
 
     def __init__(
         self,
@@ -130,13 +130,13 @@ class NativeLinear(FrozenLinear):
         super().__init__(dtype, biases, parts)
         self.weights = weights
         self.scratch = scratch
-        self.kernel = native.NativeParts(weights, biases, dtype)
+        self.kernel = kernels.NativeParts(weights, biases, dtype)
         self.in_features = self.kernel.in_features
         self.out_features = self.kernel.out_features
 
     def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= native.MAX_ROWS:
+        if flat.shape[0] <= kernels.MAX_ROWS:
             # One kernel call writes every part side by side; the parts are views of it.
             out = self.kernel(flat.contiguous()).view(*x.shape[:-1], self.out_features)
             return list(out.split([w.shape[0] for w in self.weights], dim=-1))
@@ -145,7 +145,7 @@ class NativeLinear(FrozenLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= native.MAX_ROWS:
+        if flat.shape[0] <= kernels.MAX_ROWS:
             return self.kernel(flat.contiguous()).view(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
@@ -226,7 +226,7 @@ class CastEmbedding(nn.Module):
 
 class FrozenBlockDiagonal(nn.Module):
     """Block-diagonal maps over one input, y_m[:, h] = x[:, h] @ W_m[h] + b_m[h] (RecurrentGemma's
-    RG-LRU gates, W_m [blocks, in, out]), for up to native.MAX_ROWS rows: each block's weights are
+    RG-LRU gates, W_m [blocks, in, out]), for up to kernels.MAX_ROWS rows: each block's weights are
     transposed once at load into the [out, in] rows the native kernels read (a copy of a few MB per
     layer; torch's bfloat16 baddbmm reads them at a quarter of the bandwidth at batch 1), and one
     kernel call per block computes every map. Larger inputs stay with the owner's own tensors."""
@@ -238,12 +238,12 @@ class FrozenBlockDiagonal(nn.Module):
         self.blocks = []
         for h in range(weights[0].shape[0]):
             rows = [source.cast(w[h].T.contiguous(), source.weight_dtype(w)) for w in weights]
-            self.blocks.append(native.NativeParts(rows, [b[h] for b in biases], source.dtype))
+            self.blocks.append(kernels.NativeParts(rows, [b[h] for b in biases], source.dtype))
         for w in weights:
             source.release_pages(w)  # read once to transpose; the owner's copy faults back in if used
 
     def takes(self, x: torch.Tensor) -> bool:
-        return x.shape[0] <= native.MAX_ROWS and not torch.is_grad_enabled()
+        return x.shape[0] <= kernels.MAX_ROWS and not torch.is_grad_enabled()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [N, blocks, in] -> one [N, blocks, out] per map."""
@@ -277,7 +277,7 @@ class WeightSource:
 
     def weight_dtype(self, tensor: torch.Tensor) -> torch.dtype:
         """What the backend computes with: native keeps a float32 model's bfloat16 weights."""
-        if self.backend == "native" and native.supports(self.dtype, tensor.dtype):
+        if self.backend == "native" and kernels.supports(self.dtype, tensor.dtype):
             return tensor.dtype
         return self.dtype
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import kernels
 from .cache import KVCache, Step, WindowKVCache
 
 
@@ -108,9 +108,9 @@ def scaled_dot_product(
     scale: float,
 ) -> torch.Tensor:
     """q [B,H,T,hd], k/v [B,KV,S,hd] with H a multiple of KV -> [B,H,T,hd]."""
-    if q.shape[2] == 1 and native.usable(q, k, v):
+    if q.shape[2] == 1 and kernels.usable(q, k, v):
         # The decode step: one call instead of SDPA's set-up around a tiny product.
-        return native.attend_one(q, k, v, scale, mask=mask)
+        return kernels.attend_one(q, k, v, scale, mask=mask)
     groups = q.shape[1] // k.shape[1]
     if groups > 1 and q.shape[2] == 1 and mask is None:
         # One query per sequence: fold the query heads of a group into the query axis, which
@@ -213,14 +213,14 @@ class GatedMLP(nn.Module):
             gate, up = self.fused_gate_up.forward_parts(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act is gelu_tanh and native.usable(gate, up):
-            return self.down_proj(native.gelu_tanh_mul(gate, up))  # GeGLU in one pass
+        if self.act is gelu_tanh and kernels.usable(gate, up):
+            return self.down_proj(kernels.gelu_tanh_mul(gate, up))  # GeGLU in one pass
         return self.down_proj(self.act(gate) * up)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    if native.usable(x):
-        return native.gelu_tanh_mul(x)
+    if kernels.usable(x):
+        return kernels.gelu_tanh_mul(x)
     return F.gelu(x, approximate="tanh")
 
 

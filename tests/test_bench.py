@@ -231,12 +231,12 @@ def kernel_sweep(monkeypatch):
     return module
 
 
-@pytest.mark.skipif(not lmtool.native.available(), reason="native kernels unavailable here")
+@pytest.mark.skipif(not lmtool.kernels.available(), reason="native kernels unavailable here")
 def test_kernel_sweep_alternates_two_kernel_builds_and_compares_their_outputs(tmp_path, probe, capsys, monkeypatch):
     sweep = kernel_sweep(monkeypatch)
     # Another revision's source, as git would give it: the same kernels with a different text, so a
     # second shared object is built and loaded beside this tree's.
-    monkeypatch.setattr(sweep, "revision_source", lambda rev: lmtool.native.SOURCE + f"\n/* {rev} */\n")
+    monkeypatch.setattr(sweep, "revision_source", lambda rev: lmtool.kernels.SOURCE + f"\n/* {rev} */\n")
     folder = random_checkpoint("tiny", TINY_GEMMA, "bfloat16", tmp_path)
     threads = torch.get_num_threads()
     report = sweep.main([str(folder), "--rows", "1,3", "--repeat", "2", "--against", "other", "--threads", "1"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lmtool
-from lmtool import inference, native
+from lmtool import inference, kernels
 from lmtool.bench import random_checkpoint
 from lmtool.checkpoint import Checkpoint
 
@@ -22,16 +22,16 @@ TINY = {
     },
     "bloom": {"model_type": "bloom", "vocab_size": 80, "hidden_size": 40, "n_layer": 2, "n_head": 4},
 }
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable here")
+needs_native = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable here")
 
 
 @pytest.fixture(params=["native", "onednn"])
 def backend(request, monkeypatch):
     """Run a test on each backend; onednn is what machines without a C compiler get."""
-    if request.param == "native" and not native.available():
+    if request.param == "native" and not kernels.available():
         pytest.skip("native kernels unavailable here")
     if request.param == "onednn":
-        monkeypatch.setattr(native, "available", lambda: False)
+        monkeypatch.setattr(kernels, "available", lambda: False)
     return request.param
 
 
@@ -43,7 +43,7 @@ def checkpoint(request, tmp_path_factory):
 
 def logits(lm, ids: torch.Tensor) -> torch.Tensor:
     """Full-sequence logits, then a cached decode of the last two tokens (batches under and
-    over native.MAX_ROWS rows take different paths)."""
+    over kernels.MAX_ROWS rows take different paths)."""
     with torch.inference_mode():
         full = lm.model(ids)
         cache = lm.model.make_cache(ids.shape[0], ids.shape[1])
@@ -86,7 +86,7 @@ def test_float32_from_bfloat16_keeps_weights_in_bfloat16_without_copies(checkpoi
 
 
 @needs_native
-@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+@pytest.mark.parametrize("activation, weight", sorted(kernels.KINDS, key=str))
 def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
     for K in (5, 16, 33, 100):
         for rows in ([1], [9], [8, 3], [4, 13, 2]):
@@ -94,7 +94,7 @@ def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
                 weights = [torch.randn(n, K).to(weight) for n in rows]
                 biases = [torch.randn(n).to(activation) if i % 2 == 0 else None for i, n in enumerate(rows)]
                 x = torch.randn(M, K).to(activation)
-                out = native.NativeParts(weights, biases, activation)(x).float()
+                out = kernels.NativeParts(weights, biases, activation)(x).float()
                 bias = torch.cat([b.float() if b is not None else torch.zeros(n) for b, n in zip(biases, rows)])
                 expected = F.linear(x.float(), torch.cat(weights).float(), bias)
                 tol = 1e-4 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
@@ -102,7 +102,7 @@ def test_native_kernel_matches_f_linear_on_ragged_shapes(activation, weight):
 
 
 @needs_native
-@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+@pytest.mark.parametrize("activation, weight", sorted(kernels.KINDS, key=str))
 def test_native_kernel_on_weights_off_vector_boundaries(activation, weight):
     # Checkpoint tensors are 8-byte aligned at best. Rows that start past a vector boundary are read
     # from the boundary with the lanes before them masked off; here the bytes around each tensor
@@ -120,14 +120,14 @@ def test_native_kernel_on_weights_off_vector_boundaries(activation, weight):
                 weights.append(buffer[offset : offset + rows * K].view(rows, K))
             for M in (1, 2, 4, 8, 16):
                 x = torch.randn(M, K).to(activation)
-                out = native.NativeParts(weights, [None] * len(weights), activation)(x).float()
+                out = kernels.NativeParts(weights, [None] * len(weights), activation)(x).float()
                 expected = F.linear(x.float(), torch.cat(weights).float())
                 tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
                 assert (out - expected).abs().max().item() <= tol, (K, offsets, M)
 
 
 @needs_native
-@pytest.mark.parametrize("activation, weight", sorted(native.KINDS, key=str))
+@pytest.mark.parametrize("activation, weight", sorted(kernels.KINDS, key=str))
 def test_native_kernel_reads_nothing_beyond_the_lines_of_a_tensor(activation, weight):
     # Each tensor is placed against an unreadable page, ending right before it or starting at an
     # offset right after it: a load that reached past the cache lines holding the tensor's data
@@ -154,7 +154,7 @@ def test_native_kernel_reads_nothing_beyond_the_lines_of_a_tensor(activation, we
                     w.copy_(torch.randn(9, K).to(weight))
                     for M in (1, 3, 16):
                         x = torch.randn(M, K).to(activation)
-                        out = native.NativeParts([w], [None], activation)(x).float()
+                        out = kernels.NativeParts([w], [None], activation)(x).float()
                         expected = F.linear(x.float(), w.float())
                         tol = 1e-4 * K**0.5 if activation == torch.float32 else 1e-2 * (expected.abs().max().item() + 1)
                         assert (out - expected).abs().max().item() <= tol, (K, offset, at_end, M)
@@ -186,9 +186,9 @@ def test_native_gelu_matches_pytorch_gated_and_not(dtype):
         fused[0, 0, 0] = -200.0
         gate, up = fused.split(n, dim=-1)  # column slices of one projection output, as in GeGLU
         expected = F.gelu(gate.float(), approximate="tanh")
-        assert (native.gelu_tanh_mul(gate).float() - expected).abs().max() <= tolerance(dtype, expected)
+        assert (kernels.gelu_tanh_mul(gate).float() - expected).abs().max() <= tolerance(dtype, expected)
         expected = expected * up.float()
-        got = native.gelu_tanh_mul(gate, up)
+        got = kernels.gelu_tanh_mul(gate, up)
         assert got.shape == gate.shape and got.dtype == dtype
         assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), n
 
@@ -215,7 +215,7 @@ def test_native_one_query_attention_matches_sdpa(dtype, B, H, KV, S, hd):
     for with_bias, with_mask in [(False, False), (True, False), (False, True), (True, True)]:
         b, m = (bias if with_bias else None), (key_mask if with_mask else None)
         expected = reference(b, m)
-        got = native.attend_one(q, k, v, 0.3, b, m[:, None, None, :] if m is not None else None)
+        got = kernels.attend_one(q, k, v, 0.3, b, m[:, None, None, :] if m is not None else None)
         assert got.shape == (B, H, 1, hd) and got.dtype == dtype
         assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), (with_bias, with_mask)
 
@@ -223,7 +223,7 @@ def test_native_one_query_attention_matches_sdpa(dtype, B, H, KV, S, hd):
 @needs_native
 def test_native_attention_of_a_fully_masked_row_is_zero_not_nan():
     k = v = torch.randn(1, 2, 4, 16)
-    out = native.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, mask=torch.zeros(1, 1, 1, 4, dtype=torch.bool))
+    out = kernels.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, mask=torch.zeros(1, 1, 1, 4, dtype=torch.bool))
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -232,9 +232,9 @@ def test_kernels_stay_out_of_autograd():
     from lmtool.layers import gelu_tanh
 
     x = torch.randn(4, 8, requires_grad=True)
-    assert not native.usable(x)
+    assert not kernels.usable(x)
     gelu_tanh(x).sum().backward()
     expected = torch.autograd.grad(F.gelu(x, approximate="tanh").sum(), x)[0]
     assert torch.allclose(x.grad, expected)
     with torch.no_grad():
-        assert native.usable(x) == native.available()
+        assert kernels.usable(x) == kernels.available()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ... import native
+from ... import kernels
 from ...cache import KVCache, ModelCache, Step, begin_step, kv_cache
 from ...layers import causal_mask
 from .config import BloomConfig
@@ -59,8 +59,8 @@ def eager_mask(step: Step) -> torch.Tensor | None:
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     # The tanh approximation with BLOOM's literal constant 0.79788456 (sqrt(2/pi) to 8 digits, so
     # the native kernel's full-precision constant differs by less than float32 rounding).
-    if native.usable(x):
-        return native.gelu_tanh_mul(x)
+    if kernels.usable(x):
+        return kernels.gelu_tanh_mul(x)
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
@@ -107,8 +107,8 @@ class BloomAttention(nn.Module):
         """transformers' computation and rounding: scores in the model dtype, softmax in float32.
         The decode step (one query) goes to the native kernel where it runs: float32 throughout."""
         B, H, T, hd = q.shape
-        if T == 1 and native.usable(q, k, v, alibi):
-            return native.attend_one(q, k, v, self.inv_norm_factor, alibi, mask)
+        if T == 1 and kernels.usable(q, k, v, alibi):
+            return kernels.attend_one(q, k, v, self.inv_norm_factor, alibi, mask)
         S = k.shape[2]
         q, k, v = q.reshape(B * H, T, hd), k.reshape(B * H, S, hd), v.reshape(B * H, S, hd)
         scores = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=self.inv_norm_factor)
