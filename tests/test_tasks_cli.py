@@ -182,9 +182,12 @@ def test_terminal_gets_a_table(capsys, monkeypatch):
 
 def test_usage_errors_are_one_line(capsys):
     folder = checkpoint("gemma", "token-classification")
-    for args in (["--resume"], ["--stride", "999", "--max-length", "16"], ["--aggregation", "longest"]):
+    for args in (["--resume"], ["--stride", "999", "--max-length", "16"]):
         code, out, err = cli(["tag", str(folder), "text", *args], capsys)
         assert code == ExitCode.ERROR and out == "" and len(err.strip().splitlines()) == 1, (args, err)
+    # An unknown choice is a usage error (exit 2) that lists the choices.
+    code, out, err = cli(["tag", str(folder), "text", "--aggregation", "longest"], capsys)
+    assert code == 2 and out == "" and "'longest' is not one of none, simple, first, average, max" in err
 
 
 @needs_bloom

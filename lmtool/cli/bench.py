@@ -11,22 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..bench import (
-    BenchSpec,
-    check_peer,
-    config_name,
-    csv_rows,
-    model_config,
-    preset_config,
-    random_checkpoint,
-    read_config_file,
-    run_bench,
-)
 from ..errors import LmtoolError
-from ..hub import resolve
-from ..loading import family_of
 from . import app
-from .common import info, out, out_json, progress
+from .common import DTYPE_METAVAR, device_option, info, out, out_json, parse_dtype_list, progress
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -44,6 +31,10 @@ def model_folder(
     cache_dir: Path | None,
 ) -> tuple[Path, str]:
     """(standard folder to benchmark, its name in the report); random checkpoints are written once."""
+    from ..bench import config_name, model_config, preset_config, random_checkpoint, read_config_file
+    from ..hub import resolve
+    from ..loading import family_of
+
     given = [x for x in (model, preset, config) if x is not None]
     if len(given) != 1:
         raise LmtoolError("give one of MODEL, --preset NAME or --config FILE")
@@ -131,14 +122,16 @@ def bench_command(
     preset: Optional[str] = typer.Option(None, "--preset", help="Released shape with random weights: gemma-2b, bloom-560m, ..."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json of a shape to run with random weights."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights (MODEL's config.json only)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Comma list: auto, float32, bfloat16, float16."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", parser=parse_dtype_list, metavar=DTYPE_METAVAR + ",...", help="dtypes to run, a comma list."
+    ),
     prompt_len: str = typer.Option("512", "--prompt-len", help="Prefill lengths, comma list."),
     batch: str = typer.Option("1", "--batch", help="Decode batch sizes, comma list."),
     new_tokens: int = typer.Option(32, "--new-tokens", min=2, help="Tokens generated per decode run."),
     repeat: int = typer.Option(5, "--repeat", min=1, help="Measured runs per runner and dtype."),
     warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One unmeasured run per runner first."),
     against: list[str] = typer.Option([], "--against", help="Also run this peer, alternating: transformers."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    device: str = device_option("cpu", help="Where the runs happen."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads (default: torch's)."),
     max_foreign_cpu: float = typer.Option(
         20.0, "--max-foreign-cpu", min=0, help="Re-run (twice at most) a run during which other processes used more than this % of the CPU; 100 = never."
@@ -152,6 +145,8 @@ def bench_command(
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV, one row per dtype, metric and runner."),
 ) -> None:
     """Measure load, time to first token, prefill and decode speed, and peak memory."""
+    from ..bench import BenchSpec, check_peer, csv_rows, run_bench
+
     if as_json and as_csv:
         raise LmtoolError("give --json or --csv, not both")
     against = list(dict.fromkeys(against))

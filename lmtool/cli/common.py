@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import choices
 from ..errors import LmtoolError
 
 
@@ -22,6 +24,58 @@ class Settings:
 
 
 settings = Settings()
+
+
+# --- options that take domain values (lmtool.choices) ----------------------------------------------
+# Each lists its choices in the help and completion; an unknown value is a usage error (exit 2).
+
+def choice_parser(allowed: tuple[str, ...], aliases: dict[str, str] | None = None):
+    """A parser for typer's `parser=`: the value itself, or the choice an alias stands for."""
+    aliases = aliases or {}
+
+    def parse(value: str) -> str:
+        chosen = aliases.get(value, value)
+        if chosen not in allowed:
+            raise typer.BadParameter(f"'{value}' is not one of {', '.join(allowed)}")
+        return chosen
+
+    return parse
+
+
+def parse_dtype(value: str) -> str:
+    chosen = choices.canonical_dtype(value)
+    if chosen is None:
+        aliases = ", ".join(choices.DTYPE_ALIASES)
+        raise typer.BadParameter(f"'{value}' is not one of {', '.join(choices.DTYPE_CHOICES)} ({aliases})")
+    return chosen
+
+
+def parse_dtype_list(value: str) -> str:
+    """A comma list of dtypes (bench sweeps), each checked as --dtype is."""
+    return ",".join(parse_dtype(v.strip()) for v in value.split(",") if v.strip())
+
+
+def parse_device(value: str) -> str:
+    if not choices.is_device(value):
+        raise typer.BadParameter(f"'{value}' is not one of {', '.join(choices.DEVICE_CHOICES)} or cuda:N")
+    return value
+
+
+def metavar(values: tuple[str, ...]) -> str:
+    return "[" + "|".join(values) + "]"
+
+
+DTYPE_METAVAR = metavar(choices.DTYPE_CHOICES)
+DEVICE_METAVAR = "[auto|cpu|cuda|cuda:N]"
+
+
+def dtype_option(default: str = "auto", help: str = "Weights and compute dtype; auto = the checkpoint's.") -> Any:
+    aliases = "/".join(choices.DTYPE_ALIASES)
+    return typer.Option(default, "--dtype", parser=parse_dtype, metavar=DTYPE_METAVAR, help=f"{help} ({aliases} accepted)")
+
+
+def device_option(default: str = "auto", help: str = "auto = cuda when available, else cpu.") -> Any:
+    return typer.Option(default, "--device", parser=parse_device, metavar=DEVICE_METAVAR, help=help)
 # Diagnostics and progress go to stderr; stdout carries results only.
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

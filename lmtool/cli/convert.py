@@ -7,11 +7,9 @@ from typing import Optional
 
 import typer
 
-from ..checkpoint import parse_size
-from ..convert import ConvertOptions, convert
-from ..loading import resolve_dtype
+from ..choices import CONVERT_FORMATS
 from . import app
-from .common import info, out_json, progress
+from .common import choice_parser, dtype_option, info, metavar, out_json, progress
 from .common import out as print_result
 from .inspect import _size
 
@@ -20,16 +18,23 @@ from .inspect import _size
 def convert_command(
     src: Path = typer.Argument(..., help="An original checkpoint (file or folder), or a standard folder."),
     out: Optional[Path] = typer.Argument(None, help="Output folder (standard layout). Not needed with --dry-run."),
-    from_format: Optional[str] = typer.Option(None, "--from", help="Source format; detected when not given."),
+    from_format: Optional[str] = typer.Option(
+        None, "--from", parser=choice_parser(CONVERT_FORMATS), metavar=metavar(CONVERT_FORMATS),
+        help="Source format; detected when not given.",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json with what the shapes cannot tell."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer folder, tokenizer.json or tokenizer.model."),
-    dtype: str = typer.Option("auto", help="auto (keep), float32, bfloat16 or float16."),
+    dtype: str = dtype_option(help="Written dtype; auto keeps the checkpoint's."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="e.g. 5GB; default: one file."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Convert a checkpoint to the standard layout (config.json + safetensors + tokenizer)."""
+    from ..checkpoint import parse_size
+    from ..convert import ConvertOptions, convert
+    from ..loading import resolve_dtype
+
     options = ConvertOptions(
         config_file=config,
         tokenizer=tokenizer,

@@ -9,13 +9,9 @@ from typing import Optional
 import typer
 
 from ..errors import LmtoolError
-from ..generation import SamplingParams, generate, new_seed
-from ..loading import load
+from ..settings import GENERATION_DEFAULTS, checkpoint_generation_settings, resolve
 from . import app
-from .common import info, open_lines, out, out_json, read_text_arg
-
-DTYPE_HELP = "auto (the checkpoint's), float32, bfloat16 or float16."
-DEVICE_HELP = "auto (cuda when available), cpu, cuda or cuda:N."
+from .common import device_option, dtype_option, info, open_lines, out, out_json, read_text_arg
 
 
 def read_prompts_file(path: str) -> list[dict]:
@@ -36,16 +32,12 @@ def read_prompts_file(path: str) -> list[dict]:
 
 
 def sampling_from(options: dict, generation_config: dict) -> SamplingParams:
-    """Command-line values win; then the checkpoint's generation_config.json; then defaults."""
-    sampled = generation_config.get("do_sample", True)
-    defaults = {
-        "temperature": generation_config.get("temperature", 0.8) if sampled else 0.0,
-        "top_k": generation_config.get("top_k", 40),
-        "top_p": generation_config.get("top_p", 0.95),
-        "min_p": generation_config.get("min_p", 0.05) or 0.0,
-        "repetition_penalty": generation_config.get("repetition_penalty", 1.0),
-    }
-    values = {k: (options[k] if options[k] is not None else defaults[k]) for k in defaults}
+    """Command-line (or recipe) values win; then the checkpoint's generation_config.json; then
+    the built-in defaults (lmtool.settings holds that order)."""
+    from ..generation import SamplingParams
+
+    values = {name: setting.value for name, setting in resolve(
+        options, GENERATION_DEFAULTS, checkpoint=checkpoint_generation_settings(generation_config)).items()}
     if values["temperature"] < 0:
         raise LmtoolError("--temperature must be >= 0")
     if not 0 < values["top_p"] <= 1:
@@ -77,10 +69,13 @@ def generate_command(
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --prompts-file."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
-    dtype: str = typer.Option("auto", help=DTYPE_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    dtype: str = dtype_option(),
+    device: str = device_option(),
 ) -> None:
     """Generate text; a single prompt streams to stdout as it is produced."""
+    from ..generation import generate, new_seed
+    from ..loading import load
+
     if prompts_file is not None and prompt is not None:
         raise LmtoolError("give either PROMPT or --prompts-file, not both")
     if prompts_file is not None:

@@ -8,7 +8,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..inspect import inspect
 from . import app
 from .common import out_json
 
@@ -78,6 +77,8 @@ def inspect_command(
     tensors: bool = typer.Option(False, "--tensors", help="List every tensor."),
 ) -> None:
     """Describe a checkpoint without loading its weights."""
+    from ..inspect import inspect
+
     result = inspect(model, with_tensors=tensors)
     if as_json:
         out_json(result)

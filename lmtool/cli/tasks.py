@@ -10,16 +10,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..choices import AGGREGATIONS
 from ..errors import ExitCode, LmtoolError
-from ..loading import load
-from ..tasks import Answerer, Classify, Item, Tagger, run_task
-from ..tasks import inputs as task_inputs
-from ..tasks.records import JsonlWriter, resume_keys
-from ..tasks.tag import STRATEGIES
-from ..tasks.windows import DEFAULT_MAX_LENGTH, pad_id
+from ..settings import DEFAULT_MAX_LENGTH
 from . import app
-from .common import info, open_lines, progress
-from .generate import DEVICE_HELP, DTYPE_HELP
+from .common import choice_parser, device_option, dtype_option, info, metavar, open_lines, progress
 
 INPUTS_HELP = "Texts, file paths, or '-' for stdin (an argument naming no file is text unless it looks like a path)."
 MODEL_HELP = "Local folder, or a Hub id with optional @revision."
@@ -32,14 +27,17 @@ RESUME = typer.Option(False, "--resume", help="With --output: skip inputs whose 
 AS_JSON = typer.Option(False, "--json", help="JSON Lines even when stdout is a terminal.")
 BATCH_SIZE = typer.Option(16, "--batch-size", min=1, help="Model inputs per forward pass (sorted by length).")
 MAX_LENGTH = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", min=2, help="Tokens per window (capped by the model's).")
-DTYPE = typer.Option("auto", help=DTYPE_HELP)
-DEVICE = typer.Option("auto", help=DEVICE_HELP)
+DTYPE = dtype_option()
+DEVICE = device_option()
 
 
 def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, literal: bool,
                  text_fields: tuple[str, ...] = ("text",), given: list[Item] | None = None) -> list[Item]:
     """Items in the order given: `given` (qa's --context), arguments, --files-from, --jsonl; all of
     stdin as one text when there is none of them and stdin is not a terminal."""
+    from ..tasks import Item
+    from ..tasks import inputs as task_inputs
+
     stdin_uses = inputs.count("-") + (files_from == "-") + (jsonl == "-") + sum(i.path == "-" for i in given or [])
     if stdin_uses > 1:
         raise LmtoolError("stdin ('-') can feed only one input source")
@@ -59,6 +57,11 @@ def run_command(
     command: str, model: str, task_name: str, make_task: Callable, items: list[Item], render: Callable,
     *, output: str | None, resume: bool, as_json: bool, batch_size: int, dtype: str, device: str,
 ) -> None:
+    from ..loading import load
+    from ..tasks import run_task
+    from ..tasks.records import JsonlWriter, resume_keys
+    from ..tasks.windows import pad_id
+
     if resume and output is None:
         raise LmtoolError("--resume needs --output FILE")
     lm = load(model, task=task_name, dtype=dtype, device=device)
@@ -175,6 +178,8 @@ def classify_command(
     device: str = DEVICE,
 ) -> None:
     """Label each input with a sequence-classification model (labels from its config's id2label)."""
+    from ..tasks import Classify
+
     items = gather_items(inputs or [], files_from, jsonl, literal)
     run_command(
         "classify", model, "sequence-classification",
@@ -189,7 +194,8 @@ def tag_command(
     model: str = typer.Argument(..., help=MODEL_HELP),
     inputs: Optional[list[str]] = typer.Argument(None, help=INPUTS_HELP),
     aggregation: str = typer.Option(
-        "simple", "--aggregation", help=f"{'|'.join(STRATEGIES)}: how tokens become entities."
+        "simple", "--aggregation", parser=choice_parser(AGGREGATIONS), metavar=metavar(AGGREGATIONS),
+        help="How tokens become entities (transformers' pipeline strategies).",
     ),
     stride: Optional[int] = typer.Option(
         None, "--stride", min=0, help="Tag inputs longer than the window in windows overlapping by this many tokens."
@@ -207,6 +213,8 @@ def tag_command(
     device: str = DEVICE,
 ) -> None:
     """Tag entities with a token-classification model: text, label, score and character offsets."""
+    from ..tasks import Tagger
+
     items = gather_items(inputs or [], files_from, jsonl, literal)
     run_command(
         "tag", model, "token-classification",
@@ -245,6 +253,8 @@ def qa_command(
     device: str = DEVICE,
 ) -> None:
     """Answer a question from a context with an extractive question-answering model."""
+    from ..tasks import Answerer, Item
+
     given = [Item("context", text=context)] if context is not None else []
     if context_file is not None:
         given.append(Item(context_file, key_field="path", path=context_file))

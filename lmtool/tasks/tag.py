@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..choices import AGGREGATIONS
 from ..errors import LmtoolError
 from .inputs import Item, ItemError
 from .windows import special_ends, split_windows, trim_span, window_length
 
-STRATEGIES = ("none", "simple", "first", "average", "max")
+STRATEGIES = AGGREGATIONS
 
 
 @dataclass

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..errors import LmtoolError
+from ..settings import DEFAULT_MAX_LENGTH
 from ..tokenizer import Tokenizer
 
-DEFAULT_MAX_LENGTH = 512
 
 
 def window_length(config, max_length: int | None) -> int:
