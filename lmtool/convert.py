@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, plan_shards, shard_names, write_weights
 from .config import ModelConfig
-from .errors import ConfigError, LmtoolError, UnsupportedError
+from .errors import ConfigError, LmtoolError, ModelNotFoundError, UnsupportedError
 from .registry import Family, families
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -91,11 +91,60 @@ class StandardFolder:
         return ConversionPlan(family, config, tensors, self.name, files)
 
 
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+
+
+class TransformersBinFolder:
+    """A transformers folder saved as pickles (pytorch_model.bin, or shards with their index)
+    instead of safetensors: read with weights_only and memory-mapped, written as safetensors."""
+
+    name = "transformers-bin"
+    description = f"a folder with config.json and {BIN_NAME} (or shards with {BIN_INDEX_NAME})"
+
+    def detect(self, src: Path) -> bool:
+        return src.is_dir() and (src / "config.json").is_file() and (
+            (src / BIN_NAME).is_file() or (src / BIN_INDEX_NAME).is_file()
+        )
+
+    def _files(self, src: Path) -> list[Path]:
+        if (src / BIN_NAME).is_file():
+            return [src / BIN_NAME]
+        index = src / BIN_INDEX_NAME
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except FileNotFoundError:
+            raise LmtoolError(f"{src}: no {BIN_NAME} or {BIN_INDEX_NAME}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise LmtoolError(f"{index}: not a valid weight index") from None
+        return [src / name for name in names]
+
+    def plan(self, src: Path, options: ConvertOptions) -> ConversionPlan:
+        from .loading import read_config
+        from .original_formats import load_state_dict
+
+        family, config = read_config(src)
+        state: dict[str, torch.Tensor] = {}
+        for path in self._files(src):
+            state.update(load_state_dict(path))  # memory-mapped: nothing is read until written
+        if config.tie_word_embeddings and family.task_for(config.architectures) == "causal-lm":
+            # transformers pickles the tied copy too; the standard layout leaves it out.
+            state.pop("lm_head.weight", None)
+        tensors = [
+            PlannedTensor(name, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in state.items()
+        ]
+        files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
+        if (src / "generation_config.json").is_file():
+            files["generation_config.json"] = (src / "generation_config.json").read_bytes()
+        return ConversionPlan(family, config, tensors, self.name, files)
+
+
 def all_converters() -> dict[str, Any]:
     converters: dict[str, Any] = {}
     for family in families().values():
         converters.update(family.converters)
     converters[StandardFolder.name] = StandardFolder()
+    converters[TransformersBinFolder.name] = TransformersBinFolder()
     return converters
 
 
@@ -108,7 +157,7 @@ def find_converter(src: Path, from_format: str | None) -> Any:
             )
         return converters[from_format]
     if not src.exists():
-        raise LmtoolError(f"{src}: no such file or folder")
+        raise ModelNotFoundError(f"{src}: no such file or folder")
     for converter in converters.values():
         if converter.detect(src):
             return converter
@@ -173,6 +222,12 @@ def convert(
     """Convert src to the standard layout at out; returns the plan's description."""
     options = options or ConvertOptions()
     src = Path(src)
+    if not src.exists() and from_format in (None, StandardFolder.name):
+        # A Hub id, as every other command takes: fetch the standard folder (or say why not).
+        from .hub import resolve
+        from .loading import family_of
+
+        src = resolve(str(src), check_config=family_of).path
     converter = find_converter(src, from_format)
     plan = converter.plan(src, options)
     cast_plan(plan, options.dtype)

@@ -8,7 +8,10 @@ weight is downloaded; then only the files lmtool reads are fetched (no .bin, Fla
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +57,49 @@ def parse(ref: str) -> ModelRef:
     return ModelRef(ref, None, repo, revision or None)
 
 
+# How long the Hub may take to accept a connection before lmtool treats the machine as offline.
+REACHABLE_TIMEOUT_S = 3.0
+_checked_reachable = False
+
+
+def _hub_reachable(timeout: float) -> bool:
+    """Whether the Hub's endpoint accepts a TCP connection within timeout (name lookup included,
+    which a socket timeout does not bound, hence the thread)."""
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    reached: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
+
+
+def prepare_hub() -> None:
+    """Before the first Hub call: without a network, switch huggingface_hub to offline mode (the
+    local cache still serves), instead of its half a minute of retries; and keep its retry and
+    warning messages off stderr (lmtool reports failures in one line)."""
+    global _checked_reachable
+    from huggingface_hub import constants
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
+    if _checked_reachable or constants.HF_HUB_OFFLINE:
+        return
+    _checked_reachable = True
+    if not _hub_reachable(REACHABLE_TIMEOUT_S):
+        constants.HF_HUB_OFFLINE = True
+
+
 def _hub_error(ref: ModelRef, exc: Exception) -> LmtoolError:
     from huggingface_hub import errors
 
@@ -76,17 +122,45 @@ def _hub_error(ref: ModelRef, exc: Exception) -> LmtoolError:
         return ModelNotFoundError(f"{name}: the repository has no config.json; is it a model repository?")
     if isinstance(exc, errors.HfHubHTTPError):
         return ModelNotFoundError(f"{name}: the Hub answered with an error ({str(exc).splitlines()[0]})")
-    return ModelNotFoundError(f"{name}: cannot reach the Hub ({type(exc).__name__}: {exc})")
+    if isinstance(exc, (errors.OfflineModeIsEnabled, ConnectionError, OSError, TimeoutError)):
+        return ModelNotFoundError(
+            f"{name}: the Hub cannot be reached (offline mode or no network) and the local cache "
+            "does not hold what this needs; run it once online, or pass a local folder"
+        )
+    return ModelNotFoundError(f"{name}: cannot reach the Hub ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
 
 def hub_file(ref: ModelRef, filename: str) -> Path:
     """Download (or find in the cache) one file of a Hub repository."""
     from huggingface_hub import hf_hub_download
 
+    prepare_hub()
     try:
         return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision))
     except Exception as exc:  # huggingface_hub's errors, requests' and OSError alike
         raise _hub_error(ref, exc) from None
+
+
+def cached_folder(ref: ModelRef) -> Path | None:
+    """The local cache's snapshot of a Hub model when it holds config.json and the safetensors
+    weights (what `resolve` downloads); None otherwise. Touches no network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=WANTED_FILES,
+                                        local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a cache it cannot read
+        return None
+    from .checkpoint import Checkpoint
+    from .errors import CheckpointError
+
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        Checkpoint(folder)
+    except CheckpointError:
+        return None
+    return folder
 
 
 def resolve(ref_text: str, check_config: Callable[[dict, str], None] | None = None) -> ModelRef:
@@ -107,6 +181,7 @@ def resolve(ref_text: str, check_config: Callable[[dict, str], None] | None = No
         check_config(config, f"{ref.repo_id}/config.json")
     from huggingface_hub import snapshot_download
 
+    prepare_hub()
     try:
         folder = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=WANTED_FILES)
     except Exception as exc:

@@ -107,6 +107,10 @@ def inspect_hub(ref: hub.ModelRef, with_tensors: bool) -> dict[str, Any]:
 
     from .loading import family_of
 
+    cached = hub.cached_folder(ref)
+    if cached is not None:
+        # Everything is in the local cache: read it there, offline or not.
+        return {**inspect_folder(cached, with_tensors), "source": ref.text, "format": "hub"}
     config_path = hub.hub_file(ref, "config.json")
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
@@ -114,6 +118,7 @@ def inspect_hub(ref: hub.ModelRef, with_tensors: bool) -> dict[str, Any]:
         raise LmtoolError(f"{ref.repo_id}: config.json is not valid JSON") from None
     family = family_of(data, f"{ref.repo_id}/config.json")
     config = family.config_class.from_dict(data, source=f"{ref.repo_id}/config.json")
+    hub.prepare_hub()
     try:
         meta = get_safetensors_metadata(ref.repo_id, revision=ref.revision)
     except Exception as exc:

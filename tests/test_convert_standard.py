@@ -84,3 +84,30 @@ def test_question_answering_head_exists_for_gemma(classifier, tmp_path):
     assert model.head_name == "qa_outputs" and model.head.weight.shape == (2, 32)
     start, end = model(torch.randint(3, 120, (2, 5)))
     assert start.shape == end.shape == (2, 5)
+
+
+def test_a_pytorch_model_bin_folder_converts_to_what_transformers_loads(tmp_path):
+    """generate points at `lmtool convert` for a pytorch_model.bin folder: convert takes it."""
+    from transformers import GemmaForCausalLM
+
+    model = randomize(GemmaForCausalLM(tiny_gemma_config()))
+    src = tmp_path / "bin"
+    # As transformers 4 saved it (with the tied lm_head copy); transformers 5 writes safetensors only.
+    model.config.save_pretrained(src)
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    with pytest.raises(LmtoolError, match="found pytorch_model.bin: convert it"):
+        lmtool.load(src)
+    summary = convert(src, tmp_path / "out")
+    assert summary["format"] == "transformers-bin"
+    ids = torch.randint(3, 120, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (lmtool.load(tmp_path / "out", dtype="float32").model(ids) - expected).abs().max().item() <= 1e-4
+
+
+def test_missing_source_is_a_reference_that_cannot_be_resolved(tmp_path):
+    from lmtool.errors import ExitCode
+
+    with pytest.raises(LmtoolError, match="no such file or folder") as info:
+        convert(tmp_path / "missing", tmp_path / "out")
+    assert info.value.exit_code == ExitCode.NOT_FOUND

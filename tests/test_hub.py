@@ -127,3 +127,47 @@ def test_family_from_architectures_when_model_type_is_missing():
     assert family_of({"architectures": ["BloomForCausalLM"]}, "config.json").model_type == "bloom"
     with pytest.raises(UnsupportedError, match="no 'model_type'"):
         family_of({"architectures": ["LlamaForCausalLM"]}, "config.json")
+
+
+def test_inspect_of_a_cached_hub_id_needs_no_network(cache, tiny_files, monkeypatch):
+    """HF_HUB_OFFLINE=1 inspect works from the cache, as generate does (issue 14, item 7)."""
+    from lmtool.inspect import inspect
+
+    put_in_cache(cache, "acme/tiny-gemma", tiny_files)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("inspect asked the Hub for what the cache holds")
+
+    monkeypatch.setattr("huggingface_hub.get_safetensors_metadata", no_network)
+    result = inspect("acme/tiny-gemma")
+    assert result["format"] == "hub" and result["source"] == "acme/tiny-gemma"
+    assert result["family"] == "gemma" and result["tokenizer"]["bos"] == 2
+
+
+def test_offline_errors_name_neither_class_nor_url(monkeypatch):
+    def fail(*args, **kwargs):
+        raise errors.OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/acme/x: offline mode")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", fail)
+    with pytest.raises(ModelNotFoundError, match="the Hub cannot be reached") as info:
+        hub.resolve("acme/x")
+    assert "https://" not in str(info.value) and "OfflineModeIsEnabled" not in str(info.value)
+
+
+def test_unreachable_hub_without_hf_hub_offline_fails_fast_in_one_line(tmp_path):
+    """No network and no HF_HUB_OFFLINE: one line and exit 3 within seconds, not half a minute of
+    huggingface_hub's retries. The endpoint is a closed local port, so nothing leaves the machine."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    for command in (["inspect", "acme/never-downloaded"], ["generate", "acme/never-downloaded", "hi"]):
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "lmtool", *command], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "the Hub cannot be reached" in proc.stderr, proc.stderr
+        assert time.monotonic() - started < 20
