@@ -1,0 +1,162 @@
+"""The quantization schemes and their arithmetic, in compressed-tensors' conventions.
+
+A quantized weight W [out, in] is codes q (signed integers), a scale per (row, group) and, for the
+asymmetric schemes, an integer zero point per (row, group):  W ~ (q - zero_point) * scale.
+
+- int8: symmetric, one scale per output row (compressed-tensors' W8A16 "channel" strategy):
+  scale = amax / 127, q in [-127, 127].
+- int4: asymmetric, one scale and zero point per `group_size` consecutive inputs of a row
+  (W4A16_ASYM "group" strategy): q and zero point in [-8, 7]. The range [lo, hi] of each group is
+  chosen by a small clipping search (the shrink factors of CLIP_FACTORS applied to the group's
+  min and max, keeping the one with the least squared error), not plain min/max: clipping the
+  rare extreme values buys a finer step for all the others.
+
+Everything is computed in float32 on the tensor given (callers pass one tensor, or a slice of rows,
+at a time). The scale is rounded to its storage dtype *before* the codes are computed, so the
+stored (codes, scale) pair is exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Shrink factors tried on each group's [min, max] by the int4 clipping search (1.0 = plain min/max).
+CLIP_FACTORS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70, 0.67)
+# Rows quantized at a time, so a 256000-row embedding never becomes one float32 copy.
+ROW_BLOCK_ELEMENTS = 16 * 2**20
+
+
+@dataclass
+class Quantized:
+    """One quantized weight: codes int8 [out, in] (values within the scheme's range), scale
+    [out, groups] in the storage dtype, zero point int8 [out, groups] or None (symmetric)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    group_size: int | None  # None: one group per row
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, dtype)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(codes - zero_point) * scale, the scale and zero point broadcast over their groups."""
+    out_features, in_features = codes.shape
+    groups = scale.shape[-1] if scale.dim() == 2 else 1
+    values = codes.to(torch.float32).view(out_features, groups, in_features // groups)
+    if zero_point is not None:
+        values = values - zero_point.to(torch.float32).view(out_features, groups, 1)
+    values = values * scale.to(torch.float32).reshape(-1, groups, 1)
+    return values.view(out_features, in_features).to(dtype)
+
+
+def _row_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    return list(weight.split(rows))
+
+
+def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> Quantized:
+    """Symmetric int8 with one scale per output row."""
+    codes, scales = [], []
+    for block in _row_blocks(weight):
+        w = block.to(torch.float32)
+        scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(scale_dtype)
+        # A row of zeros gets the smallest positive scale: its codes are 0 and nothing divides by 0.
+        scale = torch.where(scale == 0, torch.finfo(scale_dtype).tiny, scale)
+        codes.append(torch.round(w / scale.to(torch.float32)).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return Quantized(torch.cat(codes), torch.cat(scales), None, 8, None)
+
+
+def _int4_params(lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (storage dtype) and integer zero point for groups spanning [lo, hi] (lo <= 0 <= hi,
+    so that the zero point lies in [-8, 7] and 0 is exactly representable)."""
+    scale = ((hi - lo) / 15).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.finfo(scale_dtype).tiny, scale).to(torch.float32)
+    zero_point = torch.round(-8 - lo / scale).clamp_(-8, 7)
+    return scale, zero_point
+
+
+def quantize_int4_groups(
+    weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype, search: bool = True
+) -> Quantized:
+    """Asymmetric int4 per group of `group_size` inputs, range chosen by the clipping search."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group size {group_size} does not divide {in_features} columns")
+    groups = in_features // group_size
+    factors = CLIP_FACTORS if search else CLIP_FACTORS[:1]
+    codes, scales, zeros = [], [], []
+    for block in _row_blocks(weight):
+        w = block.to(torch.float32).view(-1, groups, group_size)
+        lo = w.amin(dim=2, keepdim=True).clamp_(max=0)
+        hi = w.amax(dim=2, keepdim=True).clamp_(min=0)
+        best_err = best_scale = best_zero = None
+        for factor in factors:
+            scale, zero = _int4_params(lo * factor, hi * factor, scale_dtype)
+            q = torch.round(w / scale + zero).clamp_(-8, 7)
+            err = ((q - zero) * scale - w).square_().sum(dim=2, keepdim=True)
+            if best_err is None:
+                best_err, best_scale, best_zero = err, scale, zero
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        q = torch.round(w / best_scale + best_zero).clamp_(-8, 7)
+        codes.append(q.to(torch.int8).view(-1, in_features))
+        scales.append(best_scale.view(-1, groups).to(scale_dtype))
+        zeros.append(best_zero.view(-1, groups).to(torch.int8))
+    return Quantized(torch.cat(codes), torch.cat(scales), torch.cat(zeros), 4, group_size)
+
+
+def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(|W|^2 / |W - W'|^2), in dB (inf when exact)."""
+    signal = noise = 0.0
+    for ref, approx in zip(_row_blocks(reference), _row_blocks(approximation)):
+        ref32 = ref.to(torch.float64)
+        signal += float(ref32.square().sum())
+        noise += float((ref32 - approx.to(torch.float64)).square().sum())
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+# --- compressed-tensors' packing: codes + 2^(bits-1), element 0 in the lowest bits of an int32 ---
+
+
+def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack signed codes (int8 [rows, cols]) along dim into int32 words of 32/bits codes each."""
+    per_word = 32 // bits
+    values = codes.to(torch.int32) + (1 << (bits - 1))
+    if dim == 0:
+        values = values.T
+    rows, cols = values.shape
+    pad = -cols % per_word
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    values = values.reshape(rows, -1, per_word)
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    # Disjoint bit fields: the sum is the bitwise or (int32 wraps the top field as two's complement).
+    packed = (values << shifts).sum(dim=2, dtype=torch.int64)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return (packed.T if dim == 0 else packed).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """The signed int8 codes of pack_int32's output; `length` codes along dim."""
+    per_word = 32 // bits
+    words = packed.T if dim == 0 else packed
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    codes = (fields.reshape(words.shape[0], -1)[:, :length] - (1 << (bits - 1))).to(torch.int8)
+    return (codes.T if dim == 0 else codes).contiguous()
