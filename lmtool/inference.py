@@ -44,7 +44,7 @@ def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
         return "native"
     if not torch.backends.mkldnn.is_available():
         return None
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not kernels.fast_bf16_matmul():
         return None
     return "onednn"
 

@@ -1,0 +1,269 @@
+/* lmtool native CPU kernels: what every instruction set shares.
+ *
+ * Each of avx512.c, avx2.c, neon.c and portable.c includes this header and defines the static
+ * hooks declared below with its own vector code; the drivers here (threading, parts, alignment,
+ * masking, softmax bookkeeping, output rounding) are written once.
+ *
+ * lm_linear: y[M, N] = x[M, K] . W[N, K]^T (+ bias) for M <= 16 (decode), W row-major as stored
+ * in the checkpoint, so no reorder or copy is ever needed. W may be given in several parts (q/k/v,
+ * gate/up): one call computes all of them into one output, as if they were concatenated.
+ * Accumulation is in float32; bfloat16 outputs are rounded to nearest even. Kinds (x, W):
+ *   BF16_BF16: bf16 dot products (AVX512-BF16 / BFDOT where the CPU has them, else both widened);
+ *   F32_BF16:  W widened to f32 in registers (exact), f32 FMA: a float32 model computed from
+ *              bfloat16-stored weights reads half the bytes of a float32 copy;
+ *   F32_F32:   f32 FMA.
+ * New kernels (int8/int4 weights, recurrent steps) go beside these: a kind or an exported lm_*
+ * function here, its vector body in each instruction set's file, and a row in ARGTYPES
+ * (lmtool/kernels/__init__.py).
+ */
+#ifndef LMTOOL_KERNELS_COMMON_H
+#define LMTOOL_KERNELS_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct { const void* w; const void* bias; int64_t rows; } part_t;
+
+enum { BF16_BF16 = 0, F32_BF16 = 1, F32_F32 = 2 }; /* (x, W) dtypes */
+
+static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+/* Element i of a bf16 (bf16 != 0) or f32 array, as f32; and the store back. */
+static inline float load_f32(const void* p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+static inline void store_f32(void* p, int64_t i, int bf16, float v) {
+    if (bf16) ((uint16_t*)p)[i] = f32_to_bf16(v); else ((float*)p)[i] = v;
+}
+
+/* ---- hooks each instruction set defines ----------------------------------------------------- */
+
+/* Weight elements per vector load when weight rows may be read from a vector boundary with the
+ * leading lanes masked off (see lm_linear), or 0 where rows are read as they lie. */
+static int64_t aligned_step(int kind);
+/* One block of nb (8, 4 or 1) weight rows for all M activation rows: out[M][nb]. Row j of W is
+ * read at w + j * ldw over [lead, span); next: the next block's rows (a prefetch hint) or NULL. */
+static void block(int kind, const void* x, int64_t ldx, int64_t M, const void* w, int64_t ldw, int64_t span,
+                  int64_t lead, int64_t nb, float* out, const void* next);
+/* out[i] = gelu_tanh(gate[i]) * (up ? up[i] : 1) for i in [begin, end). */
+static void gelu_span(int bf16, const void* gate, const void* up, void* out, int64_t begin, int64_t end);
+/* sum_i a[i] b[i] over n elements, in f32. */
+static float dot(int bf16, const void* a, const void* b, int64_t n);
+/* scores[s] = e^(scores[s] - top) (-inf gives 0), returning their sum. */
+static float exp_shifted_sum(float* scores, int64_t n, float top);
+/* out[i] = norm * sum_s p[s] rows[s][i] (rows of hd elements; p[s] == 0 skipped), rounded once. */
+static void weighted_rows(int bf16, const float* p, const void* rows, int64_t S, int64_t hd, float norm, void* out);
+
+/* ---- lm_linear ------------------------------------------------------------------------------ */
+
+/* Weight rows off a vector boundary. safetensors aligns tensor data to 8 bytes only, so most
+   checkpoint tensors start 8 to 56 bytes past a 64-byte line, and every load then straddles two
+   lines. At one activation row that hides under the memory stream; with several, each block is
+   read again from cache, split loads and all (Gemma-2B's mapped weights at 8 rows: 27 -> 32 GB/s
+   once aligned). Where the instruction set has masked loads (aligned_step > 0) and every row of a
+   part starts at the same offset `lead` past a boundary (the row length is a multiple of the
+   vector), the part is read from the boundary before its first element with the first `lead`
+   lanes masked off, and the activations are given the same offset: a copy of x with `lead` zeros
+   before each row (a few KB, made once per call and shared by the parts of equal lead). */
+static __thread char* shifted_rows;
+static __thread size_t shifted_size;
+static char* shifted_buffer(size_t bytes) {
+    if (shifted_size < bytes) {
+        free(shifted_rows);
+        shifted_size = (bytes + 63) / 64 * 64;
+        shifted_rows = aligned_alloc(64, shifted_size);
+        if (!shifted_rows) shifted_size = 0;
+    }
+    return shifted_rows;
+}
+
+/* y[M, ldy] (columns of all parts side by side). M <= 16, nparts <= 16. */
+void lm_linear(int kind, const void* x, int64_t M, int64_t K, const part_t* parts, int64_t nparts,
+               void* y, int64_t ldy) {
+    const int64_t width = 8; /* weight rows per parallel work item */
+    int64_t starts[16], firsts[16], total = 0, col = 0;
+    for (int64_t p = 0; p < nparts; p++) {
+        starts[p] = total; firsts[p] = col;
+        total += (parts[p].rows + width - 1) / width;
+        col += parts[p].rows;
+    }
+    const int x_bf16 = kind == BF16_BF16;
+    const size_t wsize = kind == F32_F32 ? 4 : 2, xsize = x_bf16 ? 2 : 4;
+    const int64_t step = aligned_step(kind), vbytes = step * (int64_t)wsize;
+    int64_t lead[16], ldx[16];
+    const char* xs[16];
+    size_t bytes = 0;
+    for (int64_t p = 0; p < nparts; p++) {
+        const uintptr_t at = (uintptr_t)parts[p].w;
+        lead[p] = step && (K * wsize) % vbytes == 0 && at % wsize == 0 ? (int64_t)(at % vbytes / wsize) : 0;
+        ldx[p] = lead[p] ? (lead[p] + K + step - 1) / step * step : K;
+        bytes += lead[p] ? M * ldx[p] * xsize : 0;
+    }
+    char* buffer = bytes ? shifted_buffer(bytes) : NULL;
+    for (int64_t p = 0, used = 0; p < nparts; p++) {
+        xs[p] = (const char*)x;
+        if (!lead[p]) continue;
+        if (!buffer) { lead[p] = 0; ldx[p] = K; continue; } /* no memory: unaligned loads */
+        int64_t q = 0;
+        while (q < p && lead[q] != lead[p]) q++;
+        if (q < p) { xs[p] = xs[q]; continue; }
+        char* rows = buffer + used;
+        for (int64_t m = 0; m < M; m++) {
+            char* row = rows + m * ldx[p] * xsize;
+            memset(row, 0, lead[p] * xsize);
+            memcpy(row + lead[p] * xsize, (const char*)x + m * K * xsize, K * xsize);
+            memset(row + (lead[p] + K) * xsize, 0, (ldx[p] - lead[p] - K) * xsize);
+        }
+        xs[p] = rows;
+        used += M * ldx[p] * xsize;
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < total; t++) {
+        int64_t p = nparts - 1;
+        while (starts[p] > t) p--;
+        const int64_t n0 = (t - starts[p]) * width;
+        const int64_t end = n0 + width < parts[p].rows ? n0 + width : parts[p].rows;
+        float out[16 * 8];
+        for (int64_t n = n0; n < end;) {
+            const int64_t left = end - n;
+            const int64_t nb = left >= 8 ? 8 : left >= 4 ? 4 : 1;
+            const char* rows = (const char*)parts[p].w + n * K * wsize;
+            const void* next = n + 16 <= parts[p].rows ? rows + 8 * K * wsize : NULL;
+            block(kind, xs[p], ldx[p], M, rows - lead[p] * wsize, K, lead[p] + K, lead[p], nb, out, next);
+            for (int64_t m = 0; m < M; m++) {
+                for (int64_t j = 0; j < nb; j++) {
+                    float v = out[m * nb + j];
+                    if (parts[p].bias) v += load_f32(parts[p].bias, n + j, x_bf16);
+                    store_f32(y, m * ldy + firsts[p] + n + j, x_bf16, v);
+                }
+            }
+            n += nb;
+        }
+    }
+}
+
+/* Tiles for instruction sets without the aligned path: MB rows of x times NB rows of W over span
+ * elements, accumulators (ACC) in registers, out[i * ldo + j]. XLOAD/WLOAD turn STEP elements at a
+ * pointer into vector values (XV/WV); the last partial step reads zero-padded copies, so nothing
+ * past a row is ever read. */
+#define PADDED_TILE(NAME, XT, WT, XV, WV, ACC, STEP, XLOAD, WLOAD, MAC, ZERO, REDUCE, MB, NB)          \
+static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(                            \
+    const XT* x, int64_t ldx, const WT* w, int64_t ldw, int64_t span, float* out, int64_t ldo) {        \
+    ACC acc[MB][NB];                                                                                   \
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = ZERO();                      \
+    int64_t k = 0;                                                                                     \
+    for (; k + STEP <= span; k += STEP) {                                                              \
+        XV xv[MB];                                                                                     \
+        for (int i = 0; i < MB; i++) xv[i] = XLOAD(x + i * ldx + k);                                   \
+        for (int j = 0; j < NB; j++) {                                                                 \
+            const WV wv = WLOAD(w + j * ldw + k);                                                      \
+            for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                        \
+        }                                                                                              \
+    }                                                                                                  \
+    if (k < span) {                                                                                    \
+        XT xt[MB][STEP] __attribute__((aligned(64)));                                                  \
+        WT wt[STEP] __attribute__((aligned(64)));                                                      \
+        memset(xt, 0, sizeof xt);                                                                      \
+        memset(wt, 0, sizeof wt);                                                                      \
+        XV xv[MB];                                                                                     \
+        for (int i = 0; i < MB; i++) {                                                                 \
+            memcpy(xt[i], x + i * ldx + k, (size_t)(span - k) * sizeof(XT));                           \
+            xv[i] = XLOAD(xt[i]);                                                                      \
+        }                                                                                              \
+        for (int j = 0; j < NB; j++) {                                                                 \
+            memcpy(wt, w + j * ldw + k, (size_t)(span - k) * sizeof(WT));                               \
+            const WV wv = WLOAD(wt);                                                                   \
+            for (int i = 0; i < MB; i++) acc[i][j] = MAC(acc[i][j], xv[i], wv);                        \
+        }                                                                                              \
+    }                                                                                                  \
+    for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * ldo + j] = REDUCE(acc[i][j]);    \
+}
+
+/* aligned_step() and block() for instruction sets whose tiles are PADDED_TILEs named tile_bb_*,
+ * tile_fb_* and tile_ff_* (one per kind) of sizes 2x8, 1x8, 1x4 and 1x1: pairs of activation rows
+ * over 8 weight rows, then single rows; 4- and 1-row blocks one activation row at a time. */
+#define PADDED_RUN(NAME, XT, WT)                                                                       \
+    {                                                                                                  \
+        const XT* xx = (const XT*)x; const WT* ww = (const WT*)w;                                      \
+        int64_t m = 0;                                                                                 \
+        if (nb == 8) {                                                                                 \
+            for (; m + 2 <= M; m += 2) tile_##NAME##_2_8(xx + m * ldx, ldx, ww, ldw, span, out + m * 8, 8); \
+            for (; m < M; m++) tile_##NAME##_1_8(xx + m * ldx, ldx, ww, ldw, span, out + m * 8, 8);    \
+        } else if (nb == 4) {                                                                          \
+            for (; m < M; m++) tile_##NAME##_1_4(xx + m * ldx, ldx, ww, ldw, span, out + m * 4, 4);    \
+        } else {                                                                                       \
+            for (; m < M; m++) tile_##NAME##_1_1(xx + m * ldx, ldx, ww, ldw, span, out + m, 1);        \
+        }                                                                                              \
+    }
+#define PADDED_BLOCK_FUNCTIONS                                                                         \
+    static int64_t aligned_step(int kind) { (void)kind; return 0; }                                    \
+    static void block(int kind, const void* x, int64_t ldx, int64_t M, const void* w, int64_t ldw,     \
+                      int64_t span, int64_t lead, int64_t nb, float* out, const void* next) {          \
+        (void)lead; (void)next;                                                                        \
+        if (kind == BF16_BF16) PADDED_RUN(bb, uint16_t, uint16_t)                                      \
+        else if (kind == F32_BF16) PADDED_RUN(fb, float, uint16_t)                                     \
+        else PADDED_RUN(ff, float, float)                                                              \
+    }
+
+/* ---- the decode step's elementwise and attention kernels --------------------------------------
+ * A decode step of a small model is dominated by per-operation overhead, not arithmetic: BLOOM's
+ * GELU is eight tensor operations and eager attention four, each a few microseconds, per layer.
+ * These do each in one call. They compute in float32 and round once. */
+
+/* out[r, i] = gelu_tanh(gate[r, i]) * (up ? up[r, i] : 1) over rows x n, rows strided.
+ * gelu_tanh(x) = x/2 (1 + tanh(y)) = x / (1 + e^(-2y)), y = sqrt(2/pi) (x + 0.044715 x^3):
+ * one exp and no cancellation near 0. */
+void lm_gelu_tanh_mul(int bf16, const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
+                      void* out, int64_t out_stride, int64_t rows, int64_t n) {
+    const int64_t chunks = (n + 255) / 256, size = bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    for (int64_t t = 0; t < rows * chunks; t++) {
+        const int64_t r = t / chunks, begin = (t % chunks) * 256, end = begin + 256 < n ? begin + 256 : n;
+        gelu_span(bf16, (const char*)gate + r * gate_stride * size,
+                  up ? (const char*)up + r * up_stride * size : NULL, (char*)out + r * out_stride * size, begin, end);
+    }
+}
+
+/* Attention of one new query per sequence over S cached keys (the decode step), every head:
+ *   out[b, h] = softmax_s(scale q[b,h].k[b,g,s] + bias[b*H+h, s], masked keys excluded) . v[b,g,s]
+ * with g = h / (H / KV) (grouped and multi-query attention read each KV head once per group).
+ * q[b,h] at q + b*q_bs + h*q_hs, keys at k + b*kv_bs + g*kv_hs + s*hd (values alike), bias rows
+ * (or NULL) bias_rs apart, mask (or NULL) a byte per key, mask_bs apart per sequence; out
+ * [B, H, hd] contiguous. scores: scratch of B*H*S floats. A row with every key masked gives
+ * zeros. */
+void lm_attend_one(int bf16, const void* q, int64_t q_bs, int64_t q_hs, const void* k, const void* v,
+                   int64_t kv_bs, int64_t kv_hs, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd,
+                   float scale, const void* bias, int64_t bias_rs, const uint8_t* mask, int64_t mask_bs,
+                   void* out, float* scores) {
+    const int64_t size = bf16 ? 2 : 4, groups = H / KV;
+    #pragma omp parallel for schedule(static) if (B * H * S * hd >= 32768)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / groups;
+        const char* qv = (const char*)q + (b * q_bs + h * q_hs) * size;
+        const char* keys = (const char*)k + (b * kv_bs + g * kv_hs) * size;
+        const char* values = (const char*)v + (b * kv_bs + g * kv_hs) * size;
+        const char* brow = bias ? (const char*)bias + bh * bias_rs * size : NULL;
+        float* sc = scores + bh * S;
+        float top = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            if (mask && !mask[b * mask_bs + s]) { sc[s] = -INFINITY; continue; }
+            float x = dot(bf16, qv, keys + s * hd * size, hd) * scale;
+            if (brow) x += load_f32(brow, s, bf16);
+            sc[s] = x;
+            if (x > top) top = x;
+        }
+        float total = 0.0f;
+        if (top > -INFINITY) total = exp_shifted_sum(sc, S, top);
+        else for (int64_t s = 0; s < S; s++) sc[s] = 0.0f;
+        weighted_rows(bf16, sc, values, S, hd, total > 0.0f ? 1.0f / total : 0.0f, (char*)out + bh * hd * size);
+    }
+}
+
+#endif

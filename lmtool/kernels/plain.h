@@ -1,0 +1,90 @@
+/* The elementwise and attention hooks of common.h in plain C, written so that the compiler
+ * vectorizes them for the instruction set it is given (-O3): loops of 16 independent lanes, no
+ * calls into libm (its expf is not vectorized). Used by avx2.c, neon.c and portable.c; avx512.c has
+ * hand-written ones. */
+#ifndef LMTOOL_KERNELS_PLAIN_H
+#define LMTOOL_KERNELS_PLAIN_H
+
+#include "common.h"
+
+#define LANES 16
+
+/* e^x as the vector versions compute it: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to
+ * degree 7 (relative error < 1e-8), times 2^n built in the exponent bits. Below -87.3 (where
+ * e^x is subnormal) and at -inf it gives 0. */
+static inline float exp_plain(float x) {
+    const float clamped = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
+    const float n = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+    float r = clamped - n * 0.693145751953125f;
+    r = r - n * 1.42860682030941723212e-6f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return x < -87.3f ? 0.0f : p * scale;
+}
+
+static void gelu_span(int bf16, const void* gate, const void* up, void* out, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+        const float x = load_f32(gate, i, bf16);
+        const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        float v = x / (1.0f + exp_plain(-2.0f * y));
+        if (up) v *= load_f32(up, i, bf16);
+        store_f32(out, i, bf16, v);
+    }
+}
+
+static float dot(int bf16, const void* a, const void* b, int64_t n) {
+    float acc[LANES] = {0};
+    int64_t i = 0;
+    if (bf16) {
+        const uint16_t *pa = a, *pb = b;
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += bf16_to_f32(pa[i + l]) * bf16_to_f32(pb[i + l]);
+    } else {
+        const float *pa = a, *pb = b;
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++) acc[l] += pa[i + l] * pb[i + l];
+    }
+    float total = 0.0f;
+    for (; i < n; i++) total += load_f32(a, i, bf16) * load_f32(b, i, bf16);
+    for (int l = 0; l < LANES; l++) total += acc[l];
+    return total;
+}
+
+static float exp_shifted_sum(float* sc, int64_t S, float top) {
+    float total = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        sc[s] = exp_plain(sc[s] - top);
+        total += sc[s];
+    }
+    return total;
+}
+
+static void weighted_rows(int bf16, const float* sc, const void* values, int64_t S, int64_t hd, float norm, void* o) {
+    for (int64_t i = 0; i < hd; i += 64) { /* 64 accumulators at a time */
+        float acc[64] = {0};
+        const int64_t width = hd - i < 64 ? hd - i : 64;
+        for (int64_t s = 0; s < S; s++) {
+            if (sc[s] == 0.0f) continue;
+            const float p = sc[s];
+            if (bf16) {
+                const uint16_t* row = (const uint16_t*)values + s * hd + i;
+                for (int64_t l = 0; l < width; l++) acc[l] += p * bf16_to_f32(row[l]);
+            } else {
+                const float* row = (const float*)values + s * hd + i;
+                for (int64_t l = 0; l < width; l++) acc[l] += p * row[l];
+            }
+        }
+        for (int64_t l = 0; l < width; l++) store_f32(o, i + l, bf16, acc[l] * norm);
+    }
+}
+
+#endif

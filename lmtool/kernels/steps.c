@@ -1,0 +1,212 @@
+/* lmtool's recurrent decode-step kernels: the one-token steps of the causal convolution, the
+ * RG-LRU (RecurrentGemma) and the Mamba2 state update (Zamba2), each one pass over its data.
+ *
+ * Why: at batch 1 these steps are a few thousand elements (the Mamba2 state a megabyte per layer),
+ * and as PyTorch operations each costs a dozen allocations and passes; in a 1-2B model they took a
+ * sixth to a third of the decode step. Here each is one call.
+ *
+ * Rounding: every intermediate that PyTorch rounds to bfloat16 (the model dtype) is rounded here at
+ * the same place, to nearest even, so a bfloat16 model's outputs match PyTorch's operations to the
+ * last bit except where the library functions (exp, sqrt) differ by an ulp before that rounding.
+ * `bf` selects bfloat16 (1) or float32 (0) activations; float32 rounds nowhere. Build with
+ * -ffp-contract=off: PyTorch rounds a product before adding it, and so must these loops.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+static inline float bf_to_f(bf16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16_t f_to_bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t nan = (u & 0x7fffffffu) > 0x7f800000u;
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (bf16_t)(nan ? ((u >> 16) | 0x40u) : rounded);
+}
+
+/* Rounding to the model dtype: to bfloat16 and back, or nothing for float32. */
+static inline float rnd(float v, int bf) { return bf ? bf_to_f(f_to_bf(v)) : v; }
+static inline float ld(const void *p, int64_t i, int bf) {
+    return bf ? bf_to_f(((const bf16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(void *p, int64_t i, float v, int bf) {
+    if (bf) ((bf16_t *)p)[i] = f_to_bf(v);
+    else ((float *)p)[i] = v;
+}
+
+/* exp(x) in float32 to about 1 ulp, branch-free so that loops over it vectorize (libm's expf is a
+ * call per element): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+ * (error under 2^-24 there), 2^n put into the exponent bits. Inputs beyond the float range
+ * saturate to 0 or +inf as expf does. */
+static inline float exp_f32(float x) {
+    x = x < -103.0f ? -103.0f : (x > 89.0f ? 89.0f : x);
+    /* n = x / ln2 rounded to an integer: adding and subtracting 1.5 * 2^23 rounds (to nearest)
+     * without a call, which a vector loop could not make */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693145751953125f;       /* ln2 in two parts: the first exact in float */
+    r = r - n * 1.428606765330187e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    /* 2^n in two factors, so that n down to -150 (subnormal results) and up to 128 stay exact */
+    int32_t half = (int32_t)n / 2;
+    uint32_t e1 = (uint32_t)(half + 127) << 23, e2 = (uint32_t)((int32_t)n - half + 127) << 23;
+    float s1, s2;
+    memcpy(&s1, &e1, 4);
+    memcpy(&s2, &e2, 4);
+    return p * s1 * s2;
+}
+
+static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
+/* --- causal depthwise convolution, one step ------------------------------------------------
+ * y[b, c] = bias[c] + sum_k history[b, k, c] w[k, c], history = (state[b, 0..K-2, c], x[b, c]):
+ * each product rounded, the sum in float32 rounded once, then the bias added and rounded (as
+ * `(history * weight.T).sum(1) + bias`); silu != 0 then applies SiLU (rounded). The state (the
+ * last K-1 inputs, model dtype, [B, K-1, C] contiguous) shifts by one in place. x and y rows have
+ * strides x_stride and y_stride (elements); w [K, C] float32 (the conv weight transposed, so
+ * every loop runs along channels); bias (model dtype) may be NULL. */
+#define CONV_TILE 256
+
+static inline __attribute__((always_inline)) void conv_step_body(
+    int bf, const void *x, int64_t x_stride, void *state, const float *w, const void *bias, int64_t B,
+    int64_t K, int64_t C, int silu, void *y, int64_t y_stride) {
+    int64_t size = bf ? 2 : 4;
+    for (int64_t b = 0; b < B; b++) {
+        char *s = (char *)state + b * (K - 1) * C * size;
+        for (int64_t c0 = 0; c0 < C; c0 += CONV_TILE) {
+            int64_t width = C - c0 < CONV_TILE ? C - c0 : CONV_TILE;
+            float acc[CONV_TILE], xv[CONV_TILE];
+            for (int64_t c = 0; c < width; c++) {
+                xv[c] = ld(x, b * x_stride + c0 + c, bf);
+                acc[c] = 0.0f;
+            }
+            for (int64_t k = 0; k < K - 1; k++)
+                for (int64_t c = 0; c < width; c++) acc[c] += rnd(ld(s, k * C + c0 + c, bf) * w[k * C + c0 + c], bf);
+            for (int64_t c = 0; c < width; c++) {
+                float v = rnd(acc[c] + rnd(xv[c] * w[(K - 1) * C + c0 + c], bf), bf);
+                if (bias) v = rnd(v + ld(bias, c0 + c, bf), bf);
+                if (silu) v = rnd(v * sigmoid(v), bf);
+                st(y, b * y_stride + c0 + c, v, bf);
+            }
+        }
+        /* the window moves on by one input */
+        if (K > 1) {
+            memmove(s, s + C * size, (K - 2) * C * size);
+            for (int64_t c = 0; c < C; c++) st(s, (K - 2) * C + c, ld(x, b * x_stride + c, bf), bf);
+        }
+    }
+}
+
+void lm_conv_step(int bf, const void *x, int64_t x_stride, void *state, const float *w, const void *bias,
+                  int64_t B, int64_t K, int64_t C, int silu, void *y, int64_t y_stride) {
+    if (bf) conv_step_body(1, x, x_stride, state, w, bias, B, K, C, silu, y, y_stride);
+    else conv_step_body(0, x, x_stride, state, w, bias, B, K, C, silu, y, y_stride);
+}
+
+/* --- RG-LRU, one step ------------------------------------------------------------------------
+ * From the two gates before their sigmoid (model dtype, rows of L with strides gi_stride and
+ * gr_stride), the input x, and softplus(recurrent_param) in the model dtype (sp [L]):
+ *   log_a = (-8 sigmoid(g_r)) sp;  a = exp(log_a);  m = sqrt(1 - exp(2 log_a))
+ *   (a row at its sequence's start, positions[b] == 0: a = 0, m = 1)
+ *   h = a h0 + (x sigmoid(g_i)) m   with h0, h float32 (state [B, L], updated in place);
+ * out [B, L] = h in the model dtype. Each model-dtype operation rounded as PyTorch does. */
+static inline __attribute__((always_inline)) void rglru_step_body(
+    int bf, const void *x, int64_t x_stride, const void *gi, int64_t gi_stride, const void *gr, int64_t gr_stride,
+    const void *sp, const int64_t *positions, int64_t positions_stride, float *h, int64_t B, int64_t L, void *out) {
+    for (int64_t b = 0; b < B; b++) {
+        int starts = positions && positions[b * positions_stride] == 0;
+        for (int64_t j = 0; j < L; j++) {
+            float input_gate = rnd(sigmoid(ld(gi, b * gi_stride + j, bf)), bf);
+            float recurrent_gate = rnd(sigmoid(ld(gr, b * gr_stride + j, bf)), bf);
+            float log_a = rnd(-8.0f * recurrent_gate * ld(sp, j, bf), bf); /* -8 g is exact */
+            float a = rnd(exp_f32(log_a), bf);
+            float m = rnd(sqrtf(rnd(1.0f - rnd(exp_f32(2.0f * log_a), bf), bf)), bf);
+            if (starts) { a = 0.0f; m = 1.0f; }
+            float normalized = rnd(rnd(ld(x, b * x_stride + j, bf) * input_gate, bf) * m, bf);
+            float decayed = a * h[b * L + j];
+            float next = decayed + normalized;
+            h[b * L + j] = next;
+            st(out, b * L + j, next, bf);
+        }
+    }
+}
+
+void lm_rglru_step(int bf, const void *x, int64_t x_stride, const void *gi, int64_t gi_stride, const void *gr,
+                   int64_t gr_stride, const void *sp, const int64_t *positions, int64_t positions_stride, float *h,
+                   int64_t B, int64_t L, void *out) {
+    if (bf) rglru_step_body(1, x, x_stride, gi, gi_stride, gr, gr_stride, sp, positions, positions_stride, h, B, L, out);
+    else rglru_step_body(0, x, x_stride, gi, gi_stride, gr, gr_stride, sp, positions, positions_stride, h, B, L, out);
+}
+
+/* --- Mamba2 state update, one step -------------------------------------------------------------
+ * Per row b and head h (of H, P channels each, group g = h / (H / G)), with the state S [P, N]
+ * float32 (state [B, H, P, N], updated in place):
+ *   S = exp(dt A_h) S + (dt B_g) x_p          (dt B and its product with x rounded)
+ *   y_p = S_rounded . C_g  (+ x_p D_h)        (float32 sum, rounded; then the D term as PyTorch)
+ * x rows [B, H*P] with stride x_stride, dt [B, H] with stride dt_stride, B and C rows [B, G*N]
+ * with strides b_stride and c_stride, A [H] float32, D [H] model dtype or NULL, y [B, H*P] contiguous. */
+#define MAX_STATE 512
+
+static inline __attribute__((always_inline)) void ssd_step_head(
+    int bf, float *S, const void *x, int64_t x_off, float dt, float decay, const void *Bm, int64_t b_off,
+    const void *Cm, int64_t c_off, float d, int has_d, int64_t P, int64_t N, void *y, int64_t y_off) {
+    float dtB[MAX_STATE], c[MAX_STATE], rounded[MAX_STATE];
+    for (int64_t n = 0; n < N; n++) {
+        dtB[n] = rnd(dt * ld(Bm, b_off + n, bf), bf);
+        c[n] = ld(Cm, c_off + n, bf);
+    }
+    for (int64_t p = 0; p < P; p++) {
+        float xv = ld(x, x_off + p, bf);
+        float *row = S + p * N;
+        for (int64_t n = 0; n < N; n++) {
+            float decayed = row[n] * decay;
+            float next = decayed + rnd(dtB[n] * xv, bf);
+            row[n] = next;
+            rounded[n] = rnd(next, bf);
+        }
+        /* The dot product over 16 partial sums, so it vectorizes (PyTorch's matmul fixes no
+         * order of summation either). */
+        float part[16] = {0};
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16)
+            for (int i = 0; i < 16; i++) part[i] += rounded[n + i] * c[n + i];
+        float acc = 0.0f;
+        for (int i = 0; i < 16; i++) acc += part[i];
+        for (; n < N; n++) acc += rounded[n] * c[n];
+        float v = rnd(acc, bf);
+        if (has_d) v = rnd(v + rnd(xv * d, bf), bf);
+        st(y, y_off + p, v, bf);
+    }
+}
+
+int lm_ssd_step(int bf, float *state, const void *x, int64_t x_stride, const void *dt, int64_t dt_stride,
+                const float *A, const void *Bm, int64_t b_stride, const void *Cm, int64_t c_stride, const void *D,
+                int64_t Bsz, int64_t H, int64_t G, int64_t P, int64_t N, void *y) {
+    if (N > MAX_STATE) return -1;
+    int64_t R = H / G;
+#pragma omp parallel for schedule(static) if (Bsz * H * P * N >= 65536)
+    for (int64_t bh = 0; bh < Bsz * H; bh++) {
+        int64_t b = bh / H, h = bh % H, g = h / R;
+        float dtv = ld(dt, b * dt_stride + h, bf);
+        float decay = exp_f32(dtv * A[h]);
+        float d = D ? ld(D, h, bf) : 0.0f;
+        float *S = state + bh * P * N;
+        int64_t x_off = b * x_stride + h * P, b_off = b * b_stride + g * N, c_off = b * c_stride + g * N;
+        if (bf) ssd_step_head(1, S, x, x_off, dtv, decay, Bm, b_off, Cm, c_off, d, D != 0, P, N, y, bh * P);
+        else ssd_step_head(0, S, x, x_off, dtv, decay, Bm, b_off, Cm, c_off, d, D != 0, P, N, y, bh * P);
+    }
+    return 0;
+}

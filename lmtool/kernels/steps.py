@@ -1,0 +1,183 @@
+"""The recurrent families' decode steps as single native calls (source: steps.c).
+
+A one-token step of a recurrent layer is a few thousand elements (the Mamba2 state a megabyte
+per layer at batch 1); as PyTorch operations it is dozens of small calls, each allocating and
+passing over its data, which cost RecurrentGemma-2B and Zamba2-1.2B a sixth to a third of
+their decode step. Each function here is one pass and rounds where PyTorch's operations round
+(see steps.c), so it stands in for them exactly in bfloat16 and to float32 rounding in float32.
+
+The source is plain C that the compiler vectorizes for the CPU it runs on (`-march=native`;
+`LMTOOL_ISA=portable` builds it without), the same code on x86 and ARM. It is built into the
+kernel cache under a hash of the source, compiler, flags and CPU the first time a recurrent
+model steps, in under a second. Callers check `usable()` and keep PyTorch's operations when it
+is False: no compiler, LMTOOL_NATIVE=0, autograd, or tensors it does not take.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from . import compiler, kernel_cache
+
+SOURCE = Path(__file__).with_name("steps.c")
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+MAX_STATE = 512  # largest Mamba2 state size the kernel takes (steps.c MAX_STATE)
+
+_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+ARGTYPES = {
+    "lm_conv_step": ([_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64], None),
+    "lm_rglru_step": ([_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr], None),
+    "lm_ssd_step": (
+        [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr], _int,
+    ),
+}
+
+
+def cpu_signature() -> str:
+    """What a -march=native build depends on: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+def flags() -> list[str]:
+    native = [] if os.environ.get("LMTOOL_ISA") == "portable" else ["-march=native"]
+    return [*FLAGS, *native]
+
+
+def build(cc: str) -> Path:
+    source = SOURCE.read_text()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([source, version, cpu_signature(), *flags()]).encode()).hexdigest()[:16]
+    target = kernel_cache() / f"lm_steps-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([cc, *flags(), str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, timeout=300)
+        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
+    return target
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    if os.environ.get("LMTOOL_NATIVE", "1") == "0":
+        return None
+    cc = compiler()
+    if cc is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cc)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for name, (argtypes, restype) in ARGTYPES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """CPU tensors of one model dtype (bfloat16 or float32; state tensors may be float32), no
+    autograd, and the library built."""
+    present = [t for t in tensors if t is not None]
+    return (
+        present[0].device.type == "cpu"
+        and present[0].dtype in (torch.bfloat16, torch.float32)
+        and all(t.device.type == "cpu" for t in present)
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+        and library() is not None
+    )
+
+
+def rows(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
+    """x [..., width] as rows of width with a unit inner stride: (tensor, row stride); copied only
+    when its layout does not allow that."""
+    flat = x.reshape(-1, width) if x.dim() != 2 else x
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return flat, flat.stride(0) if flat.shape[0] > 1 else width
+
+
+def conv_step(
+    x: torch.Tensor, state: torch.Tensor, weight_kc: torch.Tensor, bias: torch.Tensor | None, silu: bool = False
+) -> torch.Tensor:
+    """One step of the depthwise causal convolution: x [B,1,C] (rows may be strided), state
+    [B,K-1,C] contiguous in x's dtype (shifted in place), weight_kc [K,C] float32, bias [C] in x's
+    dtype or None -> [B,1,C] (SiLU applied when silu)."""
+    B, _, C = x.shape
+    K = weight_kc.shape[0]
+    flat, stride = rows(x, C)
+    out = torch.empty(B, 1, C, dtype=x.dtype)
+    library().lm_conv_step(
+        int(x.dtype == torch.bfloat16), flat.data_ptr(), stride, state.data_ptr(), weight_kc.data_ptr(),
+        bias.data_ptr() if bias is not None else None, B, K, C, int(silu), out.data_ptr(), C,
+    )
+    return out
+
+
+def rglru_step(
+    x: torch.Tensor,
+    input_gate: torch.Tensor,
+    recurrent_gate: torch.Tensor,
+    softplus_param: torch.Tensor,
+    positions: torch.Tensor | None,
+    h: torch.Tensor,
+) -> torch.Tensor:
+    """One RG-LRU step: x and the two gates before their sigmoid [B,L] (rows may be strided),
+    softplus(recurrent_param) [L] in x's dtype, positions [B] or [B,1] int64 (a row at position 0
+    starts its sequence: nothing before it carries over) or None, h [B,L] float32 (updated in
+    place) -> the new h in x's dtype [B,L]."""
+    B, L = h.shape
+    xs, x_stride = rows(x, L)
+    gi, gi_stride = rows(input_gate, L)
+    gr, gr_stride = rows(recurrent_gate, L)
+    out = torch.empty(B, L, dtype=x.dtype)
+    library().lm_rglru_step(
+        int(x.dtype == torch.bfloat16), xs.data_ptr(), x_stride, gi.data_ptr(), gi_stride, gr.data_ptr(), gr_stride,
+        softplus_param.data_ptr(), positions.data_ptr() if positions is not None else None,
+        positions.stride(0) if positions is not None else 0, h.data_ptr(), B, L,
+        out.data_ptr(),
+    )
+    return out
+
+
+def ssd_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+) -> torch.Tensor:
+    """One Mamba2 step (lmtool.recurrent.ssd_step's arithmetic): state [b,H,P,N] float32 (updated
+    in place), x [b,H*P], dt [b,H] after softplus, B and C [b,G*N] (rows may be strided views of
+    one projection), A [H] float32, D [H] or None -> y [b,H,P] in x's dtype."""
+    b, H, P, N = state.shape
+    G = B.shape[-1] // N
+    xs, x_stride = rows(x, H * P)
+    dts, dt_stride = rows(dt, H)
+    Bs, b_stride = rows(B, G * N)
+    Cs, c_stride = rows(C, G * N)
+    y = torch.empty(b, H, P, dtype=x.dtype)
+    status = library().lm_ssd_step(
+        int(x.dtype == torch.bfloat16), state.data_ptr(), xs.data_ptr(), x_stride, dts.data_ptr(), dt_stride,
+        A.data_ptr(), Bs.data_ptr(), b_stride, Cs.data_ptr(), c_stride, D.data_ptr() if D is not None else None,
+        b, H, G, P, N, y.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"ssd_step: state size {N} above {MAX_STATE}")
+    return y
