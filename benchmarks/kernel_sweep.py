@@ -6,11 +6,15 @@ with this tree's in one process (the order swapped every round): the host's memo
 drifts by a third within minutes, so only alternated numbers compare. The outputs are compared as
 well; kernels that lay their sums out differently may differ in the last bit.
 
+With --isa the kernels of several instruction sets this CPU has (lmtool.kernels.ISAS) alternate
+the same way; --matrix N,K times one random N x K weight matrix instead of a model's layers.
+
 From the repository root:
 
     python benchmarks/kernel_sweep.py --preset gemma-2b --rows 1,8
     python benchmarks/kernel_sweep.py --preset gemma-2b --rows 8 --against HEAD~1
     python benchmarks/kernel_sweep.py path/to/model --dtype float32 --repeat 10
+    python benchmarks/kernel_sweep.py --matrix 16384,8192 --isa avx512,avx2,portable --rows 1,8
 """
 
 from __future__ import annotations
@@ -34,20 +38,30 @@ from lmtool.inference import NativeLinear
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def revision_source(revision: str) -> str:
-    """The kernels' C source as lmtool/native.py holds it at a git revision (read, not run)."""
+def git_show(revision: str, path: str) -> str | None:
     try:
-        done = subprocess.run(
-            ["git", "show", f"{revision}:lmtool/native.py"], capture_output=True, text=True, cwd=ROOT
-        )
+        done = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True, cwd=ROOT)
     except OSError as exc:
         raise SystemExit(f"kernel_sweep: cannot run git: {exc}") from None
     if done.returncode != 0:
-        raise SystemExit(f"kernel_sweep: cannot read lmtool/native.py at '{revision}': {done.stderr.strip()}")
-    for node in ast.parse(done.stdout).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SOURCE" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise SystemExit(f"kernel_sweep: lmtool/native.py at '{revision}' has no kernel SOURCE")
+        if "exists on disk, but not in" in done.stderr or "does not exist in" in done.stderr:
+            return None
+        raise SystemExit(f"kernel_sweep: cannot read {path} at '{revision}': {done.stderr.strip()}")
+    return done.stdout
+
+
+def revision_sources(revision: str, isa: kernels.Isa) -> dict[str, str]:
+    """An ISA's kernel sources (file name -> text) at a git revision (read, not run): the files of
+    lmtool/kernels/, or, before they existed, the AVX-512 SOURCE string of lmtool/native.py."""
+    files = {name: git_show(revision, f"lmtool/kernels/{name}") for name in (*kernels.HEADERS, isa.source)}
+    if all(text is not None for text in files.values()):
+        return files
+    legacy = git_show(revision, "lmtool/native.py")
+    if legacy is not None and isa.name == "avx512":
+        for node in ast.parse(legacy).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "SOURCE" for t in node.targets):
+                return {isa.source: ast.literal_eval(node.value)}
+    raise SystemExit(f"kernel_sweep: no {isa.name} kernel source at '{revision}'")
 
 
 @dataclass
@@ -63,10 +77,9 @@ def native_layers(model: torch.nn.Module) -> list[NativeLinear]:
     return layers + [s for s in head_slices if isinstance(s, NativeLinear)]
 
 
-def layer_calls(layers: list[NativeLinear], rows: int, dtype: torch.dtype) -> list[Call]:
+def layer_calls(layers: list[kernels.NativeParts], rows: int, dtype: torch.dtype) -> list[Call]:
     return [
-        Call(layer.kernel, torch.randn(rows, layer.in_features).to(dtype),
-             torch.empty(rows, layer.out_features, dtype=dtype))
+        Call(layer, torch.randn(rows, layer.in_features).to(dtype), torch.empty(rows, layer.out_features, dtype=dtype))
         for layer in layers
     ]
 
@@ -103,18 +116,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", default="1,8", help="activation rows per call, comma-separated (<= 16)")
     parser.add_argument("--repeat", type=int, default=6, help="timed rounds (>= 1)")
     parser.add_argument("--against", metavar="REV", help="also run the kernels of this git revision")
+    parser.add_argument("--isa", help="instruction sets to alternate, comma-separated (default: the one in use)")
+    parser.add_argument("--matrix", metavar="N,K", help="one random N x K weight matrix instead of a model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory read bandwidth probe")
     args = parser.parse_args(argv)
-    if bool(args.model) == bool(args.preset):
-        parser.error("give a model folder or --preset")
+    if (bool(args.model) + bool(args.preset) + bool(args.matrix)) != 1:
+        parser.error("give a model folder, --preset or --matrix")
     rows_list = [int(r) for r in args.rows.split(",")]
     if any(not 1 <= r <= kernels.MAX_ROWS for r in rows_list):
         parser.error(f"--rows must be between 1 and {kernels.MAX_ROWS}")
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
-    if not kernels.available():
-        raise SystemExit("kernel_sweep: the native kernels are not available here (see lmtool/native.py)")
+    isas = [kernels.active_isa()] if not args.isa else [kernels.BY_NAME.get(n.strip()) for n in args.isa.split(",")]
+    if args.isa and (None in isas or not all(kernels.runs_here(i) for i in isas)):
+        parser.error(f"--isa: choose among those this CPU has: {', '.join(i.name for i in kernels.ISAS if kernels.runs_here(i))}")
+    if isas[0] is None:
+        raise SystemExit("kernel_sweep: the native kernels are not available here (see lmtool/kernels/__init__.py)")
+    args.isas = isas
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -124,29 +143,41 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(args: argparse.Namespace, rows_list: list[int]) -> dict:
-    folder = args.model or bench.random_checkpoint(args.preset, bench.preset_config(args.preset))
-    lm = lmtool.load(folder, task="causal-lm", dtype=args.dtype, tokenizer=False)
-    layers = native_layers(lm.model)
-    if not layers:
-        raise SystemExit(f"kernel_sweep: {folder}: no layer runs on the native kernels at {args.dtype}")
+    dtype = getattr(torch, args.dtype)
+    if args.matrix:
+        n, k = (int(v) for v in args.matrix.split(","))
+        folder = f"random {n} x {k} matrix"
+        weight = torch.randn(n, k, dtype=dtype)
+        layers = [kernels.NativeParts([weight], [None], dtype)]
+    else:
+        folder = args.model or bench.random_checkpoint(args.preset, bench.preset_config(args.preset))
+        lm = lmtool.load(folder, task="causal-lm", dtype=args.dtype, tokenizer=False)
+        layers = [layer.kernel for layer in native_layers(lm.model)]
+        dtype = lm.dtype
+        if not layers:
+            raise SystemExit(f"kernel_sweep: {folder}: no layer runs on the native kernels at {args.dtype}")
     nbytes = sum(w.numel() * w.element_size() for layer in layers for w in layer.weights)
-    libraries = {"this tree": kernels.library()}
+    # The first is the reference the others' outputs are compared with.
+    libraries = {"this tree" if len(args.isas) == 1 else isa.name: kernels.library_for(isa.name) for isa in args.isas}
     if args.against:
-        libraries[args.against] = kernels.load_library(kernels.build(kernels.compiler(), revision_source(args.against)))
+        sources = revision_sources(args.against, args.isas[0])
+        libraries[args.against] = kernels.load_library(kernels.build(kernels.compiler(), args.isas[0], sources))
     size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
     print(f"{folder}: {len(layers)} native layers, {size} of weights, {args.dtype}, "
-          f"{args.threads} threads, medians of {args.repeat} alternating rounds")
+          f"{args.threads} threads, medians of {args.repeat} alternating rounds, kernels: "
+          f"{', '.join(isa.name for isa in args.isas)}")
     report: dict = {"bandwidth_gbps": [], "rows": {}}
     if not args.no_bandwidth:
         report["bandwidth_gbps"].append(bench.memory_read_bandwidth(args.threads))
     for rows in rows_list:
-        rates, outputs = sweep(libraries, layer_calls(layers, rows, lm.dtype), nbytes, args.repeat)
-        reference = outputs["this tree"]
+        rates, outputs = sweep(libraries, layer_calls(layers, rows, dtype), nbytes, args.repeat)
+        reference = outputs[next(iter(libraries))]
         report["rows"][rows] = {}
         for name, values in rates.items():
             difference = (outputs[name] - reference).abs().max().item()
             report["rows"][rows][name] = {"median_gbps": statistics.median(values), "max_abs_diff": difference}
-            same = "" if name == "this tree" else f"   outputs: max |Δ| vs this tree {difference:.3g}"
+            reference_name = next(iter(libraries))
+            same = "" if name == reference_name else f"   outputs: max |Δ| vs {reference_name} {difference:.3g}"
             print(f"{rows:3d} rows  {name:<12} {statistics.median(values):6.1f} GB/s "
                   f"[{min(values):.1f}–{max(values):.1f}]{same}")
     if not args.no_bandwidth:

@@ -236,7 +236,10 @@ def test_kernel_sweep_alternates_two_kernel_builds_and_compares_their_outputs(tm
     sweep = kernel_sweep(monkeypatch)
     # Another revision's source, as git would give it: the same kernels with a different text, so a
     # second shared object is built and loaded beside this tree's.
-    monkeypatch.setattr(sweep, "revision_source", lambda rev: lmtool.kernels.SOURCE + f"\n/* {rev} */\n")
+    monkeypatch.setattr(
+        sweep, "revision_sources",
+        lambda rev, isa: {**lmtool.kernels.package_sources(isa), "common.h": lmtool.kernels.package_sources(isa)["common.h"] + f"\n/* {rev} */\n"},
+    )
     folder = random_checkpoint("tiny", TINY_GEMMA, "bfloat16", tmp_path)
     threads = torch.get_num_threads()
     report = sweep.main([str(folder), "--rows", "1,3", "--repeat", "2", "--against", "other", "--threads", "1"])
@@ -256,6 +259,12 @@ def test_kernel_sweep_reads_a_revisions_kernel_source_from_git(monkeypatch):
     sweep = kernel_sweep(monkeypatch)
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=sweep.ROOT, capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    assert "void lm_linear(" in sweep.revision_source("HEAD")
-    with pytest.raises(SystemExit, match="cannot read lmtool/native.py at 'no-such-rev'"):
-        sweep.revision_source("no-such-rev")
+    for isa in lmtool.kernels.ISAS:
+        sources = sweep.revision_sources("HEAD", isa)
+        assert "void lm_linear(" in sources["common.h"] and isa.source in sources
+    # before lmtool/kernels/ existed: the AVX-512 source string of lmtool/native.py
+    if subprocess.run(["git", "cat-file", "-e", "fb9805e"], cwd=sweep.ROOT, capture_output=True).returncode == 0:
+        legacy = sweep.revision_sources("fb9805e", lmtool.kernels.BY_NAME["avx512"])
+        assert list(legacy) == ["avx512.c"] and "void lm_linear(" in legacy["avx512.c"]
+    with pytest.raises(SystemExit, match="cannot read lmtool/kernels/common.h at 'no-such-rev'"):
+        sweep.revision_sources("no-such-rev", lmtool.kernels.BY_NAME["avx2"])
