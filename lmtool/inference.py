@@ -131,6 +131,10 @@ class NativeLinear(FrozenLinear):
         self.weights = weights
         self.scratch = scratch
         self.kernel = kernels.NativeParts(weights, biases, dtype)
+        # Prefill of a bfloat16 model on a CPU without native bfloat16 matmul (AVX2, NEON without
+        # BF16): PyTorch would emulate bfloat16 at a fraction of float32's speed, so the product is
+        # taken in float32 from weights widened a slice at a time, and rounded once at the end.
+        self.compute_dtype = torch.float32 if dtype == torch.bfloat16 and not kernels.fast_bf16_matmul() else dtype
         self.in_features = self.kernel.in_features
         self.out_features = self.kernel.out_features
 
@@ -150,12 +154,17 @@ class NativeLinear(FrozenLinear):
         return super().forward(x)
 
     def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if weight.dtype == x.dtype:
+        compute = self.compute_dtype
+        if weight.dtype == x.dtype == compute:
             return F.linear(x, weight, bias)
-        # bfloat16 weights of a float32 model: cast a slice at a time, not the whole matrix.
-        outs = [F.linear(x, self.scratch.cast(rows, x.dtype)) for rows in row_slices(weight, x.dtype)]
+        # bfloat16 weights of a float32 model, or a bfloat16 model computed in float32: cast a
+        # slice at a time into the shared scratch, not the whole matrix.
+        wide = x.to(compute)
+        outs = [F.linear(wide, self.scratch.cast(rows, compute)) for rows in row_slices(weight, compute)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        return out if bias is None else out + bias
+        if bias is not None:
+            out = out + bias.to(compute)
+        return out.to(x.dtype)
 
     def dense_weights(self) -> list[torch.Tensor]:
         return [w.to(self.dtype) for w in self.weights]
@@ -348,7 +357,8 @@ def load_frozen(model: nn.Module, source: WeightSource) -> None:
     backbone = model.backbone
     attr = next(n for n, m in backbone.named_children() if m is backbone.embed_tokens)
     embedding_name = f"{model.backbone_prefix}.{attr}.weight"
-    if model.task == "causal-lm":
+    # A quantized head or embedding was swapped in already (lmtool.quantize.linear) and is not in source.
+    if model.task == "causal-lm" and source.has(embedding_name if model.tied else f"{model.head_name}.weight"):
         freeze_head(model, source, embedding_name)
     for prefix, module in list(model.named_modules()):
         prefix = f"{prefix}." if prefix else ""
@@ -365,7 +375,7 @@ def load_frozen(model: nn.Module, source: WeightSource) -> None:
         freeze = getattr(module, "freeze", None)
         if callable(freeze):
             freeze(source, f"{prefix}." if prefix else "")
-    table = source.tensors[embedding_name]
-    if table.dtype != source.dtype:
+    table = source.tensors.get(embedding_name)
+    if table is not None and table.dtype != source.dtype:
         setattr(backbone, attr, CastEmbedding(table, source.dtype))
         source.done([embedding_name], copied=False)

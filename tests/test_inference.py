@@ -73,6 +73,25 @@ def test_frozen_model_matches_plain_linear_layers(checkpoint, backend, dtype):
     assert (ours - reference).abs().max().item() <= tol
 
 
+@needs_native
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_bfloat16_prefill_runs_in_float32_without_native_bfloat16_matmul(checkpoint, monkeypatch, native_bf16):
+    """On a CPU without native bfloat16 matmul, PyTorch's bfloat16 F.linear is emulated (slow):
+    prefill takes the product in float32 from widened weights, within the bfloat16 tolerance."""
+    monkeypatch.setattr(kernels, "fast_bf16_matmul", lambda: native_bf16)
+    frozen = lmtool.load(checkpoint, dtype="bfloat16", tokenizer=False)
+    plain = lmtool.load(checkpoint, dtype="bfloat16", tokenizer=False, frozen=False)
+    seen: list[torch.dtype] = []
+    linear = F.linear
+    monkeypatch.setattr(inference.F, "linear", lambda x, w, b=None: seen.append(w.dtype) or linear(x, w, b))
+    ids = torch.randint(0, 80, (3, 9))  # 27 rows: over kernels.MAX_ROWS, the prefill path
+    ours = logits(frozen, ids)
+    monkeypatch.setattr(inference.F, "linear", linear)
+    reference = logits(plain, ids)
+    assert seen and set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
+    assert (ours - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
+
+
 def test_frozen_state_dict_keeps_checkpoint_names_dtypes_and_values(checkpoint, backend):
     for dtype in ("float32", "bfloat16"):
         frozen = lmtool.load(checkpoint, dtype=dtype, tokenizer=False).model.checkpoint_state_dict()
