@@ -23,6 +23,8 @@ from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, LmtoolError
 from .heads import TaskModel
 from .inference import WeightSource, backend_for, load_frozen
+from .quantize.format import quantized_modules
+from .quantize.linear import QuantizedEmbedding, swap_quantized
 from .registry import Family, check_task, families, get_family
 from .tokenizer import Tokenizer
 
@@ -162,8 +164,12 @@ def load_weights(
     dropped right after, so the copy replaces the original in memory instead of adding to it.
     """
     family = model.family
+    # Quantized checkpoints: their modules are swapped for quantized ones first (lmtool.quantize).
+    quantized = swap_quantized(model, checkpoint, dtype, device, source) if quantized_modules(checkpoint) else set()
     available: dict[str, str] = {}
     for key in checkpoint.keys():
+        if key in quantized:
+            continue
         ours = family.rename_key(key) if family.rename_key else key
         available[ours] = key
     expected = model.state_dict(keep_vars=True)
@@ -205,7 +211,7 @@ def load_weights(
         if state[name] is not tensor:
             checkpoint.release(tensor)
     model.load_state_dict(state, strict=False, assign=True)
-    if not backend:
+    if not backend and not isinstance(model.backbone.embed_tokens, QuantizedEmbedding):
         model.tie_weights()
     model.to(device)  # the buffers (rotary tables); parameters are already there
 

@@ -1,0 +1,261 @@
+"""The compressed-tensors layout: the tensors of a quantized module and config.json's
+`quantization_config`, written as transformers + the `compressed-tensors` package (and vLLM) load
+them, and read from lmtool's own output or llm-compressor's W8A16 / W4A16 checkpoints.
+
+Per quantized module M (its float `M.weight` replaced by):
+- 8 bits, symmetric ("naive-quantized", what lmtool writes): `M.weight` int8 [out, in] and
+  `M.weight_scale` [out, 1]. The codes are stored as they are used, so loading maps them.
+- "pack-quantized" (lmtool's int4; llm-compressor's W8A16 and W4A16): `M.weight_packed` int32
+  [out, in * bits / 32], codes + 2^(bits-1) with element 0 in the lowest bits; `M.weight_scale`
+  [out, groups]; `M.weight_shape` [2]; asymmetric: `M.weight_zero_point` int32, packed the same way
+  along the *output* dimension [out * bits / 32, groups].
+Dequantized: (codes - zero_point) * scale. The reader needs only the tensors: bits, group size and
+symmetry follow from their shapes, so any config group layout (class targets, regexes, names) loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import Checkpoint, PlannedTensor
+from ..errors import CheckpointError, UnsupportedError
+from .schemes import Quantized, dequantize, unpack_int32
+
+QUANT_METHOD = "compressed-tensors"
+NAIVE = "naive-quantized"
+PACKED = "pack-quantized"
+# Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
+PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+def is_quantized_config(config: dict[str, Any]) -> bool:
+    quant = config.get("quantization_config")
+    return isinstance(quant, dict) and bool(quant)
+
+
+def check_quantization_config(config: dict[str, Any], source: str) -> None:
+    """Refuse quantization_configs lmtool cannot run, naming what they are."""
+    quant = config["quantization_config"]
+    method = quant.get("quant_method")
+    if method != QUANT_METHOD:
+        raise UnsupportedError(f"{source}: quantization method '{method}' is not supported (lmtool reads {QUANT_METHOD})")
+    status = quant.get("quantization_status", "compressed")
+    if status not in ("compressed", "frozen"):
+        raise UnsupportedError(f"{source}: compressed-tensors checkpoint in state '{status}' (expected 'compressed')")
+    for name, group in (quant.get("config_groups") or {}).items():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("type", "int") != "int":
+            raise UnsupportedError(f"{source}: config group '{name}' has {weights.get('type')} weights (lmtool reads int)")
+        if (group or {}).get("input_activations"):
+            raise UnsupportedError(f"{source}: config group '{name}' quantizes activations (lmtool reads weight-only)")
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def format_of(bits: int) -> str:
+    return NAIVE if bits == 8 else PACKED
+
+
+def planned_tensors(
+    module: str,
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int | None,
+    scale_dtype: torch.dtype,
+    produce: Callable[[], Quantized],
+) -> list[PlannedTensor]:
+    """The output tensors of one quantized module, produced on demand: the first one written
+    quantizes the weight, the others take their part of that result."""
+    out_features, in_features = shape
+    groups = 1 if group_size is None else in_features // group_size
+    memo: dict[str, torch.Tensor] = {}
+
+    def part(name: str) -> Callable[[], torch.Tensor]:
+        def take() -> torch.Tensor:
+            if not memo:
+                memo.update(compressed_tensors(produce(), shape))
+            return memo.pop(name)
+
+        return take
+
+    names_shapes: list[tuple[str, tuple[int, ...], torch.dtype]]
+    if bits == 8:
+        names_shapes = [("weight", shape, torch.int8), ("weight_scale", (out_features, 1), scale_dtype)]
+    else:
+        names_shapes = [
+            ("weight_packed", (out_features, in_features * bits // 32), torch.int32),
+            ("weight_scale", (out_features, groups), scale_dtype),
+            ("weight_zero_point", (out_features * bits // 32, groups), torch.int32),
+            ("weight_shape", (2,), torch.int64),
+        ]
+    return [PlannedTensor(f"{module}.{name}", s, dtype, part(name)) for name, s, dtype in names_shapes]
+
+
+def compressed_tensors(q: Quantized, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    from .schemes import pack_int32
+
+    if q.bits == 8:
+        return {"weight": q.codes, "weight_scale": q.scale.view(-1, 1)}
+    return {
+        "weight_packed": pack_int32(q.codes, q.bits),
+        "weight_scale": q.scale,
+        "weight_zero_point": pack_int32(q.zero_point, q.bits, dim=0),
+        "weight_shape": torch.tensor(shape, dtype=torch.int64),
+    }
+
+
+def quantization_config(groups: dict[tuple[int, int | None], list[str]], version: str) -> dict[str, Any]:
+    """config.json's quantization_config: one config group per (bits, group size), each naming its
+    modules exactly (compressed-tensors matches targets by module name, class or 're:' regex)."""
+    config_groups: dict[str, Any] = {}
+    formats = set()
+    for index, ((bits, group_size), modules) in enumerate(sorted(groups.items(), key=lambda kv: -kv[0][0])):
+        fmt = format_of(bits)
+        formats.add(fmt)
+        config_groups[f"group_{index}"] = {
+            "targets": sorted(modules),
+            "weights": {
+                "num_bits": bits,
+                "type": "int",
+                "symmetric": bits == 8,
+                "strategy": "channel" if group_size is None else "group",
+                "group_size": group_size,
+                "dynamic": False,
+                "actorder": None,
+                "observer": "minmax",
+            },
+            "input_activations": None,
+            "output_activations": None,
+            "format": fmt,
+        }
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": config_groups,
+        "ignore": [],
+        "kv_cache_scheme": None,
+        "version": version,
+    }
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized module's weight as stored (memory-mapped): int8 codes [out, in] for 8 bits, or
+    the packed bytes [out, in / 2] (byte j: element 2j in the low nibble, 2j+1 in the high one)
+    for 4 bits; scale [out, groups]; zero point int8 [out, groups] or None."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bits: int
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    codes: torch.Tensor | None = None  # 8 bits
+    nibbles: torch.Tensor | None = None  # 4 bits
+    _row_scales: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.groups
+
+    @property
+    def nbytes(self) -> int:
+        stored = [self.codes, self.nibbles, self.scale, self.zero_point]
+        return sum(t.numel() * t.element_size() for t in stored if t is not None)
+
+    def row_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """The per-row scale as a 1-D tensor of dtype (what int8 kernels take), made once."""
+        cached = self._row_scales.get(dtype)
+        if cached is None:
+            cached = self._row_scales[dtype] = self.scale.reshape(-1).to(dtype).contiguous()
+        return cached
+
+    def to(self, device: torch.device) -> "QuantizedWeight":
+        if device.type == "cpu":
+            return self
+        moved = {name: getattr(self, name) for name in ("scale", "zero_point", "codes", "nibbles")}
+        moved = {name: None if t is None else t.to(device) for name, t in moved.items()}
+        return QuantizedWeight(self.name, self.out_features, self.in_features, self.bits, **moved)
+
+    def dequantize_rows(self, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The float rows (a slice, or row indices) of the weight."""
+        if self.bits == 8:
+            codes = self.codes[rows]
+        else:
+            packed = self.nibbles[rows]
+            codes = torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).view(torch.int8) - 8
+        zero_point = None if self.zero_point is None else self.zero_point[rows]
+        return dequantize(codes, self.scale[rows], zero_point, dtype)
+
+
+def quantized_modules(checkpoint: Checkpoint) -> list[str]:
+    """The checkpoint's quantized modules (names as in the checkpoint): those with a weight_scale."""
+    return [key[: -len(".weight_scale")] for key in checkpoint.keys() if key.endswith(".weight_scale")]
+
+
+def read_weight(checkpoint: Checkpoint, module: str, source: str) -> tuple[QuantizedWeight, list[str]]:
+    """A quantized module's weight and the checkpoint keys it used."""
+    def has(suffix: str) -> bool:
+        return f"{module}.{suffix}" in checkpoint.where
+
+    def get(suffix: str) -> torch.Tensor:
+        return checkpoint.tensor(f"{module}.{suffix}")
+
+    if has("weight_g_idx"):
+        raise UnsupportedError(f"{source}: '{module}' uses activation ordering (weight_g_idx), which lmtool does not read")
+    used = [f"{module}.weight_scale"]
+    scale = get("weight_scale")
+    if scale.dim() < 2:
+        scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
+    if has("weight_packed"):
+        packed = get("weight_packed")
+        used.append(f"{module}.weight_packed")
+        if not has("weight_shape"):
+            raise CheckpointError(f"{source}: '{module}.weight_packed' has no weight_shape")
+        out_features, in_features = (int(v) for v in get("weight_shape").tolist())
+        used.append(f"{module}.weight_shape")
+        if packed.dtype != torch.int32 or packed.shape[0] != out_features:
+            raise CheckpointError(f"{source}: '{module}.weight_packed' is not int32 [{out_features}, ...]")
+        bits = 32 * packed.shape[1] // in_features if in_features else 0
+        if bits not in (4, 8) or packed.shape[1] * 32 != bits * in_features:
+            raise UnsupportedError(f"{source}: '{module}' packs {packed.shape[1]} words for {in_features} inputs (lmtool reads 4 and 8 bits)")
+        raw = packed.view(torch.uint8)  # little-endian words: element 0 in the first byte
+        if bits == 8:
+            # Offset-binary bytes (q + 128) to two's complement: flip the top bit (one copy, at load).
+            weight = QuantizedWeight(module, out_features, in_features, 8, scale, None,
+                                     codes=(raw ^ 0x80).view(torch.int8))
+            checkpoint.release(packed)
+        else:
+            weight = QuantizedWeight(module, out_features, in_features, 4, scale, None, nibbles=raw)
+    else:
+        codes = get("weight")
+        used.append(f"{module}.weight")
+        if codes.dtype != torch.int8 or codes.dim() != 2:
+            raise CheckpointError(f"{source}: '{module}.weight' has a weight_scale but is not int8 [out, in]")
+        weight = QuantizedWeight(module, codes.shape[0], codes.shape[1], 8, scale, None, codes=codes)
+    if weight.scale.shape[0] == 1 and weight.out_features > 1:
+        weight.scale = weight.scale.expand(weight.out_features, -1)  # one scale per tensor
+    if weight.scale.shape[0] != weight.out_features or weight.in_features % weight.scale.shape[1]:
+        raise CheckpointError(f"{source}: '{module}.weight_scale' has shape {list(scale.shape)} for a "
+                              f"[{weight.out_features}, {weight.in_features}] weight")
+    if has("weight_zero_point"):
+        zero = get("weight_zero_point")
+        used.append(f"{module}.weight_zero_point")
+        if zero.dtype == torch.int32 and zero.shape[0] != weight.out_features:
+            zero = unpack_int32(zero, weight.bits, weight.out_features, dim=0)
+        weight.zero_point = zero.to(torch.int8).reshape(weight.out_features, -1)
+        if not weight.zero_point.any():
+            weight.zero_point = None  # symmetric after all
+    return weight, used

@@ -1,0 +1,139 @@
+"""Running quantized checkpoints: the module swap at load.
+
+When a checkpoint carries compressed-tensors weights, `swap_quantized` replaces each quantized
+nn.Linear by a QuantizedLinear and a quantized input embedding by a QuantizedEmbedding (with a tied
+LM head over the same codes) before the remaining tensors are assigned. Both hold the checkpoint's
+memory-mapped codes and scales: no full-size dequantized copy is ever made (llm-compressor's 8-bit
+pack-quantized bytes are the one exception: they are turned into int8 once, replacing the mapping).
+
+Every product goes through `quantized_matmul`, the one place a native kernel plugs in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import CheckpointError
+from .format import QuantizedWeight, quantized_modules, read_weight
+
+# Weight elements dequantized at a time by the tiled path (bounds its temporary buffers).
+TILE_ELEMENTS = 2**20
+
+
+def _int8_rows(weight: QuantizedWeight, x: torch.Tensor) -> bool:
+    return (
+        weight.bits == 8 and weight.zero_point is None and weight.groups == 1
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [M, in] @ W.T -> [M, out] for a quantized W.
+
+    Symmetric int8 with one scale per row: torch's _weight_int8pack_mm, which reads the int8 codes
+    where they lie. Anything else (int4 groups, zero points): dequantize the weight a tile of rows
+    at a time and multiply densely, so no full-size float copy exists at any moment."""
+    x = x.contiguous()
+    if _int8_rows(weight, x):
+        return torch._weight_int8pack_mm(x, weight.codes, weight.row_scale(x.dtype))
+    out = x.new_empty(x.shape[0], weight.out_features)
+    rows = max(1, TILE_ELEMENTS // weight.in_features)
+    for start in range(0, weight.out_features, rows):
+        stop = min(start + rows, weight.out_features)
+        out[:, start:stop] = F.linear(x, weight.dequantize_rows(slice(start, stop), x.dtype))
+    return out
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer over a quantized weight (the bias stays a float parameter)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.quantized = weight
+        self.dtype = dtype
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        # Assigned from the checkpoint with the other float tensors.
+        self.bias = nn.Parameter(torch.empty(weight.out_features, device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = quantized_matmul(flat.to(self.dtype), self.quantized).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.forward(x)]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a full copy: for code that inspects it, not for inference)."""
+        return self.quantized.dequantize_rows(slice(None), self.dtype)
+
+    def extra_repr(self) -> str:
+        w = self.quantized
+        return f"in={w.in_features}, out={w.out_features}, bits={w.bits}, group_size={w.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """An input embedding that dequantizes only the rows it looks up."""
+
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype):
+        super().__init__()
+        self.quantized = weight
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = weight.out_features, weight.in_features
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.quantized.dequantize_rows(input_ids.reshape(-1), self.dtype)
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.quantized.dequantize_rows(slice(None), self.dtype)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, attr = name.rpartition(".")
+    return (model.get_submodule(owner) if owner else model), attr
+
+
+def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, source: str) -> set[str]:
+    """Put QuantizedLinear / QuantizedEmbedding modules where the checkpoint has quantized
+    weights (model built on meta); returns the checkpoint keys they consumed."""
+    from ..inference import FrozenCausalLMHead
+
+    rename = model.family.rename_key or (lambda key: key)
+    backbone = model.backbone
+    embed_attr = next(n for n, m in backbone.named_children() if m is backbone.embed_tokens)
+    embed_name = f"{model.backbone_prefix}.{embed_attr}"
+    consumed: set[str] = set()
+    for stored in quantized_modules(checkpoint):
+        ours = rename(f"{stored}.weight")[: -len(".weight")]
+        weight, used = read_weight(checkpoint, stored, source)
+        weight = weight.to(device)
+        consumed.update(used)
+        if ours == embed_name:
+            target = backbone.embed_tokens
+            setattr(backbone, embed_attr, QuantizedEmbedding(weight, dtype))
+            if model.tied:
+                head = QuantizedLinear(weight, False, dtype)
+                setattr(model, model.head_name, FrozenCausalLMHead(model.head, [head]))
+        elif model.task == "causal-lm" and ours == model.head_name:
+            target = model.head
+            setattr(model, model.head_name, FrozenCausalLMHead(model.head, [QuantizedLinear(weight, False, dtype)]))
+        else:
+            try:
+                target = model.get_submodule(ours)
+            except AttributeError:
+                continue  # a tensor this task's model does not use (another task's head)
+            if not isinstance(target, nn.Linear):
+                raise CheckpointError(f"{source}: '{stored}' is quantized, but lmtool's {type(target).__name__} there cannot run quantized")
+            owner, attr = _parent(model, ours)
+            setattr(owner, attr, QuantizedLinear(weight, target.bias is not None, dtype))
+        expected = (target.weight.shape[0], target.weight.shape[1])
+        if (weight.out_features, weight.in_features) != expected:
+            raise CheckpointError(f"{source}: quantized '{stored}' is [{weight.out_features}, "
+                                  f"{weight.in_features}], the config implies {list(expected)}")
+    return consumed
