@@ -30,8 +30,9 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # `--device`: these, or cuda:N for the N-th GPU.
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
-# Weight quantization schemes (`lmtool quantize --scheme`): per-channel int8; grouped int4;
-# int4-m: grouped int4 with a per-group minimum (asymmetric).
+# Weight quantization schemes (`lmtool quantize --scheme`): int8 per output row (symmetric);
+# int4 per group with a scale and zero point (asymmetric); int4-m: int4 with the value and down
+# projections of llama.cpp's Q4_K_M layers kept at int8.
 QUANT_SCHEMES = ("int8", "int4", "int4-m")
 
 # `tag --aggregation`: the strategies of transformers' token-classification pipeline.

@@ -14,6 +14,7 @@ class ExitCode:
     NOT_FOUND = 3  # a model reference that cannot be resolved: missing, gated, offline, unreachable
     UNSUPPORTED = 4  # a family, architecture, task or format lmtool does not handle
     PARTIAL = 5  # a batch finished but some of its items failed
+    QUALITY = 6  # quantize: the quantized model is below the quality gates (OUT is still written)
     INTERRUPTED = 130
 
 

@@ -43,6 +43,7 @@ from . import bench as _bench  # noqa: E402,F401
 from . import convert as _convert  # noqa: E402,F401  (each module registers its command on `app`)
 from . import generate as _generate  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
+from . import quantize as _quantize  # noqa: E402,F401
 from . import tasks as _tasks  # noqa: E402,F401
 
 

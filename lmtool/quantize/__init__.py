@@ -9,7 +9,8 @@
 The value lists below are plain data (no torch import), for the CLI's help and completion.
 """
 
-SCHEMES = ("int8", "int4", "int4-m")
+from ..choices import QUANT_SCHEMES as SCHEMES  # noqa: F401  (the CLI's list, torch-free)
+
 GROUP_SIZES = (32, 64, 128)
 HEAD_CHOICES = ("int8", "bf16")
 DEFAULT_GROUP_SIZE = 64

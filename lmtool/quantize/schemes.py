@@ -149,7 +149,10 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     # Disjoint bit fields: the sum is the bitwise or (int32 wraps the top field as two's complement).
     packed = (values << shifts).sum(dim=2, dtype=torch.int64)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    return (packed.T if dim == 0 else packed).contiguous()
+    result = packed.T if dim == 0 else packed
+    # A fresh row-major tensor: .contiguous() keeps odd strides on size-1 dimensions, which
+    # byte-level views (the safetensors writer) refuse.
+    return torch.empty(result.shape, dtype=torch.int32).copy_(result)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
