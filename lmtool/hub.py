@@ -193,3 +193,24 @@ def resolve(ref_text: str, check_config: Callable[[dict, str], None] | None = No
             "lmtool reads safetensors"
         )
     return ref
+
+
+def cache_folder() -> Path:
+    """huggingface_hub's cache folder, found as huggingface_hub finds it (without importing it)."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache.expanduser() / "huggingface" / "hub"
+
+
+def cached_model_ids() -> list[str]:
+    """The Hub model ids the local cache holds something of (`models--org--name` folders), sorted;
+    shell completion lists them on every TAB, so this reads one directory and nothing else."""
+    try:
+        entries = os.listdir(cache_folder())
+    except OSError:
+        return []
+    return sorted(e[len("models--"):].replace("--", "/", 1) for e in entries if e.startswith("models--"))

@@ -4,6 +4,7 @@ options, call the library, render the result. Errors become one line on stderr a
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 
@@ -12,10 +13,13 @@ import typer
 from .. import __version__
 from ..errors import ExitCode, LmtoolError
 from .common import err, settings
+from .core import LmtoolCommand, LmtoolGroup
 
 app = typer.Typer(
     name="lmtool",
-    help="Convert, inspect and run language-model checkpoints (Gemma, BLOOM, ...).",
+    help="Convert, inspect and run language-model checkpoints (Gemma, BLOOM, RecurrentGemma, Zamba2).",
+    cls=LmtoolGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,6 +49,17 @@ from . import generate as _generate  # noqa: E402,F401
 from . import inspect as _inspect  # noqa: E402,F401
 from . import quantize as _quantize  # noqa: E402,F401
 from . import tasks as _tasks  # noqa: E402,F401
+from . import completion as _completion  # noqa: E402,F401
+from . import recipes as _recipes  # noqa: E402,F401
+
+
+@functools.cache
+def build() -> typer.core.TyperGroup:
+    """The click command tree, every command an LmtoolCommand (shared options, readable help)."""
+    for info in app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = LmtoolCommand
+    return typer.main.get_command(app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
         # Click returns a command's typer.Exit(code) instead of raising it when not standalone.
-        code = app(args=argv, standalone_mode=False)
+        code = build().main(args=argv, prog_name="lmtool", standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except LmtoolError as exc:

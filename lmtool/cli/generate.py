@@ -56,8 +56,12 @@ def generate_command(
     prompts_file: Optional[str] = typer.Option(
         None, "--prompts-file", help="JSON Lines with a \"prompt\" field (and optional \"id\"); '-' is stdin."
     ),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy. Default: the model's, else 0.8."),
+    max_new_tokens: int = typer.Option(
+        128, "--max-new-tokens", "--max-tokens", "-n", min=1, help="Tokens to generate at most."
+    ),
+    temperature: Optional[float] = typer.Option(
+        None, "--temperature", "--temp", help="0 = greedy. Default: the model's, else 0.8."
+    ),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=0, help="0 = off. Default: the model's, else 40."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="1 = off. Default: the model's, else 0.95."),
     min_p: Optional[float] = typer.Option(None, "--min-p", help="0 = off. Default: the model's, else 0.05."),
