@@ -15,6 +15,8 @@ from lmtool import inference, kernels
 from lmtool.bench import random_checkpoint
 from lmtool.checkpoint import Checkpoint
 
+from helpers import kernel_tolerance
+
 TINY = {
     "gemma": {
         "model_type": "gemma", "vocab_size": 80, "hidden_size": 48, "intermediate_size": 72,
@@ -210,12 +212,6 @@ def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
     ckpt.release(before)  # not a view of the file: ignored
 
 
-def tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
-    # float32: a few ulp of float32 arithmetic; bfloat16: about one bfloat16 rounding of the output.
-    scale = expected.abs().max().item() + 1
-    return 1e-5 * scale if dtype == torch.float32 else 1e-2 * scale
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_gelu_matches_pytorch_gated_and_not(isa, dtype):
     # Widths around the kernel's 16-lane and 256-element chunks; extreme values saturate.
@@ -224,11 +220,11 @@ def test_native_gelu_matches_pytorch_gated_and_not(isa, dtype):
         fused[0, 0, 0] = -200.0
         gate, up = fused.split(n, dim=-1)  # column slices of one projection output, as in GeGLU
         expected = F.gelu(gate.float(), approximate="tanh")
-        assert (kernels.gelu_tanh_mul(gate).float() - expected).abs().max() <= tolerance(dtype, expected)
+        assert (kernels.gelu_tanh_mul(gate).float() - expected).abs().max() <= kernel_tolerance(dtype, expected)
         expected = expected * up.float()
         got = kernels.gelu_tanh_mul(gate, up)
         assert got.shape == gate.shape and got.dtype == dtype
-        assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), n
+        assert (got.float() - expected).abs().max() <= kernel_tolerance(dtype, expected), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -254,7 +250,7 @@ def test_native_one_query_attention_matches_sdpa(isa, dtype, B, H, KV, S, hd):
         expected = reference(b, m)
         got = kernels.attend_one(q, k, v, 0.3, b, m[:, None, None, :] if m is not None else None)
         assert got.shape == (B, H, 1, hd) and got.dtype == dtype
-        assert (got.float() - expected).abs().max() <= tolerance(dtype, expected), (with_bias, with_mask)
+        assert (got.float() - expected).abs().max() <= kernel_tolerance(dtype, expected), (with_bias, with_mask)
 
 
 def test_native_attention_of_a_fully_masked_row_is_zero_not_nan(isa):
