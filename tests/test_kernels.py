@@ -65,7 +65,7 @@ def test_a_failed_build_is_reported_once_with_the_compilers_first_error(monkeypa
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("lmtool: the portable kernels did not build with ")
-    assert "portable.c:2" in lines[0] and "error" in lines[0] and lines[0].endswith("; using PyTorch's operations")
+    assert ": portable.c:2:" in lines[0] and "error" in lines[0] and lines[0].endswith("; using PyTorch's operations")
     assert not list((tmp_path / "lmtool" / "kernels").glob("*.so"))  # nothing half-built left behind
 
 

@@ -187,8 +187,8 @@ def build(compiler: str, isa: Isa, sources: dict[str, str] | None = None) -> Pat
         for name, text in sources.items():
             (Path(tmp) / name).write_text(text)
         built = Path(tmp) / target.name
-        done = subprocess.run(
-            [compiler, *flags, str(Path(tmp) / isa.source), "-o", str(built)], capture_output=True, text=True, timeout=300
+        done = subprocess.run(  # in the folder, so that errors name the file, not the temporary path
+            [compiler, *flags, isa.source, "-o", built.name], capture_output=True, text=True, timeout=300, cwd=tmp
         )
         if done.returncode != 0:
             raise BuildError(first_error(done.stderr))
