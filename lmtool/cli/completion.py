@@ -62,6 +62,11 @@ def kind_of(param) -> str:
     return ""
 
 
+def _names(param) -> list[str]:
+    """Long names first, then short (click builds the help option's names from a set: no order)."""
+    return sorted(param.opts + param.secondary_opts, key=lambda name: (not name.startswith("--"), name))
+
+
 def _first_line(text: str | None) -> str:
     return " ".join((text or "").strip().split("\n\n")[0].split())
 
@@ -71,8 +76,8 @@ def command_tree() -> tuple[list[Param], list[Command]]:
     from . import build
 
     group = build()
-    ctx = typer.Context(group, info_name="lmtool")
-    root = [Param(p.opts + p.secondary_opts, kind_of(p), _first_line(p.help)) for p in group.get_params(ctx)
+    ctx = typer.Context(group, info_name="lmtool", **group.context_settings)
+    root = [Param(_names(p), kind_of(p), _first_line(p.help)) for p in group.get_params(ctx)
             if p.param_type_name == "option"]
     commands = []
     for name in group.list_commands(ctx):
@@ -85,7 +90,7 @@ def command_tree() -> tuple[list[Param], list[Command]]:
                 entry.arguments.append(Param([], kind_of(param), _first_line(param.help)))
                 entry.variadic = param.nargs != 1
             elif not param.hidden:
-                entry.options.append(Param(param.opts + param.secondary_opts, kind_of(param), _first_line(param.help)))
+                entry.options.append(Param(_names(param), kind_of(param), _first_line(param.help)))
         commands.append(entry)
     return root, commands
 
@@ -129,16 +134,20 @@ def bash_script() -> str:
     return HEADER.format(comment="#", shell="bash") + f"""# Install: source it from ~/.bashrc, or copy it to ~/.local/share/bash-completion/completions/lmtool
 
 _lmtool_add_values() {{
-    local kind=$1 cur=$2 IFS=$'\\n'
-    case $kind in
-        model|recipe|path) compopt -o filenames 2>/dev/null ;;
-    esac
+    local kind=$1 cur=$2
+    if [[ $kind == choice:* ]]; then
+        COMPREPLY+=($(compgen -W "${{kind#choice:}}" -- "$cur"))
+        return
+    fi
+    # Paths and model ids may hold spaces: split on newlines only.
+    local IFS=$'\\n'
     case $kind in
         model) COMPREPLY+=($(compgen -W "$(lmtool __complete models 2>/dev/null)" -- "$cur") $(compgen -f -- "$cur")) ;;
         recipe) COMPREPLY+=($(compgen -W "$(lmtool __complete recipes 2>/dev/null)" -- "$cur") $(compgen -d -- "$cur") $(compgen -f -X '!*.yaml' -- "$cur")) ;;
         path) COMPREPLY+=($(compgen -f -- "$cur")) ;;
-        choice:*) IFS=' ' COMPREPLY+=($(compgen -W "${{kind#choice:}}" -- "$cur")) ;;
+        *) return ;;
     esac
+    compopt -o filenames 2>/dev/null
 }}
 
 _lmtool_option_kind() {{
@@ -205,6 +214,7 @@ complete -F _lmtool lmtool
 
 def zsh_script() -> str:
     root, commands = command_tree()
+    root_options = _words(n for o in root for n in o.names)
     described = "\n".join(f"        '{c.name}:{_zsh_quote(c.help)}'" for c in commands)
     option_kinds = "\n".join(_option_cases(commands, "{command}:{option}", "        "))
     argument_kinds = "\n".join(_argument_cases(commands, "        ", "arguments"))
