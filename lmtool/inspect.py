@@ -67,7 +67,7 @@ def describe_model(family: Family, config, infos: list[TensorInfo]) -> dict[str,
         # save_pretrained leaves out a tied lm_head: the checkpoint still is a causal LM.
         if family.task_for(config.architectures) == "causal-lm":
             heads.insert(0, "causal-lm")
-    return {
+    described = {
         "family": family.model_type,
         "architecture": (config.architectures or [family.architecture("causal-lm")])[0],
         "task": family.task_for(config.architectures),
@@ -76,6 +76,11 @@ def describe_model(family: Family, config, infos: list[TensorInfo]) -> dict[str,
         "structure": config.structure(),
         "config": config.to_dict(),
     }
+    if config.extra.get("quantization_config"):
+        from .quantize.format import describe
+
+        described["quantization"] = describe(config.extra, infos)
+    return described
 
 
 def inspect_folder(folder: Path, with_tensors: bool) -> dict[str, Any]:

@@ -259,3 +259,74 @@ def read_weight(checkpoint: Checkpoint, module: str, source: str) -> tuple[Quant
         if not weight.zero_point.any():
             weight.zero_point = None  # symmetric after all
     return weight, used
+
+
+def describe(config: dict[str, Any], infos: list) -> dict[str, Any]:
+    """What `lmtool inspect` shows of a quantized checkpoint, from config.json and the tensor
+    headers alone: method, format, scheme, bits per quantized weight (scales and zero points
+    included), and tensors and bytes per precision group."""
+    by_name = {i.name: i for i in infos}
+    groups: dict[str, dict[str, int]] = {}
+    quantized_bits = quantized_weights = 0
+    seen: set[str] = set()
+    for info in infos:
+        if not info.name.endswith(".weight_scale"):
+            continue
+        module = info.name[: -len(".weight_scale")]
+        parts = [by_name[f"{module}.{s}"] for s in ("weight", *PARAM_SUFFIXES) if f"{module}.{s}" in by_name]
+        seen.update(p.name for p in parts)
+        packed = by_name.get(f"{module}.weight_packed")
+        stored = by_name.get(f"{module}.weight")
+        out_features = info.shape[0]
+        if packed is not None:
+            bits = _packed_bits(module, out_features, by_name, config.get("quantization_config") or {})
+            in_features = packed.shape[1] * 32 // bits
+        elif stored is not None:
+            in_features, bits = stored.shape[1], 8
+        else:
+            continue
+        columns = info.shape[1] if len(info.shape) == 2 else 1
+        grouped = columns > 1 or _weights_of(module, bits, config).get("strategy") == "group"
+        label = f"int{bits} g{in_features // columns}" if grouped else f"int{bits} per row"
+        entry = groups.setdefault(label, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += sum(p.nbytes for p in parts)
+        quantized_bits += 8 * sum(p.nbytes for p in parts if not p.name.endswith("weight_shape"))
+        quantized_weights += out_features * in_features
+    rest = [i for i in infos if i.name not in seen]
+    groups["unquantized"] = {"tensors": len(rest), "bytes": sum(i.nbytes for i in rest)}
+    quant = config.get("quantization_config") or {}
+    recipe = (config.get("lmtool_quantization") or {}).get("recipe") or {}
+    labels = [g for g in groups if g != "unquantized"]
+    scheme = recipe.get("scheme") or (labels[0].split()[0] if len(labels) == 1 else "mixed")
+    return {
+        "method": quant.get("quant_method"),
+        "format": quant.get("format"),
+        "scheme": scheme,
+        "bits_per_weight": round(quantized_bits / quantized_weights, 3) if quantized_weights else None,
+        "groups": groups,
+    }
+
+
+def _packed_bits(module: str, out_features: int, by_name: dict, quant: dict[str, Any]) -> int:
+    """Bits per code of a pack-quantized module, from headers: a packed zero point's rows, else
+    the config group naming the module, else the first pack-quantized group."""
+    zero = by_name.get(f"{module}.weight_zero_point")
+    if zero is not None and zero.shape[0] != out_features:
+        return round(32 * zero.shape[0] / out_features)
+    groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)]
+    for group in groups:
+        if module in (group.get("targets") or []):
+            return int(group["weights"]["num_bits"])
+    packed = [g for g in groups if g.get("format", quant.get("format")) == PACKED]
+    return int(packed[0]["weights"]["num_bits"]) if packed else 4
+
+
+def _weights_of(module: str, bits: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The `weights` of the config group naming the module, else of the first with these bits."""
+    groups = [g for g in ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
+              if isinstance(g, dict) and isinstance(g.get("weights"), dict)]
+    named = [g for g in groups if module in (g.get("targets") or [])]
+    same_bits = [g for g in groups if g["weights"].get("num_bits") == bits]
+    chosen = named or same_bits
+    return chosen[0]["weights"] if chosen else {}
