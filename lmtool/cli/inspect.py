@@ -51,6 +51,11 @@ def render(result: dict, console: Console, show_tensors: bool) -> None:
         )
     elif "tokenizer" in result:
         table.add_row("tokenizer", "none")
+    quantization = result.get("quantization")
+    if quantization:
+        groups = ", ".join(f"{name} {g['tensors']} tensors {_size(g['bytes'])}" for name, g in quantization["groups"].items())
+        table.add_row("quantization", f"{quantization['scheme']} ({quantization['method']}, {quantization['format']}), "
+                      f"{quantization['bits_per_weight']} bits per quantized weight; {groups}")
     for note in result.get("notes", []):
         table.add_row("note", note)
     console.print(table)
