@@ -167,6 +167,11 @@ class LmtoolCommand(TyperCommand):
                 # A checkpoint recipe names the model: it comes first, the user gives the rest.
                 if recipe.model and any(p.name == "model" for p in self.params):
                     args = [recipe.model, *args]
+                # A required option the recipe gives is not missing (its value is applied in invoke).
+                required = {p.name for p in self.params if p.required and p.param_type_name == "option"}
+                given = {k: v for k, v in recipe_options(recipe, self).items() if k in required}
+                if given:
+                    ctx.default_map = {**(ctx.default_map or {}), **given}
         ctx.meta["lmtool.recipe"] = recipe
         return super().parse_args(ctx, args)
 
