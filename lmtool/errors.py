@@ -38,3 +38,10 @@ class ConfigError(LmtoolError):
 
 class CheckpointError(LmtoolError):
     """A weight file that is unreadable, truncated, or does not match the config."""
+
+
+class Interrupted(LmtoolError):
+    """Ctrl-C, caught where a command runs: the message says how far it got (shown without the
+    "error:" prefix)."""
+
+    exit_code = ExitCode.INTERRUPTED

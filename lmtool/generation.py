@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from .errors import LmtoolError
 from .heads import TaskModel
 from .tokenizer import Tokenizer, pad_sequences
 
@@ -170,6 +171,25 @@ class GenerationStats:
     new_tokens: int = 0
 
 
+def context_window(config) -> int | None:
+    """Positions the model was trained for (Gemma's and Zamba2's rotary attention); None where
+    there is no limit (BLOOM's ALiBi, RecurrentGemma's recurrence and sliding window)."""
+    return getattr(config, "max_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def tokens_within_window(prompt_tokens: int, max_new_tokens: int, window: int | None) -> int:
+    """How many new tokens fit after a prompt of prompt_tokens: past the window a model's output
+    is garbage, so a prompt that fills it is refused (as llama-cli does) and -n is cut to fit."""
+    if window is None:
+        return max_new_tokens
+    if prompt_tokens >= window:
+        raise LmtoolError(
+            f"the prompt is {prompt_tokens} tokens; the model's context window is {window} "
+            "(max_position_embeddings), which leaves no room to generate"
+        )
+    return min(max_new_tokens, window - prompt_tokens)
+
+
 @torch.inference_mode()
 def generate(
     model: TaskModel,
@@ -185,12 +205,14 @@ def generate(
     ignore_eos: bool = False,
     on_text: Callable[[int, str], None] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    stats: GenerationStats | None = None,
 ) -> tuple[list[Completion], GenerationStats]:
     """Generate for a batch of tokenized prompts (left-padded together).
 
     on_text(row, delta) is called as text becomes printable (needs a tokenizer). A row stops at an
     EOS id (unless ignore_eos), at a stop string, or after max_new_tokens. Prompts longer than
-    prefill_chunk tokens are prefilled in chunks of that many.
+    prefill_chunk tokens are prefilled in chunks of that many. `stats`, when given, is filled as
+    the loop goes, so a caller that is interrupted still knows how far it got.
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -209,7 +231,7 @@ def generate(
         seen = torch.zeros((B, vocab), dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.clamp(max=vocab - 1), mask.bool())
     eos = torch.tensor(eos_ids if not ignore_eos else [], dtype=torch.long, device=device)
-    stats = GenerationStats()
+    stats = stats if stats is not None else GenerationStats()
 
     cache = model.make_cache(B, width + max_new_tokens)
     # Long prompts go in chunks, each continuing the cache: prefill memory is bounded by the

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from transformers import GemmaForCausalLM
 
-from lmtool.cli import main
 from lmtool.errors import ExitCode
 
 from helpers import gemma_style_tokenizer, randomize, run_cli, save_hf, tiny_gemma_config
@@ -88,9 +87,10 @@ def test_usage_errors_exit_2(capsys, tiny_model):
     assert code == ExitCode.ERROR and "--system needs --chat" in err
 
 
-def test_debug_shows_the_traceback(capsys, tmp_path):
-    with pytest.raises(Exception, match="no such file or folder"):
-        main(["--debug", "inspect", str(tmp_path / "missing")])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--debug", "inspect", str(tmp_path / "missing"))
+    assert code == ExitCode.NOT_FOUND
+    assert "Traceback" in err and "no such file or folder" in err
 
 
 def test_stdin_prompt_and_real_entry_point(tiny_model):

@@ -5,13 +5,14 @@ options, call the library, render the result. Errors become one line on stderr a
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 
 import typer
 
 from .. import __version__
-from ..errors import ExitCode, LmtoolError
+from ..errors import ExitCode, Interrupted, LmtoolError
 from .common import err, settings
 from .core import LmtoolCommand, LmtoolGroup
 
@@ -68,23 +69,60 @@ def main(argv: list[str] | None = None) -> None:
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     try:
-        # Click returns a command's typer.Exit(code) instead of raising it when not standalone.
+        # Click returns a command's typer.Exit(code) instead of raising it when not standalone;
+        # Typer also turns a KeyboardInterrupt that no command caught into Exit(130).
         code = build().main(args=argv, prog_name="lmtool", standalone_mode=False)
+        if code == ExitCode.INTERRUPTED:
+            err.print("interrupted")
         if isinstance(code, int) and code:
             sys.exit(code)
     except LmtoolError as exc:
-        if settings.debug:
-            raise
-        err.print(f"error: {exc}", markup=False)
-        sys.exit(exc.exit_code)
+        _fail(exc, "" if isinstance(exc, Interrupted) else "error: ", str(exc), exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted")
         sys.exit(ExitCode.INTERRUPTED)
+    except MemoryError as exc:
+        _fail(exc, "error: ", "out of memory", ExitCode.ERROR)
+    except OSError as exc:
+        # A full disk (`-o /dev/full`, `> /dev/full`), a vanished folder: one line naming the file.
+        where = exc.filename or ("stdout" if _stdout_failed() else "output")
+        _fail(exc, "error: ", f"{where}: {exc.strerror or exc}", ExitCode.ERROR)
     except Exception as exc:
         # Typer vendors Click, whose usage errors carry show() and exit_code (2).
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             sys.exit(exc.exit_code)
+        if _out_of_memory(exc):
+            _fail(exc, "error: ", f"out of memory ({str(exc).splitlines()[0]})", ExitCode.ERROR)
         raise
+
+
+def _fail(exc: BaseException, prefix: str, message: str, code: int) -> None:
+    """One line on stderr (the traceback with --debug) and the exit code, the same either way."""
+    if settings.debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    else:
+        err.print(f"{prefix}{message}", markup=False)
+    if _stdout_failed():
+        # Keep the interpreter's final flush of a broken stdout from printing a second error.
+        sys.stdout = open(os.devnull, "w")
+    sys.exit(code)
+
+
+def _stdout_failed() -> bool:
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        return True
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """torch's allocation failures: OutOfMemoryError on CUDA, a RuntimeError on CPU."""
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )

@@ -74,6 +74,13 @@ def dtype_option(default: str = "auto", help: str = "Weights and compute dtype; 
     return typer.Option(default, "--dtype", parser=parse_dtype, metavar=DTYPE_METAVAR, help=f"{help} ({aliases} accepted)")
 
 
+def threads_option() -> Any:
+    return typer.Option(
+        None, "--threads", min=1, metavar="N",
+        help="CPU threads for the model (default: 1 for a model under 32 MB, else one per core).",
+    )
+
+
 def device_option(default: str = "auto", help: str = "auto = cuda when available, else cpu.") -> Any:
     return typer.Option(default, "--device", parser=parse_device, metavar=DEVICE_METAVAR, help=help)
 # Diagnostics and progress go to stderr; stdout carries results only.

@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from ..errors import LmtoolError
+from ..errors import Interrupted, LmtoolError
 from ..settings import GENERATION_DEFAULTS, checkpoint_generation_settings, resolve
 from . import app
-from .common import device_option, dtype_option, info, open_lines, out, out_json, read_text_arg
+from .common import device_option, dtype_option, info, open_lines, out, out_json, read_text_arg, threads_option
 
 
 def read_prompts_file(path: str) -> list[dict]:
@@ -75,10 +75,14 @@ def generate_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
     dtype: str = dtype_option(),
     device: str = device_option(),
+    threads: Optional[int] = threads_option(),
+    verbose: bool = typer.Option(
+        False, "--verbose", help="Also report on stderr what runs the model: backend, instruction set, CPU features."
+    ),
 ) -> None:
     """Generate text; a single prompt streams to stdout as it is produced."""
-    from ..generation import generate, new_seed
-    from ..loading import load
+    from ..generation import GenerationStats, context_window, generate, new_seed, tokens_within_window
+    from ..loading import load, set_threads
 
     if prompts_file is not None and prompt is not None:
         raise LmtoolError("give either PROMPT or --prompts-file, not both")
@@ -96,6 +100,13 @@ def generate_command(
         raise LmtoolError("--system needs --chat")
 
     lm = load(model, task="causal-lm", dtype=dtype, device=device)
+    set_threads(threads, lm.weight_bytes)
+    window = context_window(lm.config)
+    if verbose:
+        from ..inference import runtime_summary
+
+        for line in runtime_summary(lm.dtype, lm.device):
+            info(line)
     if lm.tokenizer is None:
         raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
     tok = lm.tokenizer
@@ -125,20 +136,37 @@ def generate_command(
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         prompts = [tok.encode(text_of(item)) for item in batch]
-        completions, stats = generate(
-            lm.model,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            params=params,
-            seed=seed,
-            eos_ids=eos_ids,
-            pad_id=tok.pad_id if tok.pad_id is not None else 0,
-            tokenizer=tok,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            on_text=(lambda row, delta: out(delta, end="")) if stream else None,
-        )
-        for item, done in zip(batch, completions):
+        longest = max(range(len(prompts)), key=lambda row: len(prompts[row]))
+        try:
+            new_tokens = tokens_within_window(len(prompts[longest]), max_new_tokens, window)
+        except LmtoolError as exc:
+            which = f", prompt {start + longest + 1}" if len(items) > 1 else ""
+            raise LmtoolError(f"{model}{which}: {exc}") from None
+        if new_tokens < max_new_tokens:
+            info(f"stopping at the context window ({window} tokens): at most {new_tokens} new tokens")
+        stats = GenerationStats()
+        try:
+            completions, stats = generate(
+                lm.model,
+                prompts,
+                max_new_tokens=new_tokens,
+                params=params,
+                seed=seed,
+                eos_ids=eos_ids,
+                pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                tokenizer=tok,
+                stop=stop,
+                ignore_eos=ignore_eos,
+                on_text=(lambda row, delta: out(delta, end="")) if stream else None,
+                stats=stats,
+            )
+        except KeyboardInterrupt:
+            # Typer would turn Ctrl-C into a bare exit code: end the line and say how far it got.
+            if stream:
+                out()
+            done_before = f"{start} of {len(items)} prompts done, then " if len(items) > 1 else ""
+            raise Interrupted(f"interrupted: {done_before}{stats.new_tokens} tokens generated") from None
+        for index, (item, done) in enumerate(zip(batch, completions), start + 1):
             if as_json:
                 record = {"id": item["id"]} if "id" in item else {}
                 record.update(
@@ -162,6 +190,11 @@ def generate_command(
             elif stream:
                 out()
             else:
+                # Several plain-text completions: a header before each, as `head` marks files, so
+                # the output can be split (--json gives one object per prompt instead).
+                if index > 1:
+                    out()
+                out(f"==> {item.get('id', index)} <==")
                 out(done.text)
         if stream and not as_json:
             tps = stats.new_tokens / stats.decode_s if stats.decode_s else 0.0

@@ -11,10 +11,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..choices import AGGREGATIONS
-from ..errors import ExitCode, LmtoolError
+from ..errors import ExitCode, Interrupted, LmtoolError
 from ..settings import DEFAULT_MAX_LENGTH
 from . import app
-from .common import choice_parser, device_option, dtype_option, info, metavar, open_lines, progress
+from .common import (
+    choice_parser, device_option, dtype_option, info, metavar, open_lines, progress, threads_option,
+)
 
 INPUTS_HELP = "Texts, file paths, or '-' for stdin (an argument naming no file is text unless it looks like a path)."
 MODEL_HELP = "Local folder, or a Hub id with optional @revision."
@@ -24,11 +26,13 @@ JSONL = typer.Option(None, "--jsonl", help="JSON Lines input: objects with \"id\
 LITERAL = typer.Option(False, "--text", help="Take every argument as text, never as a file.")
 OUTPUT = typer.Option(None, "--output", "-o", help="Write the JSON Lines here instead of stdout.")
 RESUME = typer.Option(False, "--resume", help="With --output: skip inputs whose results are already in it.")
+FORCE = typer.Option(False, "--force", help="With --output: replace an existing file (without it, one is refused).")
 AS_JSON = typer.Option(False, "--json", help="JSON Lines even when stdout is a terminal.")
 BATCH_SIZE = typer.Option(16, "--batch-size", min=1, help="Model inputs per forward pass (sorted by length).")
 MAX_LENGTH = typer.Option(DEFAULT_MAX_LENGTH, "--max-length", min=2, help="Tokens per window (capped by the model's).")
 DTYPE = dtype_option()
 DEVICE = device_option()
+THREADS = threads_option()
 
 
 def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, literal: bool,
@@ -43,7 +47,7 @@ def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, l
         raise LmtoolError("stdin ('-') can feed only one input source")
     items = list(given or []) + task_inputs.from_arguments(inputs, literal)
     if files_from is not None:
-        items += task_inputs.from_file_list(open_lines(files_from))
+        items += task_inputs.from_file_list(open_lines(files_from), files_from)
     if jsonl is not None:
         items += task_inputs.from_jsonl(open_lines(jsonl), jsonl, text_fields)
     if not items and not (files_from or jsonl):
@@ -56,15 +60,21 @@ def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, l
 def run_command(
     command: str, model: str, task_name: str, make_task: Callable, items: list[Item], render: Callable,
     *, output: str | None, resume: bool, as_json: bool, batch_size: int, dtype: str, device: str,
+    force: bool = False, threads: int | None = None,
 ) -> None:
-    from ..loading import load
+    from pathlib import Path
+
+    from ..loading import load, set_threads
     from ..tasks import run_task
     from ..tasks.records import JsonlWriter, resume_keys
     from ..tasks.windows import pad_id
 
     if resume and output is None:
         raise LmtoolError("--resume needs --output FILE")
+    if output is not None and not (resume or force) and Path(output).exists():
+        raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
     lm = load(model, task=task_name, dtype=dtype, device=device)
+    set_threads(threads, lm.weight_bytes)
     if lm.tokenizer is None:
         raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
     task = make_task(lm)
@@ -73,12 +83,25 @@ def run_command(
     table = output is None and not as_json and sys.stdout.isatty()
     records: list[dict] = []
     writer = None if table else JsonlWriter(output, append=resume)
+    emitted = {"done": 0, "failed": 0}
+
+    def emit(record: dict) -> None:
+        records.append(record) if table else writer.write(record)
+        emitted["failed" if "error" in record else "done"] += 1
+
     try:
         with progress(command, total=len(todo)) as bar:
             summary = run_task(
                 task, todo, lm.model, pad_id=pad_id(lm.tokenizer), batch_size=batch_size,
-                emit=records.append if table else writer.write, on_block=bar.advance,
+                emit=emit, on_block=bar.advance,
             )
+    except KeyboardInterrupt:
+        # Typer would turn Ctrl-C into a bare exit code: say how far the run got and how to go on.
+        kept = f"; they are in {output}: --resume continues" if output else ""
+        raise Interrupted(
+            f"{command}: interrupted after {emitted['done']} done, {emitted['failed']} failed "
+            f"of {len(todo)}{kept}"
+        ) from None
     finally:
         if writer is not None:
             writer.close()
@@ -171,11 +194,13 @@ def classify_command(
     literal: bool = LITERAL,
     output: Optional[str] = OUTPUT,
     resume: bool = RESUME,
+    force: bool = FORCE,
     as_json: bool = AS_JSON,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Label each input with a sequence-classification model (labels from its config's id2label)."""
     from ..tasks import Classify
@@ -186,6 +211,7 @@ def classify_command(
         lambda lm: Classify(lm, top_k=top_k or None, threshold=threshold, max_length=max_length),
         items, render_classes,
         output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+        force=force, threads=threads,
     )
 
 
@@ -206,11 +232,13 @@ def tag_command(
     literal: bool = LITERAL,
     output: Optional[str] = OUTPUT,
     resume: bool = RESUME,
+    force: bool = FORCE,
     as_json: bool = AS_JSON,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Tag entities with a token-classification model: text, label, score and character offsets."""
     from ..tasks import Tagger
@@ -221,6 +249,7 @@ def tag_command(
         lambda lm: Tagger(lm, aggregation=aggregation, stride=stride, max_length=max_length, ignore=tuple(ignore)),
         items, render_entities,
         output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+        force=force, threads=threads,
     )
 
 
@@ -246,11 +275,13 @@ def qa_command(
     literal: bool = LITERAL,
     output: Optional[str] = OUTPUT,
     resume: bool = RESUME,
+    force: bool = FORCE,
     as_json: bool = AS_JSON,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    threads: Optional[int] = THREADS,
 ) -> None:
     """Answer a question from a context with an extractive question-answering model."""
     from ..tasks import Answerer, Item
@@ -269,4 +300,5 @@ def qa_command(
         ),
         items, render_answers,
         output=output, resume=resume, as_json=as_json, batch_size=batch_size, dtype=dtype, device=device,
+        force=force, threads=threads,
     )

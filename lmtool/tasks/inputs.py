@@ -53,7 +53,7 @@ class Item:
         if self.error is not None:
             raise self.error
         if self.text is not None:
-            text = self.text
+            text = checked_text(self.text, str(self.key))
         elif self.path == "-":
             text = decode_text(sys.stdin.buffer.read(), "stdin")
         else:
@@ -70,10 +70,27 @@ def decode_text(data: bytes, name: str) -> str:
     if b"\x00" in data[:_SNIFF_BYTES]:
         raise ItemError("binary", f"{name}: binary file (contains NUL bytes)")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as exc:
         where = f"byte 0x{data[exc.start]:02x} at offset {exc.start}"
         raise ItemError("encoding", f"{name}: not UTF-8 text ({where})") from None
+
+
+BOM = "\ufeff"  # an editor's marker of UTF-8, not part of the text
+
+
+def checked_text(text: str, name: str) -> str:
+    """Text that arrived already decoded (arguments, stdin lines, JSON strings), as the tokenizer
+    needs it: without a leading byte-order mark, and refused when it holds lone surrogates, which
+    is what Python makes of bytes that are not UTF-8 in arguments and stdin (and what a JSON
+    "\\udcff" escape gives)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(text[exc.start])
+        where = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character U+{char:04X}"
+        raise ItemError("encoding", f"{name}: not UTF-8 text ({where} at character {exc.start})") from None
+    return text.removeprefix(BOM)
 
 
 def read_text_file(path: str) -> str:
@@ -115,10 +132,12 @@ def _is_path(value: str) -> bool:
     return bool(_PATH_LIKE.match(value))
 
 
-def from_file_list(lines: Iterable[str]) -> list[Item]:
+def from_file_list(lines: Iterable[str], source: str = "--files-from") -> list[Item]:
     """--files-from: one path a line; blank lines are skipped, surrounding spaces kept."""
     items = []
     for line in lines:
+        if "\x00" in line:
+            raise LmtoolError(f"{source}: binary file (contains NUL bytes), not a list of paths")
         path = line.rstrip("\r\n")
         if path.strip():
             items.append(Item(path, key_field="path", path=path))
@@ -153,4 +172,9 @@ def _jsonl_item(line: str, number: int, source: str, text_fields: tuple[str, ...
         return Item(key, error=ItemError("invalid", f"{where}: needs a string field \"{field}\""))
     if question is not None and not isinstance(question, str):
         return Item(key, error=ItemError("invalid", f"{where}: \"question\" must be a string"))
+    try:
+        question = None if question is None else checked_text(question, where)
+        text = checked_text(text, where)
+    except ItemError as exc:
+        return Item(key, error=exc)
     return Item(key, text=text, question=question)

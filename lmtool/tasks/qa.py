@@ -85,6 +85,8 @@ class Answerer:
         self.doc_stride, self.allow_empty = doc_stride, allow_empty
         self.front, self.back = special_ends(self.tok)
         self.window = window_length(lm.config, max_length)
+        if doc_stride >= self.window:
+            raise LmtoolError(f"--doc-stride {doc_stride} must be less than the window ({self.window} tokens)")
 
     def prepare(self, item: Item, text: str):
         question = item.question if item.question is not None else self.question
@@ -97,8 +99,12 @@ class Answerer:
                 "too-long", f"{item.key}: the question leaves no room for context in a window of {self.window}"
             )
         enc = self.tok.encode_with_offsets(text, add_special_tokens=False)
-        overlap = self.doc_stride if self.doc_stride < capacity else capacity // 2
-        spans = split_windows(len(enc.ids), capacity, overlap)
+        if self.doc_stride >= capacity and len(enc.ids) > capacity:
+            raise ItemError(
+                "invalid", f"{item.key}: --doc-stride {self.doc_stride} must be less than the {capacity} tokens "
+                f"a window of {self.window} leaves for context after this question",
+            )
+        spans = split_windows(len(enc.ids), capacity, self.doc_stride)
         windows = [prefix + enc.ids[a:b] + self.back for a, b in spans]
         return windows, (text, question, enc, spans, len(prefix))
 
