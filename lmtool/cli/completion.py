@@ -401,7 +401,7 @@ SCRIPTS = {"bash": bash_script, "zsh": zsh_script, "fish": fish_script}
 
 @app.command("completion")
 def completion_command(
-    shell: str = typer.Argument(..., parser=choice_parser(SHELLS), metavar="[bash|zsh|fish]", help="The shell."),
+    shell: str = typer.Argument(..., parser=choice_parser(SHELLS), metavar="SHELL", help="bash, zsh or fish."),
 ) -> None:
     """Print the shell completion script for bash, zsh or fish (the README says where it goes)."""
     out(SCRIPTS[shell](), end="")

@@ -49,6 +49,7 @@ EXAMPLES = {
         "lmtool convert --recipe gemma-2b gemma-2b.ckpt gemma-2b-hf --tokenizer tokenizer.model",
     ],
     "bench": ["lmtool bench lmtool/demo/zen-gemma --prompt-len 16,64 --batch 1,4 --repeat 2"],
+    "quantize": ["lmtool quantize lmtool/demo/zen-gemma /tmp/zen-int8 --scheme int8"],
     "recipes": ["lmtool recipes", "lmtool recipes --family gemma"],
     "completion": ["lmtool completion bash > ~/.local/share/bash-completion/completions/lmtool"],
 }
@@ -121,6 +122,8 @@ class LmtoolCommand(TyperCommand):
         for param in self.params:
             if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
                 param.metavar = value_name(param)
+            elif param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = param.name.upper()  # also in errors: "Missing argument 'MODEL'"
         if self.epilog is None and self.name in EXAMPLES:
             self.epilog = "Examples:\n" + "\n".join(f"  {line}" for line in EXAMPLES[self.name])
 
