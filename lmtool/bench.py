@@ -35,6 +35,7 @@ import torch
 from . import __version__, hub
 from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, write_weights
 from .errors import LmtoolError
+from .inference import runtime
 from .loading import DTYPES, build_model, family_of, read_config
 from .registry import Family, families
 
@@ -455,6 +456,8 @@ def provenance(spec: BenchSpec) -> dict[str, Any]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         if hasattr(os, "sysconf") else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # the kernels' instruction set and the CPU features that chose it (lmtool.inference.runtime)
+        "cpu_runtime": runtime() if device == "cpu" else None,
     }
 
 
@@ -468,6 +471,10 @@ def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     bandwidth = setup.pop("memory_bandwidth_gbps", None) or {}
     for stat in ("median", "min", "max"):
         setup[f"memory_bandwidth_gbps_{stat}"] = bandwidth.get(stat)
+    # ... and the CPU runtime two: the kernels' instruction set and the CPU features behind it.
+    cpu = setup.pop("cpu_runtime", None) or {}
+    setup["kernels"] = cpu.get("kernels")
+    setup["cpu_features"] = " ".join(cpu.get("cpu_features", []))
     rows = []
     for result in report["results"]:
         for runner, summary in result["runners"].items():

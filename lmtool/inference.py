@@ -49,6 +49,51 @@ def backend_for(dtype: torch.dtype, device: torch.device) -> str | None:
     return "onednn"
 
 
+def backend_label(dtype: torch.dtype, device: torch.device) -> str:
+    """backend_for in words: 'kernels (avx2)', 'oneDNN' or 'PyTorch'."""
+    backend = backend_for(dtype, device)
+    if backend == "native":
+        return f"kernels ({kernels.active_isa().name})"
+    return "oneDNN" if backend == "onednn" else "PyTorch"
+
+
+def runtime(device: torch.device = torch.device("cpu")) -> dict:
+    """What runs a model's linear layers here, for inspect, bench and generate --verbose: the
+    backend per dtype, the kernels' instruction set (None when off, and why), the CPU features that
+    chose them, and how a bfloat16 prefill multiplies."""
+    info = kernels.describe()
+    backends = {name: backend_label(dtype, device) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    if backend_for(torch.bfloat16, device) != "native" or kernels.fast_bf16_matmul():
+        prefill = "bfloat16"
+    else:
+        prefill = "float32 from widened bfloat16 weights"
+    return {"backend": backends, **info, "bfloat16_prefill": prefill}
+
+
+def runtime_lines(info: dict) -> list[str]:
+    """runtime() as two lines of text: the backend per dtype, then the kernels and the CPU."""
+    backends = ", ".join(f"{dtype} {label}" for dtype, label in info["backend"].items())
+    return [f"linear layers: {backends}; bfloat16 prefill in {info['bfloat16_prefill']}", cpu_line(info)]
+
+
+def cpu_line(info: dict) -> str:
+    features = " ".join(info["cpu_features"]) or "none of " + ", ".join(isa.name for isa in kernels.ISAS[:-1])
+    kernels_line = info["kernels"] or f"off ({info['kernels_off']})"
+    if info["isa_cap"]:
+        kernels_line += f" (LMTOOL_ISA={info['isa_cap']})"
+    native = "" if info["native_bf16_matmul"] else " (no native bfloat16 matmul)"
+    return f"kernels: {kernels_line}; CPU {info['machine']}: {features}{native}"
+
+
+def runtime_summary(dtype: torch.dtype, device: torch.device) -> list[str]:
+    """What runs a loaded model of this dtype on this device, as lines of text (generate --verbose)."""
+    info = runtime(device)
+    line = f"linear layers ({str(dtype).removeprefix('torch.')} on {device}): {backend_label(dtype, device)}"
+    if dtype == torch.bfloat16 and backend_for(dtype, device) == "native":
+        line += f"; prefill in {info['bfloat16_prefill']}"
+    return [line, cpu_line(info)]
+
+
 def row_slices(table: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Views of consecutive rows of table, each at most SLICE_BYTES once in dtype."""
     rows = max(1, SLICE_BYTES // (table.shape[1] * torch.finfo(dtype).bits // 8))

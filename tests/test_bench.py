@@ -20,6 +20,7 @@ from lmtool import bench
 from lmtool.bench import (
     config_name, csv_rows, memory_read_bandwidth, preset_config, presets, random_checkpoint, run_order, weight_bytes,
 )
+from lmtool.cli.bench import describe_setup
 from lmtool.errors import ExitCode
 
 from helpers import run_cli
@@ -100,6 +101,11 @@ def test_json_report_has_every_metric_per_dtype_and_provenance(capsys, tiny_conf
     report = json.loads(out)
     for key in ("lmtool", "torch", "transformers", "device", "cpu", "threads", "date"):
         assert key in report["provenance"]
+    # the kernels' instruction set and the CPU's features, in the report and its header
+    active = lmtool.kernels.active_isa()
+    assert report["provenance"]["cpu_runtime"]["kernels"] == (active.name if active else None)
+    assert report["provenance"]["cpu_runtime"]["cpu_features"] == lmtool.kernels.relevant_features()
+    assert f"kernels: {active.name if active else 'off'}" in describe_setup(report)
     rows = {(r["dtype"], r["key"]) for r in report["results"]}
     metrics = {"load_s", "ttft_s", "prefill@8", "prefill@16", "decode@1", "decode@2", "decode_gbps@1", "peak_rss", "model_rss"}
     assert rows == {(d, m) for d in ("bfloat16", "float32") for m in metrics}
@@ -120,7 +126,7 @@ def test_against_transformers_runs_both_and_reports_ratios(capsys, cache):
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert {r["runner"] for r in rows} == {"lmtool", "transformers"}
-    assert {"torch", "transformers", "cpu", "threads", "dtype", "median", "min", "max"} <= set(rows[0])
+    assert {"torch", "transformers", "cpu", "threads", "dtype", "median", "min", "max", "kernels", "cpu_features"} <= set(rows[0])
     assert all(r["ratio_lmtool_to_runner"] == "" for r in rows if r["runner"] == "lmtool")
     peer = [r for r in rows if r["runner"] == "transformers"]
     assert all(r["repeats"] == "2" for r in peer)

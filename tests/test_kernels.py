@@ -4,9 +4,17 @@ test_inference.py (every ISA this CPU runs) and test_neon.py (NEON under emulati
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
+import lmtool
 from lmtool import kernels
+
+from helpers import run_cli
+
+DEMO = str(Path(lmtool.__file__).parent / "demo" / "zen-gemma")
 
 
 @pytest.fixture
@@ -77,3 +85,20 @@ def test_describe_names_the_kernels_and_the_cpu_features(monkeypatch):
         assert info["kernels"] == "portable" and info["kernels_off"] is None
     assert info["machine"] == kernels.machine()
     assert set(info["cpu_features"]) <= kernels.cpu_features()
+
+
+def test_inspect_and_generate_verbose_show_the_backend_and_the_cpu_features(capsys, monkeypatch):
+    monkeypatch.setenv("LMTOOL_ISA", "portable")
+    monkeypatch.delenv("LMTOOL_NATIVE", raising=False)
+    active = "kernels (portable)" if kernels.available() else "oneDNN"
+    code, out, err = run_cli(capsys, "inspect", DEMO, "--json")
+    assert code == 0, err
+    runtime = json.loads(out)["runtime"]
+    assert runtime["backend"]["float32"] == active and runtime["isa_cap"] == "portable"
+    assert runtime["cpu_features"] == kernels.relevant_features()
+    code, out, err = run_cli(capsys, "inspect", DEMO)
+    assert "kernels: " in out and f"CPU {kernels.machine()}" in out
+    code, out, err = run_cli(capsys, "generate", DEMO, "Beautiful is", "--temperature", "0", "-n", "2", "--verbose")
+    assert code == 0, err
+    assert f"linear layers (float32 on cpu): {active}" in err
+    assert "(LMTOOL_ISA=portable)" in err and "linear layers" not in out

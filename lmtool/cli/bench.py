@@ -88,8 +88,11 @@ def describe_setup(report: dict[str, Any]) -> str:
         f"after each of {len(bandwidth['samples'])} runs)"
         if bandwidth else ""
     )
+    from ..inference import cpu_line
+
+    cpu = f"; {cpu_line(p['cpu_runtime'])}" if p.get("cpu_runtime") else ""
     return (
-        f"{report['model']['name']} on {p['device_name']} ({p['device']}, {p['threads']} threads, lmtool linear layers: {backends}); "
+        f"{report['model']['name']} on {p['device_name']} ({p['device']}, {p['threads']} threads, lmtool linear layers: {backends}{cpu}); "
         f"lmtool {p['lmtool']}, torch {p['torch']}, transformers {p['transformers'] or 'not installed'}; "
         f"median [min–max] of {s['repeat']} fresh processes per runner, alternating"
         f"{', after a warm-up run' if s['warmup'] else ''}; decode of {s['new_tokens']} tokens after a "

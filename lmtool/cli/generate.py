@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import Interrupted, LmtoolError
+from ..tasks.inputs import checked_text
 from ..settings import GENERATION_DEFAULTS, checkpoint_generation_settings, resolve
 from . import app
 from .common import device_option, dtype_option, info, open_lines, out, out_json, read_text_arg, threads_option
@@ -25,6 +26,7 @@ def read_prompts_file(path: str) -> list[dict]:
             raise LmtoolError(f"{path}:{number}: not a JSON object") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise LmtoolError(f"{path}:{number}: needs a string field \"prompt\"")
+        item["prompt"] = checked_text(item["prompt"], f"{path}:{number}")
         prompts.append(item)
     if not prompts:
         raise LmtoolError(f"{path}: no prompts")
@@ -93,7 +95,7 @@ def generate_command(
             if sys.stdin.isatty():
                 raise LmtoolError("no prompt: give PROMPT, '-' for stdin, or --prompts-file")
             prompt = "-"
-        text = read_text_arg(prompt, "PROMPT")
+        text = checked_text(read_text_arg(prompt, "PROMPT"), "stdin" if prompt == "-" else "PROMPT")
         # `echo "..." | lmtool generate M -` should not ask the model to continue a new line.
         items = [{"prompt": text[:-1] if prompt == "-" and text.endswith("\n") else text}]
     if system is not None and not chat:

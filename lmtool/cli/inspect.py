@@ -58,6 +58,11 @@ def render(result: dict, console: Console, show_tensors: bool) -> None:
                       f"{quantization['bits_per_weight']} bits per quantized weight; {groups}")
     for note in result.get("notes", []):
         table.add_row("note", note)
+    if "runtime" in result:
+        from ..inference import runtime_lines
+
+        for line in runtime_lines(result["runtime"]):
+            table.add_row("runs here", line)
     console.print(table)
     if "config" in result:
         console.print("\n[bold]config[/bold]")
@@ -85,6 +90,9 @@ def inspect_command(
     from ..inspect import inspect
 
     result = inspect(model, with_tensors=tensors)
+    from ..inference import runtime
+
+    result["runtime"] = runtime()  # what would run this model on this machine
     if as_json:
         out_json(result)
     else:

@@ -270,6 +270,7 @@ def describe() -> dict:
     return {
         "kernels": isa.name if isa else None,
         "kernels_off": "LMTOOL_NATIVE=0" if off else (None if isa else "build failed or no compiler"),
+        "isa_cap": os.environ.get("LMTOOL_ISA") or None,
         "machine": machine(),
         "cpu_features": relevant_features(),
         "native_bf16_matmul": fast_bf16_matmul(),
