@@ -11,16 +11,7 @@ import torch
 from torch import nn
 
 from .cache import ModelCache
-
-TASKS = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
-
-# transformers' module name for each head; a family may override one (BLOOM: "classifier").
-DEFAULT_HEAD_NAMES = {
-    "causal-lm": "lm_head",
-    "sequence-classification": "score",
-    "token-classification": "score",
-    "question-answering": "qa_outputs",
-}
+from .registry import DEFAULT_HEAD_NAMES, TASKS  # noqa: F401  (torch-free, beside the class-name suffixes)
 
 
 class CausalLMHead(nn.Module):

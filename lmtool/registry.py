@@ -12,8 +12,16 @@ from typing import Any, Callable
 
 from .config import ModelConfig
 from .errors import UnsupportedError
-from .heads import DEFAULT_HEAD_NAMES, TASKS
 
+TASKS = ("causal-lm", "sequence-classification", "token-classification", "question-answering")
+
+# transformers' module name for each head; a family may override one (BLOOM: "classifier").
+DEFAULT_HEAD_NAMES = {
+    "causal-lm": "lm_head",
+    "sequence-classification": "score",
+    "token-classification": "score",
+    "question-answering": "qa_outputs",
+}
 # Architecture name suffix in config.json's "architectures" for each task.
 TASK_SUFFIX = {
     "causal-lm": "ForCausalLM",

@@ -90,6 +90,13 @@ def test_resolve_takes_each_setting_from_the_first_layer_that_has_it():
     assert settings.checkpoint_generation_settings({"do_sample": False, "top_k": 5}) == {"top_k": 5, "temperature": 0.0}
 
 
+def test_recipe_lists_fill_repeatable_options(capsys, tmp_path):
+    recipe = tmp_path / "lists.yaml"
+    recipe.write_text("description: lists\ncommand: tag\noptions:\n  ignore: [O, MISC]\n  dtype: bf16\n")
+    rows = print_config(capsys, "tag", "M", "--recipe", str(recipe))
+    assert rows["ignore"] == ("O,MISC", "recipe lists") and rows["dtype"] == ("bfloat16", "recipe lists")
+
+
 def test_a_recipe_run_equals_the_same_flags(capsys, tmp_path):
     recipe = tmp_path / "zen.yaml"
     recipe.write_text(f"description: zen\nmodel: {DEMO}\noptions:\n  temperature: 0\n  max-new-tokens: 6\n  dtype: fp32\n")

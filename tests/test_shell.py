@@ -43,6 +43,13 @@ def test_help_version_and_completion_import_no_torch(args):
     assert _lmtool_imports(*args) == []
 
 
+def test_registry_config_recipes_and_settings_import_no_torch():
+    probe = ("import sys, lmtool.registry, lmtool.config, lmtool.recipes, lmtool.settings, lmtool.hub, lmtool.cli\n"
+             "print([m for m in ('torch', 'numpy', 'transformers') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 def test_help_reads_like_a_shell_tool(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
