@@ -12,8 +12,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import Callable
+
 from . import kernels
 from .cache import KVCache, Step, WindowKVCache
+from .kernels import steps as step_kernels
+
+
+def derived(owner: nn.Module, name: str, parameter: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """make(parameter) (a layout or precomputation a native kernel reads), kept on owner and made
+    again only when the parameter is replaced or changed in place."""
+    try:
+        key = (parameter.data_ptr(), parameter._version)
+    except RuntimeError:  # an inference tensor keeps no version: it cannot change outside inference mode
+        key = (parameter.data_ptr(), -1)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, make(parameter.detach()))
+        owner.__dict__[name] = cached
+    return cached[1]
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +56,10 @@ class RMSNorm(nn.Module):
         self.weight_before_cast = weight_before_cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and step_kernels.usable(x, self.weight):
+            # One native pass, rounding where the operations below do.
+            scale = derived(self, "_kernel_scale", self.weight, self.kernel_scale)
+            return step_kernels.rms_norm(x, scale, self.eps, scale_after_cast=not self.weight_before_cast)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float()
@@ -46,6 +68,14 @@ class RMSNorm(nn.Module):
         if self.weight_before_cast:
             return (h * w).to(x.dtype)
         return w.to(x.dtype) * h.to(x.dtype)
+
+    def kernel_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The float32 factor the kernel multiplies by: forward's w, rounded to the model dtype
+        where forward casts it before the product."""
+        w = weight.float()
+        if self.unit_offset:
+            w = 1.0 + w
+        return w if self.weight_before_cast else w.to(weight.dtype).float()
 
 
 class RotaryEmbedding(nn.Module):

@@ -6,14 +6,21 @@ always continue it, so a prompt processed in several chunks gives the same resul
 convolution then reads zeros before a row's first token, and a scan whose input is zero there
 (Mamba2) or that resets at position 0 (RG-LRU) starts the row from nothing. A left-padded row is
 then equal to the row alone.
+
+The one-token steps (convolution, RG-LRU, Mamba2 state update) run as single native calls
+(lmtool.kernels.steps) when they can; the PyTorch operations here are their reference and the
+path for autograd and other devices.
 """
 
 from __future__ import annotations
 
 import math
-
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .kernels import steps as step_kernels
+from .layers import derived
 
 
 def causal_conv1d(
@@ -42,6 +49,33 @@ def causal_conv1d(
     else:
         y = F.conv1d(history.transpose(1, 2), weight[:, None, :], bias, groups=C).transpose(1, 2)
     return y, history[:, T:].clone()
+
+
+class CausalConv1d(nn.Conv1d):
+    """The depthwise causal convolution of a recurrent layer (weight [C,1,K], bias [C]: the
+    checkpoints' Conv1d), called with and returning its state as `causal_conv1d`; SiLU after it
+    on request, since Mamba2 applies one. The one-token step is one native call."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size=kernel_size, groups=channels, padding=kernel_size - 1)
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None, silu: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        K = self.kernel_size[0]
+        if (
+            T == 1
+            and (state is None or (state.dtype == x.dtype and state.is_contiguous()))
+            and all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias))
+            and step_kernels.usable(x, self.weight, self.bias)
+        ):
+            if state is None:
+                state = x.new_zeros(B, K - 1, C)
+            weight_kc = derived(self, "_weight_kc", self.weight, lambda w: w[:, 0].T.float().contiguous())
+            return step_kernels.conv_step(x, state, weight_kc, self.bias, silu), state
+        y, state = causal_conv1d(x, self.weight[:, 0], self.bias, state)
+        return (F.silu(y) if silu else y), state
 
 
 def pad_multiplier(step, dtype: torch.dtype) -> torch.Tensor | None:
@@ -184,16 +218,29 @@ def ssd_step(
     state [b,H,P,N] float32; x [b,H,P]; dt [b,H] (after softplus) and B, C [b,G,N] in the model
     dtype. The decay is exp(dt A) in float32; dt B x is formed in the model dtype and added to the
     float32 state; the output reads the state cast to the model dtype. Returns (y [b,H,P] in x's
-    dtype, the new state float32).
+    dtype, the new state float32: `state` itself, updated in place).
     """
     b, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
+    if (
+        state.dtype == torch.float32
+        and state.is_contiguous()
+        and N <= step_kernels.MAX_STATE
+        and all(t is None or t.dtype == x.dtype for t in (dt, B, C, D))
+        and step_kernels.usable(x, state, dt, A, B, C, D)
+    ):
+        y = step_kernels.ssd_step(
+            state, x.reshape(b, H * P), dt, A.float().contiguous(), B.reshape(b, G * N), C.reshape(b, G * N), D
+        )
+        return y, state
     R = H // G
     decay = torch.exp(dt.float() * A.float())  # [b,H]
     B_h = B[:, :, None, :].expand(b, G, R, N).reshape(b, H, 1, N)
     C_h = C[:, :, None, :].expand(b, G, R, N).reshape(b, H, N, 1)
     dBx = (dt[:, :, None, None] * B_h) * x[..., None]  # [b,H,P,N], model dtype
-    state = state * decay[..., None, None] + dBx
+    # In place: the state is a megabyte per layer at batch 1, and a fresh one per step costs
+    # more in page faults and passes than the arithmetic.
+    state.mul_(decay[..., None, None]).add_(dBx)
     y = torch.matmul(state.to(x.dtype), C_h)[..., 0]  # [b,H,P]
     if D is not None:
         y = (y + x * D[:, None]).to(y.dtype)

@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16_t;
@@ -208,5 +209,78 @@ int lm_ssd_step(int bf, float *state, const void *x, int64_t x_stride, const voi
         if (bf) ssd_step_head(1, S, x, x_off, dtv, decay, Bm, b_off, Cm, c_off, d, D != 0, P, N, y, bh * P);
         else ssd_step_head(0, S, x, x_off, dtv, decay, Bm, b_off, Cm, c_off, d, D != 0, P, N, y, bh * P);
     }
+    return 0;
+}
+
+/* --- RMS norms ---------------------------------------------------------------------------------
+ * out[r] = x[r] rsqrt(mean(x[r]^2) + eps), in float32, then scaled by `scale` [n] float32:
+ * after_cast == 0: rounded once after the product (Gemma: (h * (1 + w)).to(dtype));
+ * after_cast != 0: h rounded to the model dtype first, then the product rounded (Llama, Zamba2:
+ * w.to(dtype) * h.to(dtype)). Rows of x have stride x_stride; out [rows, n] contiguous. */
+static inline float sum_squares(const void *x, int64_t off, int64_t n, int bf) {
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) {
+            float v = ld(x, off + i + j, bf);
+            part[j] += v * v;
+        }
+    float total = 0.0f;
+    for (int j = 0; j < 16; j++) total += part[j];
+    for (; i < n; i++) {
+        float v = ld(x, off + i, bf);
+        total += v * v;
+    }
+    return total;
+}
+
+static inline __attribute__((always_inline)) void rms_norm_body(
+    int bf, const void *x, int64_t x_stride, int64_t rows, int64_t n, const float *scale, int after_cast, float eps,
+    void *out) {
+#pragma omp parallel for schedule(static) if (rows * n >= 262144)
+    for (int64_t r = 0; r < rows; r++) {
+        float inv = 1.0f / sqrtf(sum_squares(x, r * x_stride, n, bf) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float h = ld(x, r * x_stride + i, bf) * inv;
+            st(out, r * n + i, after_cast ? scale[i] * rnd(h, bf) : h * scale[i], bf);
+        }
+    }
+}
+
+void lm_rms_norm(int bf, const void *x, int64_t x_stride, int64_t rows, int64_t n, const float *scale, int after_cast,
+                 float eps, void *out) {
+    if (bf) rms_norm_body(1, x, x_stride, rows, n, scale, after_cast, eps, out);
+    else rms_norm_body(0, x, x_stride, rows, n, scale, after_cast, eps, out);
+}
+
+/* Mamba2's gated norm: h = y silu(z) in float32, normalized over each of `groups` equal parts of
+ * a row, rounded to the model dtype, then times the weight (model dtype, rounded): transformers'
+ * Zamba2RMSNormGated for model-dtype y. y and z rows have strides; out [rows, n] contiguous. */
+static inline __attribute__((always_inline)) void gated_rms_norm_body(
+    int bf, const void *y, int64_t y_stride, const void *z, int64_t z_stride, int64_t rows, int64_t n, int64_t groups,
+    const void *weight, float eps, float *scratch, void *out) {
+    int64_t width = n / groups;   /* scratch: n floats */
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++) {
+            float g = ld(z, r * z_stride + i, bf);
+            scratch[i] = ld(y, r * y_stride + i, bf) * (g * sigmoid(g));
+        }
+        for (int64_t k = 0; k < groups; k++) {
+            float *h = scratch + k * width;
+            float inv = 1.0f / sqrtf(sum_squares(h, 0, width, 0) / (float)width + eps);
+            for (int64_t i = 0; i < width; i++)
+                st(out, r * n + k * width + i, ld(weight, k * width + i, bf) * rnd(h[i] * inv, bf), bf);
+        }
+    }
+}
+
+int lm_gated_rms_norm(int bf, const void *y, int64_t y_stride, const void *z, int64_t z_stride, int64_t rows, int64_t n,
+                      int64_t groups, const void *weight, float eps, void *out) {
+    if (groups <= 0 || n % groups) return -1;
+    float *scratch = malloc(n * sizeof(float));
+    if (!scratch) return -2;
+    if (bf) gated_rms_norm_body(1, y, y_stride, z, z_stride, rows, n, groups, weight, eps, scratch, out);
+    else gated_rms_norm_body(0, y, y_stride, z, z_stride, rows, n, groups, weight, eps, scratch, out);
+    free(scratch);
     return 0;
 }

@@ -36,6 +36,8 @@ _i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 ARGTYPES = {
     "lm_conv_step": ([_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64], None),
     "lm_rglru_step": ([_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr], None),
+    "lm_rms_norm": ([_int, _ptr, _i64, _i64, _i64, _ptr, _int, ctypes.c_float, _ptr], None),
+    "lm_gated_rms_norm": ([_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
     "lm_ssd_step": (
         [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr], _int,
     ),
@@ -181,3 +183,33 @@ def ssd_step(
     if status != 0:
         raise ValueError(f"ssd_step: state size {N} above {MAX_STATE}")
     return y
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast: bool) -> torch.Tensor:
+    """x [..., n] normalized by its root mean square in float32 and multiplied by scale [n] float32:
+    rounded once after the product, or (scale_after_cast) rounded before it and after it, as
+    lmtool.layers.RMSNorm's two conventions."""
+    n = x.shape[-1]
+    flat, stride = rows(x, n)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    library().lm_rms_norm(
+        int(x.dtype == torch.bfloat16), flat.data_ptr(), stride, flat.shape[0], n, scale.data_ptr(),
+        int(scale_after_cast), eps, out.data_ptr(),
+    )
+    return out
+
+
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Mamba2's gated norm of y [..., n] by silu(z) over `groups` parts of a row, y, z and weight
+    in one model dtype (the decode step's case) -> [..., n] in that dtype."""
+    n = y.shape[-1]
+    ys, y_stride = rows(y, n)
+    zs, z_stride = rows(z, n)
+    out = torch.empty(y.shape, dtype=y.dtype)
+    status = library().lm_gated_rms_norm(
+        int(y.dtype == torch.bfloat16), ys.data_ptr(), y_stride, zs.data_ptr(), z_stride, ys.shape[0], n, groups,
+        weight.data_ptr(), eps, out.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"gated_rms_norm: {n} channels in {groups} groups")
+    return out

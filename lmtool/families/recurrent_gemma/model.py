@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cache import ModelCache, RecurrentState, Step, WindowKVCache, begin_step
-from ...layers import ACTIVATIONS, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, rounded_scale
-from ...recurrent import causal_conv1d, linear_scan, pad_multiplier
+from ...kernels import steps as step_kernels
+from ...layers import ACTIVATIONS, GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, derived, rounded_scale
+from ...recurrent import CausalConv1d, linear_scan, pad_multiplier
 from .config import RecurrentGemmaConfig
 
 
@@ -66,6 +67,8 @@ class RGLRU(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, state: RecurrentState | None) -> torch.Tensor:
         B, T, L = x.shape
+        if T == 1 and state is not None and step_kernels.usable(x, self.recurrent_param):
+            return self.native_step(x, positions, state)
         input_gate, recurrent_gate = (
             torch.sigmoid(g).reshape(B, T, L) for g in self.gates(x.reshape(B * T, self.num_blocks, self.block_width))
         )
@@ -85,6 +88,21 @@ class RGLRU(nn.Module):
             state.set("scan", last)
         return h
 
+    def native_step(self, x: torch.Tensor, positions: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """The one-token step as one native call after the gates: the same operations and
+        roundings as forward's (lmtool/kernels/steps.c)."""
+        B, _, L = x.shape
+        input_gate, recurrent_gate = self.gates(x.reshape(B, self.num_blocks, self.block_width))
+        h = state.get("scan")
+        if h is None:
+            h = torch.zeros(B, L, dtype=torch.float32)
+            state.set("scan", h)
+        softplus = derived(self, "_softplus", self.recurrent_param, lambda p: F.softplus(p).to(x.dtype).contiguous())
+        out = step_kernels.rglru_step(
+            x.view(B, L), input_gate.reshape(B, L), recurrent_gate.reshape(B, L), softplus, positions[:, 0], h
+        )
+        return out.view(B, 1, L)
+
 
 class RecurrentBlock(nn.Module):
     """linear_out( RG-LRU(conv(linear_x(h))) * act(linear_y(h)) )."""
@@ -98,7 +116,7 @@ class RecurrentBlock(nn.Module):
         self.linear_y = nn.Linear(D, L)
         self.linear_x = nn.Linear(D, L)
         self.linear_out = nn.Linear(L, D)
-        self.conv_1d = nn.Conv1d(L, L, kernel_size=K, groups=L, padding=K - 1)
+        self.conv_1d = CausalConv1d(L, K)
         self.rg_lru = RGLRU(L, config.num_attention_heads)
         self.act = ACTIVATIONS[config.hidden_activation]
         self.fused_yx: nn.Module | None = None
@@ -112,7 +130,7 @@ class RecurrentBlock(nn.Module):
         conv_state = state.get("conv") if state is not None else None
         if pads is not None:
             x = x * pads  # the conv reads zeros before a row's first token
-        x, conv_state = causal_conv1d(x, self.conv_1d.weight[:, 0], self.conv_1d.bias, conv_state)
+        x, conv_state = self.conv_1d(x, conv_state)
         if state is not None:
             state.set("conv", conv_state)
         x = self.rg_lru(x, step.positions, state)

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
+from ...kernels import steps as step_kernels
 from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask
-from ...recurrent import causal_conv1d, pad_multiplier, ssd_chunk_scan, ssd_step
+from ...recurrent import CausalConv1d, pad_multiplier, ssd_chunk_scan, ssd_step
 from .config import Zamba2Config
 
 
@@ -43,6 +44,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if y.dtype == z.dtype == self.weight.dtype and step_kernels.usable(y, z, self.weight):
+            # The decode step (y in the model dtype): one native pass, the same roundings.
+            return step_kernels.gated_rms_norm(y, z, self.weight, self.groups, self.eps)
         h = y.float() * F.silu(z.float())
         shape = h.shape
         h = h.view(*shape[:-1], self.groups, shape[-1] // self.groups)
@@ -62,7 +66,7 @@ class Mamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(D, di + self.conv_dim + H, bias=config.add_bias_linear)
         # Always with a bias (transformers ignores use_conv_bias).
         K = config.mamba_d_conv
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=K, groups=self.conv_dim, padding=K - 1)
+        self.conv1d = CausalConv1d(self.conv_dim, K)
         self.dt_bias = nn.Parameter(torch.ones(H))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(H))
@@ -79,8 +83,7 @@ class Mamba2Mixer(nn.Module):
             h = h * pads
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
         conv_state = state.get("conv") if state is not None else None
-        xBC, conv_state = causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-        xBC = F.silu(xBC)
+        xBC, conv_state = self.conv1d(xBC, conv_state, silu=True)
         if pads is not None:
             xBC = xBC * pads
         GN = self.groups * self.state_size

@@ -1,0 +1,153 @@
+"""The recurrent decode-step kernels (lmtool/kernels/steps.c) against the PyTorch operations they
+stand in for: bit for bit in bfloat16 (but for an ulp of exp/sqrt before a rounding, on a few
+elements at most), to float32 rounding in float32, on odd shapes, strided rows, several rows and
+sequence starts. Also built without -march=native (LMTOOL_ISA=portable) in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtool.kernels import steps
+from lmtool.recurrent import causal_conv1d, linear_scan
+
+pytestmark = pytest.mark.skipif(steps.library() is None, reason="no C compiler for the step kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32: rounding apart. bfloat16: equal but on at most 1 % of the elements, and there by
+    at most one bfloat16 step (exp and sqrt may differ from PyTorch's by an ulp before rounding)."""
+    got, want = got.float(), want.float()
+    if dtype == torch.float32:
+        assert (got - want).abs().max() <= 1e-5 * (1 + want.abs().max())
+        return
+    differ = got != want
+    assert differ.float().mean() <= 0.01, f"{int(differ.sum())} of {got.numel()} differ"
+    if differ.any():
+        step = want[differ].abs() * 2**-7
+        assert ((got - want)[differ].abs() <= step * 1.01).all()
+
+
+def strided(rows: int, width: int, dtype: torch.dtype, pad: int = 5) -> torch.Tensor:
+    """[rows, width] rows of a wider buffer: the kernels read views of fused projections."""
+    return torch.randn(rows, width + pad, dtype=dtype)[:, pad:]
+
+
+def ssd_reference(state, x, dt, A, B, C, D):
+    """transformers' decode step written out (Zamba2MambaMixer.torch_forward), model-dtype rounding."""
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    group = torch.arange(H) // (H // G)
+    decay = torch.exp(dt.float() * A)[..., None, None]
+    dBx = (dt[:, :, None, None] * B[:, group][:, :, None]) * x[..., None]
+    state = state * decay + dBx
+    y = torch.matmul(state.to(x.dtype), C[:, group][..., None])[..., 0]
+    return (y + x * D[:, None]).to(x.dtype), state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,H,G,P,N", [(1, 4, 1, 8, 16), (3, 6, 2, 5, 19), (2, 8, 4, 3, 64)])
+def test_ssd_step_kernel_matches_the_reference(dtype, b, H, G, P, N):
+    torch.manual_seed(b * 100 + N)
+    state = torch.randn(b, H, P, N)
+    proj = strided(b, H * P + 2 * G * N + H, dtype)  # x, B, C, dt side by side, as Zamba2's projection
+    x, Bm, Cm, dt_raw = proj.split([H * P, G * N, G * N, H], dim=-1)
+    dt = F.softplus(dt_raw)
+    A, D = -torch.rand(H) * 2, torch.randn(H, dtype=dtype)
+    want_y, want_state = ssd_reference(state, x.reshape(b, H, P), dt, A, Bm.reshape(b, G, N), Cm.reshape(b, G, N), D)
+    got_state = state.clone()
+    got_y = steps.ssd_step(got_state, x, dt, A, Bm, Cm, D)
+    assert_close(got_y, want_y, dtype)
+    assert (got_state - want_state).abs().max() <= 1e-5 * want_state.abs().max()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,K,C,silu", [(1, 4, 37, False), (3, 4, 300, True), (2, 2, 5, True), (2, 1, 9, False)])
+def test_conv_step_kernel_matches_the_reference_and_shifts_its_state(dtype, B, K, C, silu):
+    torch.manual_seed(K * C)
+    x = strided(B, C, dtype)[:, None]  # [B,1,C], rows strided
+    state = torch.randn(B, K - 1, C, dtype=dtype)
+    weight, bias = torch.randn(C, K, dtype=dtype), torch.randn(C, dtype=dtype)
+    want, want_state = causal_conv1d(x, weight, bias, state.clone())
+    want = F.silu(want) if silu else want
+    got = steps.conv_step(x, state, weight.T.float().contiguous(), bias, silu)
+    assert_close(got, want, dtype)
+    assert torch.equal(state, want_state)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,L", [(1, 29), (4, 300)])
+def test_rglru_step_kernel_matches_the_reference_and_resets_at_position_0(dtype, B, L):
+    torch.manual_seed(L)
+    x, gate_i, gate_r = strided(B, L, dtype), strided(B, L, dtype, pad=3), strided(B, L, dtype, pad=7)
+    param, h0 = torch.randn(L, dtype=dtype), torch.randn(B, L)
+    positions = torch.arange(B)[:, None] * 3  # row 0 starts its sequence here
+    # RecurrentGemma's RG-LRU (transformers' operations, model dtype)
+    log_a = -8.0 * torch.sigmoid(gate_r) * F.softplus(param)
+    a, multiplier = torch.exp(log_a), torch.sqrt(1 - torch.exp(2 * log_a))
+    start = positions == 0
+    a, multiplier = a.masked_fill(start, 0.0), multiplier.masked_fill(start, 1.0)
+    want, want_h = linear_scan(a[:, None], (x * torch.sigmoid(gate_i) * multiplier)[:, None], h0.clone())
+    h = h0.clone()
+    got = steps.rglru_step(x, gate_i, gate_r, F.softplus(param), positions, h)
+    assert_close(got, want[:, 0], dtype)
+    assert (h - want_h).abs().max() <= 1e-5 * (1 + want_h.abs().max())
+    # A start keeps nothing of h0: another h0 gives the same row 0.
+    other = torch.randn(B, L)
+    again = steps.rglru_step(x, gate_i, gate_r, F.softplus(param), positions, other)
+    assert torch.equal(again[0], got[0]) and torch.equal(other[0], h[0])
+
+
+def test_the_portable_build_matches_too():
+    """The same tests with the source built for no particular CPU (what a CPU without AVX gets)."""
+    env = {**os.environ, "LMTOOL_ISA": "portable"}
+    code = (
+        "import sys, pytest; from lmtool.kernels import steps; "
+        "assert '-march=native' not in steps.flags(); "
+        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not portable']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset,weight_before_cast", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("shape", [(1, 1, 37), (3, 5, 300)])
+def test_rms_norm_kernel_matches_the_operations_it_replaces(dtype, unit_offset, weight_before_cast, shape):
+    from lmtool.layers import RMSNorm
+
+    torch.manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], 1e-6, unit_offset=unit_offset, weight_before_cast=weight_before_cast).to(dtype)
+    norm.weight.data.normal_()
+    x = strided(shape[0] * shape[1], shape[-1], dtype).view(*shape[:-1], -1) if shape[1] == 1 else torch.randn(shape, dtype=dtype)
+    for _ in range(2):  # the second time after changing the weight in place: the kernel sees the change
+        with torch.no_grad():
+            got = norm(x)  # the kernel (no autograd)
+        want = norm(x)  # the operations (the weight requires grad)
+        assert want.requires_grad and not got.requires_grad
+        assert_close(got, want.detach(), dtype)
+        with torch.no_grad():
+            norm.weight.mul_(-2.0)  # as load_state_dict or an optimizer step changes it
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,groups", [(1, 48, 1), (3, 60, 4)])
+def test_gated_rms_norm_kernel_matches_the_operations_it_replaces(dtype, rows, n, groups):
+    from lmtool.families.zamba2.model import GatedRMSNorm
+
+    torch.manual_seed(n)
+    norm = GatedRMSNorm(n, groups).to(dtype)
+    norm.weight.data.normal_()
+    y, z = strided(rows, n, dtype), strided(rows, n, dtype, pad=2)
+    with torch.no_grad():
+        got = norm(y, z)
+    want = norm(y, z)
+    assert want.requires_grad and not got.requires_grad
+    assert_close(got, want.detach(), dtype)
