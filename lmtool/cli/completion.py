@@ -368,7 +368,7 @@ def fish_script() -> str:
         for index, argument in enumerate(command.arguments):
             last = index == len(command.arguments) - 1 and command.variadic
             values = _fish_values(argument.kind)
-            if values:
+            if argument.kind:
                 lines.append(f"complete -c lmtool -n '__lmtool_argument {command.name} {index}{'+' if last else ''}' {values}")
     return "\n".join(lines) + "\n"
 
@@ -381,8 +381,8 @@ def _fish_values(kind: str) -> str:
     if kind == "path":
         return "-F"
     if kind.startswith("choice:"):
-        return f"-a '{kind[len('choice:'):]}'"
-    return ""
+        return f"-f -a '{kind[len('choice:'):]}'"
+    return "-f"
 
 
 def _fish_option(option: Param) -> str:
@@ -390,7 +390,7 @@ def _fish_option(option: Param) -> str:
     for name in option.names:
         parts.append(f"-l {name[2:]}" if name.startswith("--") else f"-s {name[1:]}")
     if option.kind != "flag":
-        parts.append("-r " + (_fish_values(option.kind) or "-x"))
+        parts.append("-r " + _fish_values(option.kind))
     if option.help:
         parts.append(f"-d {_fish_quote(option.help)}")
     return " ".join(parts)
