@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..errors import ExitCode, Interrupted, LmtoolError
 from .common import err, settings
-from .core import LmtoolCommand, LmtoolGroup
+from .core import DEBUG_HELP, QUIET_HELP, LmtoolCommand, LmtoolGroup
 
 app = typer.Typer(
     name="lmtool",
@@ -36,8 +36,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or informational messages on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     settings.quiet = quiet

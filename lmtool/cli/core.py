@@ -11,6 +11,7 @@ shares, so that the command modules stay thin:
 
 from __future__ import annotations
 
+import types
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -55,6 +56,11 @@ EXAMPLES = {
 }
 
 
+# --quiet and --debug go before the command (lmtool's own options) or after it (every command's).
+QUIET_HELP = "No progress or informational messages on stderr."
+DEBUG_HELP = "Show a traceback on errors."
+
+
 def _shared_options(
     recipe: Optional[str] = typer.Option(
         None, "--recipe", metavar="NAME|FILE", help="Take settings from a recipe (`lmtool recipes` lists them)."
@@ -62,8 +68,8 @@ def _shared_options(
     print_config: bool = typer.Option(
         False, "--print-config", help="Print the settings this run would use and where each comes from; load nothing."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or informational messages on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show a traceback on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    debug: bool = typer.Option(False, "--debug", help=DEBUG_HELP),
 ) -> None:
     """Options every command takes (typer builds them from this signature)."""
 
@@ -78,17 +84,15 @@ SHARED_PARAMS = _build_shared_params()
 SHARED_NAMES = {p.name for p in SHARED_PARAMS}
 
 
-def _annotation(param: Any) -> Any:
+def _value_type(param: Any) -> Any:
+    """The type of one value of a parameter: int for Optional[int] and list[int] alike."""
     annotation = param.type_descriptor.annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (list, typing.Union) and args:
-        return _annotation_of(args[0])
+    while typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if not args:
+            break
+        annotation = args[0]
     return annotation
-
-
-def _annotation_of(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args else annotation
 
 
 def value_name(param: Any) -> str:
@@ -97,7 +101,7 @@ def value_name(param: Any) -> str:
         return "FILE"
     if param.name in PATH_PARAMS:
         return "PATH"
-    annotation = _annotation(param)
+    annotation = _value_type(param)
     if annotation is bool:
         return ""
     if annotation is int:
@@ -246,8 +250,9 @@ def _group_of(command: LmtoolCommand) -> Any:
 
 def _coerce(param: Any, ctx: Any, value: Any, recipe: recipes.Recipe) -> Any:
     key = f"options.{param.opts[0].lstrip('-')}"
-    if isinstance(value, bool) != (_annotation(param) is bool):
-        raise recipe.error(key, f"expected {'true or false' if _annotation(param) is bool else 'a value'}, got {value!r}")
+    wants_bool = _value_type(param) is bool
+    if isinstance(value, bool) != wants_bool:
+        raise recipe.error(key, f"expected {'true or false' if wants_bool else 'a value'}, got {value!r}")
     raw = [str(v) for v in value] if isinstance(value, list) else value if isinstance(value, bool) else str(value)
     if param.multiple and not isinstance(raw, list):
         raw = [raw]
