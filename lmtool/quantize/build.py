@@ -30,7 +30,7 @@ from ..checkpoint import Checkpoint, PlannedTensor, atomic_folder, write_weights
 from ..errors import LmtoolError
 from . import DEFAULT_GATES, DEFAULT_GROUP_SIZE, GROUP_SIZES, HEAD_CHOICES, SCHEMES
 from .format import is_quantized_config, planned_tensors, quantization_config
-from .schemes import Quantized, quantize_int4_groups, quantize_int8_rows, snr_db
+from .schemes import Quantized, quantize_int4_groups, quantize_int8_rows
 
 # Files copied beside the weights.
 COPIED_FILES = (
@@ -176,8 +176,7 @@ def plan(checkpoint: Checkpoint, choices: list[TensorChoice], recipe: Recipe, er
         def produce(choice=choice) -> Quantized:
             weight = checkpoint.tensor(choice.key)
             q = quantize_tensor(weight, choice, recipe.clip_search)
-            errors[choice.module] = {"bits": choice.bits, "group_size": choice.group_size,
-                                     "snr_db": round(snr_db(weight, q.dequantize()), 2)}
+            errors[choice.module] = {"bits": choice.bits, "group_size": choice.group_size, "snr_db": round(q.snr_db, 2)}
             checkpoint.release(weight)
             return q
 

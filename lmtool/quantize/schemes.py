@@ -19,14 +19,17 @@ stored (codes, scale) pair is exactly what was measured.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
 # Shrink factors tried on each group's [min, max] by the int4 clipping search (1.0 = plain min/max).
 CLIP_FACTORS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70, 0.67)
-# Rows quantized at a time, so a 256000-row embedding never becomes one float32 copy.
-ROW_BLOCK_ELEMENTS = 16 * 2**20
+# Elements quantized at a time: a block's float32 temporaries (1 MB each) stay in the CPU's
+# cache through the dozen passes of the clipping search, and a 256000-row embedding never becomes
+# one float32 copy.
+ROW_BLOCK_ELEMENTS = 2**18
 
 
 @dataclass
@@ -39,6 +42,13 @@ class Quantized:
     zero_point: torch.Tensor | None
     bits: int
     group_size: int | None  # None: one group per row
+    # Sums of squares of the weight and of the quantization error, gathered while quantizing.
+    signal: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def snr_db(self) -> float:
+        return _ratio_db(self.signal, self.noise)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero_point, dtype)
@@ -65,14 +75,19 @@ def _row_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
 def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> Quantized:
     """Symmetric int8 with one scale per output row."""
     codes, scales = [], []
+    signal = noise = 0.0
     for block in _row_blocks(weight):
         w = block.to(torch.float32)
         scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(scale_dtype)
         # A row of zeros gets the smallest positive scale: its codes are 0 and nothing divides by 0.
         scale = torch.where(scale == 0, torch.finfo(scale_dtype).tiny, scale)
-        codes.append(torch.round(w / scale.to(torch.float32)).clamp_(-127, 127).to(torch.int8))
+        scale32 = scale.to(torch.float32)
+        q = torch.round(w / scale32).clamp_(-127, 127)
+        signal += float(w.square().sum(dtype=torch.float64))
+        noise += float((q * scale32 - w).square_().sum(dtype=torch.float64))
+        codes.append(q.to(torch.int8))
         scales.append(scale)
-    return Quantized(torch.cat(codes), torch.cat(scales), None, 8, None)
+    return Quantized(torch.cat(codes), torch.cat(scales), None, 8, None, signal, noise)
 
 
 def _int4_params(lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +109,17 @@ def quantize_int4_groups(
     groups = in_features // group_size
     factors = CLIP_FACTORS if search else CLIP_FACTORS[:1]
     codes, scales, zeros = [], [], []
+    signal = noise = 0.0
     for block in _row_blocks(weight):
         w = block.to(torch.float32).view(-1, groups, group_size)
         lo = w.amin(dim=2, keepdim=True).clamp_(max=0)
         hi = w.amax(dim=2, keepdim=True).clamp_(min=0)
         best_err = best_scale = best_zero = None
+        work = torch.empty_like(w)  # one buffer for every candidate's passes (in place, in cache)
         for factor in factors:
             scale, zero = _int4_params(lo * factor, hi * factor, scale_dtype)
-            q = torch.round(w / scale + zero).clamp_(-8, 7)
-            err = ((q - zero) * scale - w).square_().sum(dim=2, keepdim=True)
+            torch.div(w, scale, out=work).add_(zero).round_().clamp_(-8, 7)
+            err = work.sub_(zero).mul_(scale).sub_(w).square_().sum(dim=2, keepdim=True)
             if best_err is None:
                 best_err, best_scale, best_zero = err, scale, zero
             else:
@@ -111,10 +128,12 @@ def quantize_int4_groups(
                 best_scale = torch.where(better, scale, best_scale)
                 best_zero = torch.where(better, zero, best_zero)
         q = torch.round(w / best_scale + best_zero).clamp_(-8, 7)
+        signal += float(w.square().sum(dtype=torch.float64))
+        noise += float(best_err.sum(dtype=torch.float64))
         codes.append(q.to(torch.int8).view(-1, in_features))
         scales.append(best_scale.view(-1, groups).to(scale_dtype))
         zeros.append(best_zero.view(-1, groups).to(torch.int8))
-    return Quantized(torch.cat(codes), torch.cat(scales), torch.cat(zeros), 4, group_size)
+    return Quantized(torch.cat(codes), torch.cat(scales), torch.cat(zeros), 4, group_size, signal, noise)
 
 
 def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -124,6 +143,10 @@ def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
         ref32 = ref.to(torch.float64)
         signal += float(ref32.square().sum())
         noise += float((ref32 - approx.to(torch.float64)).square().sum())
+    return _ratio_db(signal, noise)
+
+
+def _ratio_db(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
     if signal == 0:
@@ -136,6 +159,13 @@ def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     """Pack signed codes (int8 [rows, cols]) along dim into int32 words of 32/bits codes each."""
+    if dim == 1 and bits in (4, 8) and codes.shape[1] % (32 // bits) == 0 and sys.byteorder == "little":
+        # Byte-wise: offset codes as unsigned bytes (two nibbles a byte for 4 bits), read as
+        # little-endian int32 words. Same bits as the general path, without int64 temporaries.
+        unsigned = (codes.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
+        if bits == 4:
+            unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+        return torch.empty(unsigned.shape, dtype=torch.uint8).copy_(unsigned).view(torch.int32)
     per_word = 32 // bits
     values = codes.to(torch.int32) + (1 << (bits - 1))
     if dim == 0:
