@@ -45,3 +45,13 @@ class Interrupted(LmtoolError):
     "error:" prefix)."""
 
     exit_code = ExitCode.INTERRUPTED
+
+
+def stdout_error(exc: OSError) -> LmtoolError:
+    """stdout cannot be written (a full disk behind `> FILE`). Later writes, and the interpreter's
+    final flush, go to devnull so that the one-line error stays the only one."""
+    import os
+    import sys
+
+    sys.stdout = open(os.devnull, "w")
+    return LmtoolError(f"stdout: cannot write ({exc.strerror or exc})")

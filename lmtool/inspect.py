@@ -17,8 +17,7 @@ import torch
 
 from . import hub
 from .checkpoint import Checkpoint, SafetensorsFile, TensorInfo
-from .errors import LmtoolError
-from .heads import TASKS
+from .errors import LmtoolError, UnsupportedError
 from .registry import Family
 
 BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks)\.\d+)\.")
@@ -51,28 +50,21 @@ def summarize_tensors(infos: list[TensorInfo], with_tensors: bool) -> dict[str, 
     return summary
 
 
-def heads_present(family: Family, names: set[str]) -> list[str]:
-    present = []
-    for task in TASKS:
-        head = family.head_name(task)
-        if any(n.startswith(head + ".") for n in names):
-            present.append(task)
-    return present
-
-
 def describe_model(family: Family, config, infos: list[TensorInfo]) -> dict[str, Any]:
-    names = {i.name for i in infos}
-    heads = heads_present(family, names)
-    if config.tie_word_embeddings and "causal-lm" not in heads and "sequence-classification" not in heads:
-        # save_pretrained leaves out a tied lm_head: the checkpoint still is a causal LM.
-        if family.task_for(config.architectures) == "causal-lm":
-            heads.insert(0, "causal-lm")
+    from .loading import checkpoint_task, own_names
+
+    names = own_names(family, [i.name for i in infos])
+    # One head, the one loading picks: the architectures' task, else what the head tensors say.
+    task = checkpoint_task(family, config.architectures, names)
+    # save_pretrained leaves out a tied lm_head: the checkpoint still is a causal LM.
+    tied = task == "causal-lm" and bool(config.tie_word_embeddings)
+    has_head = tied or any(n.startswith(family.head_name(task) + ".") for n in names)
     described = {
         "family": family.model_type,
-        "architecture": (config.architectures or [family.architecture("causal-lm")])[0],
-        "task": family.task_for(config.architectures),
-        "heads": heads,
-        "tied_embeddings": bool(config.tie_word_embeddings),
+        "architecture": (config.architectures or [family.architecture(task)])[0],
+        "task": task,
+        "heads": [task] if has_head else [],
+        "tied_embeddings": tied,
         "structure": config.structure(),
         "config": config.to_dict(),
     }
@@ -143,7 +135,16 @@ def inspect_hub(ref: hub.ModelRef, with_tensors: bool) -> dict[str, Any]:
 def inspect_original(path: Path, with_tensors: bool) -> dict[str, Any]:
     from .convert import ConvertOptions, describe, find_converter
 
-    converter = find_converter(path, None)
+    try:
+        converter = find_converter(path, None)
+    except UnsupportedError:
+        # find_converter's advice (--from) is convert's; inspect detects formats only.
+        what = ("has config.json but no weights" if (path / "config.json").is_file()
+                else "is not a checkpoint lmtool recognises")
+        raise UnsupportedError(
+            f"{path}: {what} (a standard folder with safetensors, a .safetensors file, or a format "
+            "'lmtool convert --help' lists)"
+        ) from None
     plan = converter.plan(path, ConvertOptions())
     infos = [TensorInfo(t.name, t.dtype, tuple(t.shape)) for t in plan.tensors]
     result = {"source": str(path), "format": plan.source_format, **describe_model(plan.family, plan.config, infos)}

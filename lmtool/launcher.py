@@ -31,6 +31,10 @@ def main() -> None:
         for value in complete_values(args[1] if len(args) > 1 else ""):
             print(value)
         return
-    from .cli import main as cli_main
-
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:
+        # Ctrl-C while the command's modules still import: one line and 130, as once it runs.
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     cli_main()

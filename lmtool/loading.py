@@ -20,12 +20,12 @@ from torch import nn
 from . import hub
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, LmtoolError
+from .errors import CheckpointError, ConfigError, LmtoolError, UnsupportedError
 from .heads import TaskModel
 from .inference import WeightSource, backend_for, load_frozen
 from .quantize.format import quantized_modules
 from .quantize.linear import QuantizedEmbedding, swap_quantized
-from .registry import Family, check_task, families, get_family
+from .registry import TASK_SUFFIX, Family, check_task, families, get_family
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,6 +78,42 @@ def family_of(config: dict, source: str) -> Family:
             if any(str(a).startswith(family.class_prefix + "For") for a in config.get("architectures") or []):
                 model_type = family.model_type
     return get_family(model_type, source)
+
+
+TASK_COMMANDS = {
+    "causal-lm": "generate",
+    "sequence-classification": "classify",
+    "token-classification": "tag",
+    "question-answering": "qa",
+}
+
+
+def checkpoint_task(family: Family, architectures: list[str] | None, names: set[str]) -> str:
+    """The head a checkpoint holds (names are the family's own tensor names): the task that
+    config.json's architectures name; without one, the head tensors present (in the families
+    where both classification heads are called `score`, the token classifier's has a bias and
+    the sequence classifier's has none); else causal-lm (a tied LM head leaves no tensor)."""
+    if any(str(a).endswith(suffix) for a in architectures or [] for suffix in TASK_SUFFIX.values()):
+        return family.task_for(architectures)
+
+    def has(task: str) -> bool:
+        return any(name.startswith(family.head_name(task) + ".") for name in names)
+
+    token_head = family.head_name("token-classification")
+    if has("question-answering"):
+        return "question-answering"
+    if has("token-classification") and (
+        token_head != family.head_name("sequence-classification") or f"{token_head}.bias" in names
+    ):
+        return "token-classification"
+    if has("sequence-classification"):
+        return "sequence-classification"
+    return "causal-lm"
+
+
+def own_names(family: Family, keys: list[str]) -> set[str]:
+    """The family's names for a checkpoint's tensor names."""
+    return {family.rename_key(key) if family.rename_key else key for key in keys}
 
 
 def resolve_dtype(name: str | torch.dtype | None, config: ModelConfig, checkpoint: Checkpoint | None) -> torch.dtype:
@@ -199,6 +235,15 @@ def load_weights(
         ours = family.rename_key(key) if family.rename_key else key
         available[ours] = key
     expected = model.state_dict(keep_vars=True)
+    head_prefixes = tuple(f"{family.head_name(task)}." for task in TASK_SUFFIX)
+    unused = [name for name in available if name not in expected and name.startswith(head_prefixes)]
+    if unused:
+        # A head tensor this head does not read means another head (a token classifier's biased
+        # `score` read as a sequence classifier) and wrong results, not a harmless leftover.
+        raise CheckpointError(
+            f"{source}: tensor '{available[unused[0]]}' is not part of the {model.task} head; "
+            "the checkpoint holds another head (see 'lmtool inspect')"
+        )
     tied_key = f"{model.head_name}.weight" if model.tied else None
     tensors: dict[str, torch.Tensor] = {}  # our name -> the checkpoint's tensor, still mapped
     missing = []
@@ -265,8 +310,11 @@ def load(
     if folder.is_file():
         raise LmtoolError(f"{folder}: a model is a folder with config.json and weights, not a single file")
     family, config = read_config(folder)
-    task = check_task(task) if task else family.task_for(config.architectures)
     checkpoint = Checkpoint(folder)
+    held = checkpoint_task(family, config.architectures, own_names(family, checkpoint.keys()))
+    task = check_task(task) if task else held
+    if task != held:
+        raise UnsupportedError(f"{folder}: holds a {held} head, not {task} (use 'lmtool {TASK_COMMANDS[held]}')")
     torch_dtype = resolve_dtype(dtype, config, checkpoint)
     torch_device = resolve_device(device)
     model = build_model(family, config, task, meta=True)

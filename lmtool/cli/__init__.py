@@ -5,7 +5,7 @@ options, call the library, render the result. Errors become one line on stderr a
 from __future__ import annotations
 
 import functools
-import os
+import re
 import signal
 import sys
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(exc, "error: ", "out of memory", ExitCode.ERROR)
     except OSError as exc:
         # A full disk (`-o /dev/full`, `> /dev/full`), a vanished folder: one line naming the file.
-        where = exc.filename or ("stdout" if _stdout_failed() else "output")
+        where = exc.filename or "output"
         _fail(exc, "error: ", f"{where}: {exc.strerror or exc}", ExitCode.ERROR)
     except Exception as exc:
         # Typer vendors Click, whose usage errors carry show() and exit_code (2).
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if _out_of_memory(exc):
-            _fail(exc, "error: ", f"out of memory ({str(exc).splitlines()[0]})", ExitCode.ERROR)
+            asked = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f": could not allocate {int(asked.group(1)) / 1e9:,.1f} GB" if asked else ""
+            _fail(exc, "error: ", f"out of memory{size}", ExitCode.ERROR)
         raise
 
 
@@ -107,18 +109,7 @@ def _fail(exc: BaseException, prefix: str, message: str, code: int) -> None:
         traceback.print_exception(exc)
     else:
         err.print(f"{prefix}{message}", markup=False)
-    if _stdout_failed():
-        # Keep the interpreter's final flush of a broken stdout from printing a second error.
-        sys.stdout = open(os.devnull, "w")
     sys.exit(code)
-
-
-def _stdout_failed() -> bool:
-    try:
-        sys.stdout.flush()
-        return False
-    except OSError:
-        return True
 
 
 def _out_of_memory(exc: Exception) -> bool:

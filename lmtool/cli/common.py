@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import choices
-from ..errors import LmtoolError
+from ..errors import LmtoolError, stdout_error
 
 
 @dataclass
@@ -88,8 +88,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out(text: str = "", end: str = "\n") -> None:
-    sys.stdout.write(text + end)
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise stdout_error(exc) from None
 
 
 def out_json(obj: Any) -> None:

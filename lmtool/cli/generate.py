@@ -9,13 +9,14 @@ from typing import Optional
 import typer
 
 from ..errors import Interrupted, LmtoolError
-from ..tasks.inputs import checked_text
 from ..settings import GENERATION_DEFAULTS, checkpoint_generation_settings, resolve
 from . import app
 from .common import device_option, dtype_option, info, open_lines, out, out_json, read_text_arg, threads_option
 
 
 def read_prompts_file(path: str) -> list[dict]:
+    from ..tasks.inputs import checked_text
+
     prompts = []
     for number, line in enumerate(open_lines(path), 1):
         if not line.strip():
@@ -85,6 +86,7 @@ def generate_command(
     """Generate text; a single prompt streams to stdout as it is produced."""
     from ..generation import GenerationStats, context_window, generate, new_seed, tokens_within_window
     from ..loading import load, set_threads
+    from ..tasks.inputs import checked_text
 
     if prompts_file is not None and prompt is not None:
         raise LmtoolError("give either PROMPT or --prompts-file, not both")

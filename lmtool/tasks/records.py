@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from ..errors import LmtoolError
+from ..errors import LmtoolError, stdout_error
 
 
 def record_key(record: dict) -> str | None:
@@ -75,9 +75,20 @@ class JsonlWriter:
                 raise LmtoolError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk: one line naming the file
+            raise (stdout_error(exc) if self.path is None else self._write_error(exc)) from None
 
     def close(self) -> None:
         if self._file is not sys.stdout:
-            self._file.close()
+            try:
+                self._file.close()  # flushes what a failed write left in the buffer, failing again
+            except OSError as exc:
+                raise self._write_error(exc) from None
+
+    def _write_error(self, exc: OSError) -> LmtoolError:
+        return LmtoolError(f"{self.path}: cannot write ({exc.strerror or exc})")
