@@ -131,6 +131,11 @@ def runs_here(isa: Isa) -> bool:
     return (not isa.machines or machine() in isa.machines) and set(isa.cpu_flags) <= cpu_features()
 
 
+def best_isa() -> Isa:
+    """The best instruction set this CPU has, whatever LMTOOL_ISA says."""
+    return next(isa for isa in ISAS if runs_here(isa))
+
+
 def cpu_isa() -> Isa:
     """The best instruction set this CPU has, at or below LMTOOL_ISA when that is set."""
     here = [isa for isa in ISAS if runs_here(isa)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import compiler, kernel_cache
+from . import BuildError, best_isa, compiler, cpu_isa, first_error, kernel_cache, report_once
 
 SOURCE = Path(__file__).with_name("steps.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
@@ -55,8 +55,10 @@ def cpu_signature() -> str:
 
 
 def flags() -> list[str]:
-    native = [] if os.environ.get("LMTOOL_ISA") == "portable" else ["-march=native"]
-    return [*FLAGS, *native]
+    """-march=native on the CPU's best instruction set; under a lower LMTOOL_ISA that level's flags
+    (none for portable), so that a capped run executes nothing above it."""
+    isa = cpu_isa()
+    return [*FLAGS, *(["-march=native"] if isa is best_isa() else isa.cflags)]
 
 
 def build(cc: str) -> Path:
@@ -69,7 +71,9 @@ def build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([cc, *flags(), str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, timeout=300)
+        done = subprocess.run([cc, *flags(), str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise BuildError(first_error(done.stderr))
         os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
     return target
 
@@ -83,7 +87,11 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(build(cc)))
-    except (OSError, subprocess.SubprocessError):
+    except BuildError as exc:
+        report_once(f"the recurrent step kernels did not build with {cc}: {exc}; using PyTorch's operations")
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        report_once(f"the recurrent step kernels could not be built or loaded with {cc}: {exc}; using PyTorch's operations")
         return None
     for name, (argtypes, restype) in ARGTYPES.items():
         function = getattr(lib, name)
