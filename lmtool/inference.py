@@ -250,7 +250,9 @@ class FrozenCausalLMHead(CausalLMHead):
         parts = [s(hidden) for s in self.slices]
         logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if self.soft_cap is not None:
-            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+            # In place (the logits are this call's own): the same roundings as CausalLMHead's,
+            # without two more vocabulary-sized allocations per step.
+            logits.div_(self.soft_cap).tanh_().mul_(self.soft_cap)
         return logits
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
