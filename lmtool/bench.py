@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,9 +119,15 @@ def random_checkpoint(
     root: Path | None = None,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[PlannedTensor], None] | None = None,
+    on_write: Callable[[Path, int], None] | None = None,
+    force: bool = False,
 ) -> Path:
     """A standard folder with config.json and random weights, written once to the cache:
-    <root>/<name>-<dtype>. A folder whose config.json differs from this config is rewritten."""
+    <root>/<name>-<dtype>. A folder whose config.json differs from this config is rewritten.
+
+    on_write(folder, bytes) is told before anything is written. Weights larger than this
+    machine's memory (which it could not benchmark) are refused unless `force`, and weights
+    that would not fit on the disk always are."""
     if dtype not in DTYPES:
         raise LmtoolError(f"unknown checkpoint dtype '{dtype}'; choose {', '.join(DTYPES)}")
     family = family_of(config_values, name)
@@ -132,12 +139,46 @@ def random_checkpoint(
     if (folder / "config.json").is_file() and (folder / "config.json").read_text() == config_json:
         return folder
     plan = checkpoint_plan(family, config, DTYPES[dtype])
+    total = sum(t.nbytes for t in plan)
+    check_room(folder, name, total, force)
+    if on_write:
+        on_write(folder, total)
     if on_start:
-        on_start(sum(t.nbytes for t in plan))
+        on_start(total)
     with atomic_folder(folder, force=True) as tmp:
         write_weights(tmp, plan, max_shard_size=2 * 10**9, on_tensor=on_tensor)
         (tmp / "config.json").write_text(config_json)
     return folder
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def check_room(folder: Path, name: str, total: int, force: bool) -> None:
+    """Refuse random weights that cannot fit on the disk, or (without force) in memory."""
+    memory = total_memory()
+    if memory and total > memory and not force:
+        raise LmtoolError(
+            f"{name}: its random weights take {gigabytes(total)}, more than this machine's "
+            f"{gigabytes(memory)} of memory; give --force to write them to {folder} anyway"
+        )
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if total > free:
+        raise LmtoolError(
+            f"{folder}: {name} needs {gigabytes(total)} of random weights, and that disk has "
+            f"{gigabytes(free)} free (--cache-dir picks another)"
+        )
+
+
+def total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return None
 
 
 def config_name(values: dict[str, Any], stem: str) -> str:
@@ -251,11 +292,18 @@ def weight_bytes(folder: Path, dtype: str) -> int:
 
 def streamed_bytes(folder: Path, dtype: str, backend: str | None) -> int:
     """Weight bytes one batch-1 decode step reads: the run dtype's, except where lmtool's native
-    kernels keep a bfloat16 checkpoint's weights in bfloat16 for a float32 model (inference.py)."""
-    stored = {info.dtype for info in Checkpoint(folder).infos() if info.dtype.is_floating_point}
+    kernels keep a bfloat16 checkpoint's weights in bfloat16 for a float32 model (inference.py);
+    a tensor the step reads several times (a Zamba2 shared block's) counts each time."""
+    infos = Checkpoint(folder).infos()
+    stored = {info.dtype for info in infos if info.dtype.is_floating_point}
     if backend == "native" and dtype == "float32" and stored == {torch.bfloat16}:
-        return weight_bytes(folder, "bfloat16")
-    return weight_bytes(folder, dtype)
+        dtype = "bfloat16"
+    size = dtype_size(DTYPES[dtype])
+    family, config = read_config(folder)
+    return sum(
+        (i.numel * size if i.dtype.is_floating_point else i.nbytes) * family.reads_per_step(config, i.name)
+        for i in infos
+    )
 
 
 def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repeats: int = 5) -> float:
@@ -337,11 +385,27 @@ def run_order(runners: list[str], repeat: int) -> list[str]:
     return order
 
 
+def check_runnable(spec: BenchSpec) -> None:
+    """What can be refused before anything is written or run: an unknown peer, a device this
+    machine lacks (one line here rather than a worker's traceback per run)."""
+    for peer in spec.against:
+        check_peer(peer)
+    if spec.device != "cpu":
+        from .loading import resolve_device
+
+        resolve_device(spec.device)
+
+
+def busy_runs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Runs kept although other processes took more of the CPU than allowed (the re-runs ran out)."""
+    limit = report["settings"]["max_foreign_cpu"]
+    return [r for r in report["runs"] if r["kept"] and r["foreign_cpu_percent"] > limit]
+
+
 def run_bench(spec: BenchSpec, on_run: Callable[[str, str, int, int], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns {provenance, model, settings, results}. on_run(runner, dtype,
     index, total) is called before each run (warm-up runs have index 0)."""
-    for peer in spec.against:
-        check_peer(peer)
+    check_runnable(spec)
     dtypes = resolve_dtypes(spec.dtypes, spec.folder)
     runners = ["lmtool", *spec.against]
     order = run_order(runners, spec.repeat)

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,7 +22,7 @@ from lmtool.bench import (
     config_name, csv_rows, memory_read_bandwidth, preset_config, presets, random_checkpoint, run_order, weight_bytes,
 )
 from lmtool.cli.bench import describe_setup
-from lmtool.errors import ExitCode
+from lmtool.errors import ExitCode, LmtoolError
 
 from helpers import run_cli
 
@@ -191,6 +192,8 @@ def test_no_bandwidth_skips_the_probe(capsys, tiny_config, cache, probe):
     (["--preset", "gemma-9b"], "unknown preset 'gemma-9b'"),
     (["--preset", "gemma-2b", "--against", "vllm"], "unknown peer 'vllm'"),
     (["--preset", "gemma-2b", "--json", "--csv"], "give --json or --csv, not both"),
+    # bloom (176B) is 352 GB of bfloat16: more than this machine's memory, refused without --force.
+    (["--preset", "bloom"], "give --force to write them"),
 ])
 def test_bad_invocations_fail_in_one_line_before_any_work(capsys, tmp_path, args, message):
     code, out, err = run_cli(capsys, "bench", *args, "--cache-dir", str(tmp_path))
@@ -274,3 +277,32 @@ def test_kernel_sweep_reads_a_revisions_kernel_source_from_git(monkeypatch):
         assert list(legacy) == ["avx512.c"] and "void lm_linear(" in legacy["avx512.c"]
     with pytest.raises(SystemExit, match="cannot read lmtool/kernels/common.h at 'no-such-rev'"):
         sweep.revision_sources("no-such-rev", lmtool.kernels.BY_NAME["avx2"])
+
+
+def test_bench_on_a_missing_cuda_is_one_line_before_any_work(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run_cli(capsys, "bench", "--preset", "gemma-2b", "--device", "cuda", "--cache-dir", str(tmp_path))
+    assert code == ExitCode.ERROR and out == "" and "CUDA is not available" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_random_weights_say_where_they_go_and_must_fit_on_the_disk(capsys, tmp_path, tiny_config, monkeypatch):
+    code, _, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--cache-dir", str(tmp_path), *QUICK,
+                           "--no-bandwidth", "--json")
+    assert code == 0 and f"of random tiny-gemma-" in err and str(tmp_path) in err
+    monkeypatch.setattr(bench.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+    with pytest.raises(LmtoolError, match="that disk has 0.0 GB free"):
+        bench.random_checkpoint("other", TINY_GEMMA, "float32", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_runs_kept_on_a_busy_machine_are_reported(capsys, tiny_config, cache, monkeypatch):
+    real_spawn = bench.spawn
+    monkeypatch.setattr(bench, "spawn", lambda spec, runner, dtype: {**real_spawn(spec, runner, dtype),
+                                                                     "foreign_cpu_percent": 55.0})
+    code, _, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--cache-dir", str(cache), *QUICK,
+                           "--no-bandwidth", "--json")
+    assert code == 0
+    assert "warning: 1 run(s) kept after 2 re-runs although other processes took up to 55% of the CPU" in err

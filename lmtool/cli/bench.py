@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..errors import LmtoolError
 from . import app
-from .common import DTYPE_METAVAR, device_option, info, out, out_json, parse_dtype_list, progress
+from .common import DTYPE_METAVAR, device_option, err, info, out, out_json, parse_dtype_list, progress
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -28,7 +28,7 @@ def int_list(text: str, option: str) -> list[int]:
 
 def model_folder(
     model: str | None, preset: str | None, config: Path | None, random_weights: bool, checkpoint_dtype: str,
-    cache_dir: Path | None,
+    cache_dir: Path | None, force: bool = False,
 ) -> tuple[Path, str]:
     """(standard folder to benchmark, its name in the report); random checkpoints are written once."""
     from ..bench import config_name, model_config, preset_config, random_checkpoint, read_config_file
@@ -50,7 +50,11 @@ def model_folder(
         name = config_name(values, Path(model).name or model.replace("/", "--"))
     with progress(f"writing random {name} weights", None, unit_bytes=True) as bar:
         folder = random_checkpoint(
-            name, values, checkpoint_dtype, cache_dir, on_start=bar.set_total, on_tensor=lambda t: bar.advance(t.nbytes)
+            name, values, checkpoint_dtype, cache_dir, on_start=bar.set_total, on_tensor=lambda t: bar.advance(t.nbytes),
+            on_write=lambda where, size: info(
+                f"writing {size / 1e9:,.2f} GB of random {name} weights to {where} (once; later runs reuse them)"
+            ),
+            force=force,
         )
     return folder, f"{name} (random weights)"
 
@@ -144,17 +148,16 @@ def bench_command(
     ),
     checkpoint_dtype: str = typer.Option("bfloat16", "--checkpoint-dtype", help="dtype of random weights on disk."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where random checkpoints are kept."),
+    force: bool = typer.Option(False, "--force", help="Write random weights even when larger than this machine's memory."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     as_csv: bool = typer.Option(False, "--csv", help="Print CSV, one row per dtype, metric and runner."),
 ) -> None:
     """Measure load, time to first token, prefill and decode speed, and peak memory."""
-    from ..bench import BenchSpec, check_peer, csv_rows, run_bench
+    from ..bench import RETRIES, BenchSpec, busy_runs, check_runnable, csv_rows, run_bench
 
     if as_json and as_csv:
         raise LmtoolError("give --json or --csv, not both")
     against = list(dict.fromkeys(against))
-    for peer in against:
-        check_peer(peer)  # before anything is written or run
     if (preset or config) and model is None:
         random_weights = True
     spec = BenchSpec(
@@ -172,13 +175,22 @@ def bench_command(
         max_foreign_cpu=max_foreign_cpu,
         bandwidth=bandwidth,
     )
-    spec.folder, spec.name = model_folder(model, preset, config, random_weights, checkpoint_dtype, cache_dir)
+    check_runnable(spec)  # before anything is written or run
+    spec.folder, spec.name = model_folder(model, preset, config, random_weights, checkpoint_dtype, cache_dir, force)
 
     def on_run(runner: str, run_dtype: str, index: int, total: int) -> None:
         what = "warm-up" if index == 0 else f"run {index}/{total}"
         info(f"[dim]{what}: {runner} {run_dtype}[/dim]")
 
     report = run_bench(spec, on_run=on_run)
+    busy = busy_runs(report)
+    if busy:
+        worst = max(r["foreign_cpu_percent"] for r in busy)
+        err.print(
+            f"warning: {len(busy)} run(s) kept after {RETRIES} re-runs although other processes took up "
+            f"to {worst:.0f}% of the CPU (over --max-foreign-cpu {max_foreign_cpu:g}); their figures may be low",
+            markup=False,
+        )
     if as_json:
         out_json(report)
     elif as_csv:
