@@ -187,6 +187,14 @@ def test_zsh_completes(shell_env):
     )
     done = subprocess.run(["zsh", "-f", "-c", script], capture_output=True, text=True, env=env, cwd=work, timeout=120)
     assert done.returncode == 0, done.stderr
+    # Installed as _lmtool on $fpath, compinit binds it to lmtool (its #compdef line).
+    folder = work.parent / "zfunc"
+    folder.mkdir()
+    shutil.copy(COMPLETIONS / "lmtool.zsh", folder / "_lmtool")
+    bound = subprocess.run(
+        ["zsh", "-f", "-c", f"fpath=({folder} $fpath); autoload -Uz compinit; compinit -u -d {work.parent}/zcompdump; "
+                            "print -r -- ${_comps[lmtool]}"], capture_output=True, text=True, env=env, timeout=120)
+    assert bound.stdout.strip() == "_lmtool", bound.stderr
     outputs = done.stdout.split("==\n")
     for (words, want, unwanted), output in zip(CASES, outputs):
         # The stand-in _files lists the folder, unfiltered: zsh filters by prefix itself.

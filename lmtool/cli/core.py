@@ -268,12 +268,10 @@ def merged_settings(
 ) -> dict[str, settings.Setting]:
     """Every parameter of the run: command line, then recipe, then (generate, with_checkpoint) the
     checkpoint's generation_config.json, then the default (lmtool.settings.resolve)."""
-    from typer._click.core import ParameterSource
-
-    given = {ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT}
+    given = {"COMMANDLINE", "ENVIRONMENT", "PROMPT"}  # click's ParameterSource names (its module is private)
     command_line, defaults = {}, {}
     for name in (p.name for p in command.params if p.name in ctx.params):  # in the order of --help
-        given_here = ctx.get_parameter_source(name) in given
+        given_here = getattr(ctx.get_parameter_source(name), "name", None) in given
         if given_here:
             command_line[name] = ctx.params[name]
         defaults[name] = None if given_here else ctx.params[name]
