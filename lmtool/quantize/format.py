@@ -22,7 +22,7 @@ import torch
 
 from ..checkpoint import Checkpoint, PlannedTensor
 from ..errors import CheckpointError, UnsupportedError
-from .schemes import Quantized, dequantize, unpack_int32
+from .schemes import Quantized, dequantize, pack_int32, unpack_int32
 
 QUANT_METHOD = "compressed-tensors"
 NAIVE = "naive-quantized"
@@ -96,8 +96,6 @@ def planned_tensors(
 
 
 def compressed_tensors(q: Quantized, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
-    from .schemes import pack_int32
-
     if q.bits == 8:
         return {"weight": q.codes, "weight_scale": q.scale.view(-1, 1)}
     return {
@@ -160,7 +158,11 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     codes: torch.Tensor | None = None  # 8 bits
     nibbles: torch.Tensor | None = None  # 4 bits
+    # 4 bits on CPU: the codes in the layout of torch's int4 CPU kernel (made at load, see
+    # lmtool.quantize.linear.prepare), and its per-dtype [groups, out, 2] scales and float zeros.
+    int4pack: torch.Tensor | None = None
     _row_scales: dict = field(default_factory=dict, repr=False)
+    _scale_zeros: dict = field(default_factory=dict, repr=False)
 
     @property
     def groups(self) -> int:
@@ -181,6 +183,27 @@ class QuantizedWeight:
         if cached is None:
             cached = self._row_scales[dtype] = self.scale.reshape(-1).to(dtype).contiguous()
         return cached
+
+    def scale_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        """[groups, out, 2]: scale and the float zero of (u - 8) * scale + zero, u the stored
+        nibble (zero = -zero_point * scale), as torch's int4 kernel takes them; made once."""
+        cached = self._scale_zeros.get(dtype)
+        if cached is None:
+            scale = self.scale.to(torch.float32)
+            zero = torch.zeros_like(scale) if self.zero_point is None else -self.zero_point.to(torch.float32) * scale
+            cached = torch.stack((scale.T, zero.T), dim=-1).to(dtype).contiguous()
+            self._scale_zeros[dtype] = cached
+        return cached
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The module's tensors in the compressed-tensors layout (views, nothing dequantized)."""
+        if self.bits == 8:
+            return {"weight": self.codes, "weight_scale": self.scale}
+        tensors = {"weight_packed": self.nibbles.view(torch.int32), "weight_scale": self.scale,
+                   "weight_shape": torch.tensor([self.out_features, self.in_features])}
+        if self.zero_point is not None:
+            tensors["weight_zero_point"] = pack_int32(self.zero_point, 4, dim=0)
+        return tensors
 
     def to(self, device: torch.device) -> "QuantizedWeight":
         if device.type == "cpu":

@@ -21,24 +21,52 @@ from .format import QuantizedWeight, quantized_modules, read_weight
 
 # Weight elements dequantized at a time by the tiled path (bounds its temporary buffers).
 TILE_ELEMENTS = 2**20
+# Codes converted to the int4 CPU kernel's layout at a time, in whole blocks of 64 rows (its row
+# blocks): small temporaries, which the allocator reuses instead of keeping large freed ones.
+PACK_ELEMENTS = 2**20
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _int8_rows(weight: QuantizedWeight, x: torch.Tensor) -> bool:
-    return (
-        weight.bits == 8 and weight.zero_point is None and weight.groups == 1
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    )
+    return weight.bits == 8 and weight.zero_point is None and weight.groups == 1 and x.dtype in KERNEL_DTYPES
+
+
+def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+    """4-bit weights on CPU: repack the stored nibbles into the layout of torch's int4 CPU kernel
+    (which depends on the CPU, so it is made here and never stored), a block of rows at a time,
+    then drop the mapped pages: the repacked copy replaces them, it does not add to them."""
+    if not (
+        weight.bits == 4 and weight.nibbles.device.type == "cpu" and weight.out_features % 16 == 0
+        and weight.group_size in (32, 64, 128, 256) and weight.in_features % weight.group_size == 0
+    ):
+        return
+    packed = torch.empty_like(weight.nibbles, memory_format=torch.contiguous_format)
+    step = max(64, PACK_ELEMENTS // weight.in_features // 64 * 64)
+    for start in range(0, weight.out_features, step):
+        rows = weight.nibbles[start : start + step]
+        codes = torch.stack((rows & 15, rows >> 4), dim=-1).view(rows.shape[0], -1).to(torch.int32)
+        packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    weight.int4pack = packed
+    checkpoint.release(weight.nibbles)
+    if dtype in KERNEL_DTYPES:
+        weight.scale_and_zeros(dtype)  # the kernel's copy of the scales, made now...
+        checkpoint.release(weight.scale)  # ...so the mapped ones leave memory too
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """x [M, in] @ W.T -> [M, out] for a quantized W.
+    """x [M, in] @ W.T -> [M, out] for a quantized W: the one place a native kernel plugs in.
 
     Symmetric int8 with one scale per row: torch's _weight_int8pack_mm, which reads the int8 codes
-    where they lie. Anything else (int4 groups, zero points): dequantize the weight a tile of rows
-    at a time and multiply densely, so no full-size float copy exists at any moment."""
+    where they lie. int4 on CPU: torch's _weight_int4pack_mm_for_cpu over the codes repacked at
+    load. Anything else (other devices, zero points on int8, odd shapes): dequantize the weight a
+    tile of rows at a time and multiply densely, so no full-size float copy exists at any moment."""
     x = x.contiguous()
     if _int8_rows(weight, x):
         return torch._weight_int8pack_mm(x, weight.codes, weight.row_scale(x.dtype))
+    if weight.int4pack is not None and x.dtype in KERNEL_DTYPES:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, weight.int4pack, weight.group_size, weight.scale_and_zeros(x.dtype)
+        )
     out = x.new_empty(x.shape[0], weight.out_features)
     rows = max(1, TILE_ELEMENTS // weight.in_features)
     for start in range(0, weight.out_features, rows):
@@ -65,6 +93,10 @@ class QuantizedLinear(nn.Module):
 
     def forward_parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.forward(x)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        _save_stored(self.quantized, destination, prefix)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -93,6 +125,27 @@ class QuantizedEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.quantized.dequantize_rows(slice(None), self.dtype)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _save_stored(self.quantized, destination, prefix)
+
+
+def _save_stored(weight: QuantizedWeight, destination: dict, prefix: str) -> None:
+    """A state_dict holds the stored (compressed) tensors, never a dequantized copy."""
+    for name, tensor in weight.stored().items():
+        destination[prefix + name] = tensor
+
+
+def quantized_head(model: nn.Module, weight: QuantizedWeight, dtype: torch.dtype, tied: bool) -> nn.Module:
+    """The LM head over a quantized weight; a tied one leaves its tensors to the embedding's entry."""
+    from ..inference import FrozenCausalLMHead
+
+    class QuantizedCausalLMHead(FrozenCausalLMHead):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            if not tied:
+                _save_stored(weight, destination, prefix)
+
+    return QuantizedCausalLMHead(model.head, [QuantizedLinear(weight, False, dtype)])
+
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner, _, attr = name.rpartition(".")
@@ -102,8 +155,6 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, source: str) -> set[str]:
     """Put QuantizedLinear / QuantizedEmbedding modules where the checkpoint has quantized
     weights (model built on meta); returns the checkpoint keys they consumed."""
-    from ..inference import FrozenCausalLMHead
-
     rename = model.family.rename_key or (lambda key: key)
     backbone = model.backbone
     embed_attr = next(n for n, m in backbone.named_children() if m is backbone.embed_tokens)
@@ -113,16 +164,16 @@ def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
         ours = rename(f"{stored}.weight")[: -len(".weight")]
         weight, used = read_weight(checkpoint, stored, source)
         weight = weight.to(device)
+        prepare(weight, checkpoint, dtype)
         consumed.update(used)
         if ours == embed_name:
             target = backbone.embed_tokens
             setattr(backbone, embed_attr, QuantizedEmbedding(weight, dtype))
             if model.tied:
-                head = QuantizedLinear(weight, False, dtype)
-                setattr(model, model.head_name, FrozenCausalLMHead(model.head, [head]))
+                setattr(model, model.head_name, quantized_head(model, weight, dtype, tied=True))
         elif model.task == "causal-lm" and ours == model.head_name:
             target = model.head
-            setattr(model, model.head_name, FrozenCausalLMHead(model.head, [QuantizedLinear(weight, False, dtype)]))
+            setattr(model, model.head_name, quantized_head(model, weight, dtype, tied=False))
         else:
             try:
                 target = model.get_submodule(ours)
