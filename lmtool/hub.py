@@ -130,14 +130,19 @@ def _hub_error(ref: ModelRef, exc: Exception) -> LmtoolError:
     return ModelNotFoundError(f"{name}: cannot reach the Hub ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
 
-def hub_file(ref: ModelRef, filename: str) -> Path:
-    """Download (or find in the cache) one file of a Hub repository."""
+def hub_file(ref: ModelRef, filename: str, missing_ok: bool = False) -> Path | None:
+    """Download (or find in the cache) one file of a Hub repository; None when missing_ok and the
+    repository has no such file."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     prepare_hub()
     try:
         return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision))
     except Exception as exc:  # huggingface_hub's errors, requests' and OSError alike
+        # LocalEntryNotFoundError (not cached, offline) is an EntryNotFoundError too: not "missing".
+        if missing_ok and isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
+            return None
         raise _hub_error(ref, exc) from None
 
 

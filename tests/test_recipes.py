@@ -23,6 +23,13 @@ RELEASED = {
 }
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """--print-config fetches a Hub model's generation_config.json: never from here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+
 def print_config(capsys, *args: str) -> dict[str, tuple[str, str]]:
     """--print-config's rows: label -> (value, source)."""
     code, out, err = run_cli(capsys, *args, "--print-config")
@@ -145,3 +152,24 @@ def test_recipes_lists_each_once(capsys, tmp_path, monkeypatch):
     assert "my own tagging job" in out
     code, out, _ = run_cli(capsys, "recipes", "--family", "bloom", "--json")
     assert [json.loads(line)["name"] for line in out.splitlines()] == sorted(RELEASED["bloom"])
+
+
+def test_a_hub_model_without_generation_config_is_not_an_error(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from lmtool import hub
+    from lmtool.errors import ModelNotFoundError
+
+    def fail_with(error):
+        def download(*args, **kwargs):
+            raise error
+        return download
+
+    ref = hub.parse("acme/tiny")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail_with(EntryNotFoundError("404")))
+    assert hub.hub_file(ref, "generation_config.json", missing_ok=True) is None
+    # Not cached while offline is not "the repository has no such file".
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail_with(LocalEntryNotFoundError("offline")))
+    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache"):
+        hub.hub_file(ref, "generation_config.json", missing_ok=True)

@@ -29,7 +29,8 @@ def _lmtool_imports(*args: str) -> list[str]:
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         f"print('\\n'.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     return [line for line in done.stderr.splitlines() if line in HEAVY]
 
 

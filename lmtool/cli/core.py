@@ -304,8 +304,11 @@ def _generation_config(model: str | None) -> dict:
         return {}
     try:
         ref = hub.parse(model)
-        path = ref.path / "generation_config.json" if not ref.is_hub else hub.hub_file(ref, "generation_config.json")
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if ref.is_hub:
+            path = hub.hub_file(ref, "generation_config.json", missing_ok=True)
+        else:
+            path = ref.path / "generation_config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else {}
     except (LmtoolError, OSError, ValueError) as exc:
         info(f"[dim]{model}: generation_config.json not read ({str(exc).splitlines()[0]})[/dim]")
         return {}
