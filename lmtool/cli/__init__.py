@@ -20,6 +20,7 @@ app = typer.Typer(
     name="lmtool",
     help="Convert, inspect and run language-model checkpoints (Gemma, BLOOM, RecurrentGemma, Zamba2).",
     cls=LmtoolGroup,
+    epilog="Run `lmtool COMMAND -h` for a command's options and examples.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
