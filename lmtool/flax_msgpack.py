@@ -1,11 +1,11 @@
-"""Flax `flax_model.msgpack` checkpoints, read without jax, flax or msgpack.
+"""Flax `flax_model.msgpack` checkpoints, read without jax or flax (msgpack: `pip install 'lmtool[flax]'`).
 
 flax.serialization writes the params tree as one msgpack map. Each array is an ExtType (code 1)
 whose payload is itself msgpack: (shape, dtype name, C-order bytes). Arrays over 1 GiB are split
 into a `{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}` map of flat pieces.
 
-The decoder here walks the file through a memory map and records where each array's bytes are
-instead of copying them, so reading the tree costs almost nothing and each tensor is read only
+The decoder walks the file through a memory map with the msgpack package, one small value at a
+time, and records where each array's bytes are instead of copying them, so reading the tree costs almost nothing and each tensor is read only
 when a conversion writes it. The naming rules turn Flax parameter paths into transformers' PyTorch
 names (kernels transposed), and `FlaxConverter` is the `lmtool convert` route that families share.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from .checkpoint import PlannedTensor
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UnsupportedError
 
 MSGPACK_NAME = "flax_model.msgpack"
 INDEX_NAME = "flax_model.msgpack.index.json"
@@ -76,114 +75,129 @@ class FlaxArray:
         return torch.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
 
 
+# Where a msgpack value holds something other than a plain value: ext types carry a type code and
+# a payload (fixext 1..16 bytes, or ext 8/16/32 with a length of that many bits); bin is raw bytes.
+_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_EXT_LENGTH = {0xC7: 1, 0xC8: 2, 0xC9: 4}
+_BIN_LENGTH = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_MAPS = {*range(0x80, 0x90), 0xDE, 0xDF}
+_LISTS = {*range(0x90, 0xA0), 0xDC, 0xDD}
+_WINDOW = 4096  # bytes handed to msgpack at a time: a map header, a key, a small value
+
+
 class _Decoder:
-    """A msgpack decoder over a buffer. bin values come back as _Span; ExtType 1 and 3 as FlaxArray."""
+    """Walks a msgpack buffer with the msgpack package, one small value at a time: maps and lists
+    are followed, ext types 1 and 3 (flax's arrays and scalars) become FlaxArray with the place of
+    their bytes in the buffer, so no array is copied (or even read) while the tree is decoded."""
 
     def __init__(self, buf: mmap.mmap | bytes, source: str):
-        self.buf, self.source, self.pos = buf, source, 0
+        self.buf, self.source = buf, source
 
-    def _take(self, n: int) -> int:
-        start = self.pos
-        self.pos += n
-        if self.pos > len(self.buf):
-            raise CheckpointError(f"{self.source}: truncated msgpack data at byte {start}")
-        return start
+    def _byte(self, pos: int) -> int:
+        if pos >= len(self.buf):
+            raise CheckpointError(f"{self.source}: truncated msgpack data at byte {pos}")
+        return self.buf[pos]
 
-    def _unpack(self, fmt: str) -> Any:
-        start = self._take(struct.calcsize(fmt))
-        return struct.unpack_from(fmt, self.buf, start)[0]
+    def _unpacker(self, pos: int, size: int = _WINDOW):
+        import msgpack
 
-    def _str(self, n: int) -> str:
-        start = self._take(n)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=2**31 - 1)
+        unpacker.feed(self.buf[pos : pos + size])
+        return unpacker
+
+    def _read(self, pos: int, what: str) -> tuple[Any, int]:
+        """One plain value (or a map or list header, what = 'map'/'list') at pos, and where it ends."""
+        import msgpack
+
+        size = _WINDOW
+        while True:
+            unpacker = self._unpacker(pos, size)
+            try:
+                if what == "map":
+                    value = unpacker.read_map_header()
+                elif what == "list":
+                    value = unpacker.read_array_header()
+                else:
+                    value = unpacker.unpack()
+                return value, pos + unpacker.tell()
+            except msgpack.OutOfData:
+                if pos + size >= len(self.buf):
+                    raise CheckpointError(f"{self.source}: truncated msgpack data at byte {pos}") from None
+                size *= 16  # a long string or bin: give msgpack more of the buffer
+            except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+                raise CheckpointError(f"{self.source}: invalid msgpack data at byte {pos} ({exc})") from None
+
+    def _ext(self, pos: int) -> tuple[int, int, int] | None:
+        """(type code, payload offset, payload length) when an ext value starts at pos."""
+        first = self._byte(pos)
+        if first in _FIXEXT:
+            length, header = _FIXEXT[first], 1
+        elif first in _EXT_LENGTH:
+            width = _EXT_LENGTH[first]
+            length, header = int.from_bytes(self.buf[pos + 1 : pos + 1 + width], "big"), 1 + width
+        else:
+            return None
+        code = int.from_bytes(bytes([self._byte(pos + header)]), "big", signed=True)
+        start = pos + header + 1
+        if start + length > len(self.buf):
+            raise CheckpointError(f"{self.source}: truncated msgpack data at byte {pos}")
+        return code, start, length
+
+    def value(self, pos: int) -> tuple[Any, int]:
+        """The value at pos and where it ends."""
+        ext = self._ext(pos)
+        if ext is not None:
+            code, start, length = ext
+            if code not in (1, 3):  # 2 = complex; not a parameter, kept opaque
+                return ("ext", code, _Span(start, length)), start + length
+            return self._array(start, length), start + length
+        first = self._byte(pos)
+        if first in _MAPS:
+            count, pos = self._read(pos, "map")
+            out = {}
+            for _ in range(count):
+                key, pos = self.value(pos)
+                out[tuple(key) if isinstance(key, list) else key], pos = self.value(pos)
+            return out, pos
+        if first in _LISTS:
+            count, pos = self._read(pos, "list")
+            items = []
+            for _ in range(count):
+                item, pos = self.value(pos)
+                items.append(item)
+            return items, pos
+        return self._read(pos, "value")
+
+    def _array(self, start: int, length: int) -> FlaxArray:
+        """flax's array payload: msgpack of (shape, dtype name, C-order bytes as bin)."""
+        bad = CheckpointError(f"{self.source}: unsupported array encoding at byte {start}")
+        if self._byte(start) not in _LISTS:
+            raise bad
+        count, pos = self._read(start, "list")
+        if count != 3:
+            raise bad
+        shape, pos = self.value(pos)
+        dtype_name, pos = self.value(pos)
         try:
-            return bytes(self.buf[start : start + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{self.source}: invalid UTF-8 string at byte {start}") from None
-
-    def _ext(self, n: int) -> Any:
-        code = self._unpack(">b")
-        start = self._take(n)
-        if code not in (1, 3):  # 2 = complex; not a parameter, kept opaque
-            return ("ext", code, _Span(start, n))
-        end, self.pos = self.pos, start
-        payload = self.value()
-        self.pos = end
-        return self._array(payload, start)
-
-    def _array(self, payload: Any, at: int) -> FlaxArray:
-        try:
-            shape, dtype_name, data = payload
             shape = tuple(int(d) for d in shape)
             dtype = DTYPES[dtype_name]
         except (TypeError, ValueError, KeyError):
-            raise CheckpointError(f"{self.source}: unsupported array encoding at byte {at}") from None
-        if not isinstance(data, _Span) or data.length != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{self.source}: array at byte {at} has the wrong number of bytes")
+            raise bad from None
+        width = _BIN_LENGTH.get(self._byte(pos))
+        if width is None:
+            raise bad
+        size = int.from_bytes(self.buf[pos + 1 : pos + 1 + width], "big")
+        data = _Span(pos + 1 + width, size)
+        if data.offset + size != start + length or size != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{self.source}: array at byte {start} has the wrong number of bytes")
         return FlaxArray(shape, dtype, [data], self.buf)
-
-    def value(self) -> Any:
-        b = self._unpack(">B")
-        if b <= 0x7F:
-            return b
-        if b >= 0xE0:
-            return b - 0x100
-        if 0x80 <= b <= 0x8F:
-            return self._map(b & 0x0F)
-        if 0x90 <= b <= 0x9F:
-            return [self.value() for _ in range(b & 0x0F)]
-        if 0xA0 <= b <= 0xBF:
-            return self._str(b & 0x1F)
-        if b in _FIXED:
-            return _FIXED[b]
-        if b in _NUMBERS:
-            return self._unpack(_NUMBERS[b])
-        if b in _SIZED:
-            kind, fmt = _SIZED[b]
-            n = self._unpack(fmt)
-            if kind == "bin":
-                return _Span(self._take(n), n)
-            if kind == "str":
-                return self._str(n)
-            if kind == "array":
-                return [self.value() for _ in range(n)]
-            if kind == "map":
-                return self._map(n)
-            return self._ext(n)
-        if b in _FIXEXT:
-            return self._ext(_FIXEXT[b])
-        raise CheckpointError(f"{self.source}: invalid msgpack byte 0x{b:02x} at {self.pos - 1}")
-
-    def _map(self, n: int) -> dict:
-        out = {}
-        for _ in range(n):
-            key = self.value()
-            if isinstance(key, list):
-                key = tuple(key)
-            out[key] = self.value()
-        return out
-
-
-_FIXED = {0xC0: None, 0xC2: False, 0xC3: True}
-_NUMBERS = {
-    0xCA: ">f", 0xCB: ">d", 0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
-    0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
-}
-_SIZED = {
-    0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
-    0xC7: ("ext", ">B"), 0xC8: ("ext", ">H"), 0xC9: ("ext", ">I"),
-    0xD9: ("str", ">B"), 0xDA: ("str", ">H"), 0xDB: ("str", ">I"),
-    0xDC: ("array", ">H"), 0xDD: ("array", ">I"),
-    0xDE: ("map", ">H"), 0xDF: ("map", ">I"),
-}
-_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
 
 
 def decode(buf: mmap.mmap | bytes, source: str = "msgpack") -> Any:
-    """Decode one msgpack value. bin data stays in `buf` (as spans); arrays are FlaxArray."""
-    decoder = _Decoder(buf, source)
-    value = decoder.value()
-    if decoder.pos != len(buf):
-        raise CheckpointError(f"{source}: {len(buf) - decoder.pos} bytes of trailing data after the msgpack value")
+    """Decode one msgpack value. Arrays are FlaxArray whose bytes stay in `buf`."""
+    value, end = _Decoder(buf, source).value(0)
+    if end != len(buf):
+        raise CheckpointError(f"{source}: {len(buf) - end} bytes of trailing data after the msgpack value")
     return value
 
 
@@ -215,8 +229,15 @@ def flatten(tree: Any, source: str, prefix: tuple[str, ...] = ()) -> dict[tuple[
     return out
 
 
+FLAX_INSTALL = "pip install 'lmtool[flax]'"
+
+
 def read_msgpack(path: Path) -> dict[tuple[str, ...], FlaxArray]:
     """The arrays of one msgpack file, by path. The file stays mapped while arrays refer to it."""
+    try:
+        import msgpack  # noqa: F401
+    except ImportError:
+        raise UnsupportedError(f"{path}: reading Flax checkpoints needs the msgpack package ({FLAX_INSTALL})") from None
     try:
         with open(path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if path.stat().st_size else b""

@@ -1,6 +1,7 @@
 """Flax flax_model.msgpack checkpoints (FlaxBloom*, FlaxGemma*) -> the standard layout, read
-without jax, flax or msgpack. Fixtures are written by a small msgpack encoder below, in the layout
-flax.serialization uses (arrays as ExtType 1 of (shape, dtype name, bytes), chunked big arrays)."""
+without jax or flax. Fixtures are written by a small msgpack encoder below (independent of the
+msgpack package lmtool decodes with), in the layout flax.serialization uses (arrays as ExtType 1
+of (shape, dtype name, bytes), chunked big arrays)."""
 
 from __future__ import annotations
 
@@ -259,12 +260,23 @@ def test_decoder_reads_every_msgpack_type_it_may_meet():
               -(2**31) - 1, 1.5, -2.25e300, "", "é" * 20, "x" * 300, "y" * 70000, None, True, False,
               list(range(20)), {str(i): i for i in range(20)}, {"nested": {"list": [1, [2, [3]]]}}]
     assert decode(pack(values)) == values
-    spans = decode(pack([b"", b"ab", b"z" * 300, b"w" * 70000]))
-    assert [s.length for s in spans] == [0, 2, 300, 70000]
+    assert decode(pack([b"", b"ab", b"z" * 300, b"w" * 70000])) == [b"", b"ab", b"z" * 300, b"w" * 70000]
     array = decode(pack(torch.arange(6, dtype=torch.int16).reshape(2, 3)))
     assert isinstance(array, FlaxArray) and torch.equal(array.load(), torch.arange(6, dtype=torch.int16).reshape(2, 3))
     scalar = decode(pack(Ext(3, pack([[], "float32", struct.pack("<f", 2.5)]))))
     assert scalar.load().item() == 2.5
+
+
+def test_decoder_reads_what_the_msgpack_package_writes():
+    """flax writes with the msgpack package: every ext size it may choose (fixext, ext 8/16/32)."""
+    import msgpack
+
+    arrays = {str(n): torch.arange(n, dtype=torch.uint8) for n in (0, 1, 2, 4, 8, 16, 200, 70000, 2**16 + 3)}
+    tree = {"params": {key: msgpack.ExtType(1, msgpack.packb([list(t.shape), "uint8", bytes(t.tolist())]))
+                       for key, t in arrays.items()}, "step": 7, "name": "x" * 5000}
+    decoded = decode(msgpack.packb(tree))
+    assert decoded["step"] == 7 and decoded["name"] == "x" * 5000
+    assert all(torch.equal(decoded["params"][key].load(), t) for key, t in arrays.items())
 
 
 def test_decoder_errors_name_the_file(tmp_path):
