@@ -59,6 +59,14 @@ class LmtoolRunner:
         return {"prefill_s": stats.prefill_s, "decode_s": stats.decode_s}
 
 
+def is_quantized(folder: str) -> bool:
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    return bool(config.get("quantization_config"))
+
+
 class TransformersRunner:
     def __init__(self, spec: dict):
         self.spec = spec
@@ -69,7 +77,14 @@ class TransformersRunner:
 
         self.torch = torch
         dtype = getattr(torch, self.spec["dtype"])
-        model = AutoModelForCausalLM.from_pretrained(self.spec["folder"], dtype=dtype)
+        extra = {}
+        if is_quantized(self.spec["folder"]):
+            # transformers runs compressed-tensors int8/int4 weights dequantized (its default path
+            # cannot run naive int8 nor packed int4 zero points on CPU).
+            from transformers import CompressedTensorsConfig
+
+            extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(self.spec["folder"], dtype=dtype, **extra)
         self.model = model.to(self.spec["device"]).eval()
         self.vocab_size = self.model.config.vocab_size
 
