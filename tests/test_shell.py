@@ -54,9 +54,10 @@ def test_registry_config_recipes_and_settings_import_no_torch():
 def test_help_reads_like_a_shell_tool(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    listed = [line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.startswith("  ") and line[2] != " "]
+    section = out.split("Commands:\n")[1].split("\n\n")[0]
+    listed = [line.split()[0] for line in section.splitlines() if line[2] != " "]
     assert listed[:6] == ["generate", "classify", "tag", "qa", "inspect", "convert"]
-    assert "..." not in out.split("Commands:")[1]  # whole descriptions, not click's cut
+    assert "..." not in section  # whole descriptions, not click's cut
     for command in listed:
         code, out, _ = run_cli(capsys, command, "-h")
         assert code == 0 and out.startswith(f"Usage: lmtool {command} ")
