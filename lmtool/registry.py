@@ -54,6 +54,12 @@ class Family:
     converters: dict[str, Any] = field(default_factory=dict)
     # Released sizes (name -> config dict) used when converting and for bench presets.
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # (config, tensor name) -> how many times one decode step reads that tensor; None = once each
+    # (Zamba2 reads a shared block's weights once per invocation). For bench's bandwidth figures.
+    decode_reads: Callable[[ModelConfig, str], int] | None = None
+
+    def reads_per_step(self, config: ModelConfig, name: str) -> int:
+        return self.decode_reads(config, name) if self.decode_reads else 1
 
     def head_name(self, task: str) -> str:
         return self.head_names.get(task, DEFAULT_HEAD_NAMES[task])

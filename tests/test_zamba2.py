@@ -275,6 +275,28 @@ def test_state_dict_names_are_transformers_without_copies(pair):
     assert len(list(backbone.named_parameters(remove_duplicate=False))) == len(list(backbone.parameters()))
 
 
+def test_decode_reads_counts_each_shared_block_once_per_invocation(pair):
+    """bench's bytes-read-per-step figure: how often the family says a decode step reads each
+    tensor, against how often one step calls the module that holds it (forward hooks)."""
+    _, _, _, plain = pair
+    calls: dict[int, int] = {}
+    model = plain.model
+    hooks = [m.register_forward_hook(lambda m, a, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1)) for m in model.modules()]
+    cache = model.make_cache(1, 16)
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 5)), cache=cache)
+        calls.clear()
+        model(torch.randint(3, VOCAB, (1, 1)), cache=cache)
+    for hook in hooks:
+        hook.remove()
+    owners = {f"{prefix}.{name}" if prefix else name: module for prefix, module in model.named_modules()
+              for name, _ in module.named_parameters(recurse=False)}
+    family, config = plain.family, plain.config
+    counted = {name: calls.get(id(module), 0) for name, module in owners.items() if name.startswith("model.layers.")}
+    assert max(counted.values()) > 1  # some block is invoked more than once in every shape here
+    assert counted == {name: family.reads_per_step(config, name) for name in counted}
+
+
 def _recurrent_bytes(cache) -> int:
     states = [getattr(entry, "state", entry) for entry in cache.layers]
     return sum(t.numel() * t.element_size() for s in states for t in s.tensors.values())

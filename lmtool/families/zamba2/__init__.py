@@ -3,6 +3,8 @@
 Zyphra ships the standard layout (transformers' names), so there are no converters.
 """
 
+import re
+
 from ...registry import Family
 from .config import Zamba2Config, default_block_types
 from .model import Zamba2Model
@@ -19,6 +21,16 @@ TOKENIZER_CONFIG = {
     "padding_side": "left",
     "clean_up_tokenization_spaces": False,
 }
+
+
+def decode_reads(config: Zamba2Config, name: str) -> int:
+    """A shared block's weights (saved under the first hybrid layer that uses it) are read once
+    per invocation of the block; its per-invocation adapters, and everything else, once."""
+    match = re.match(r"model\.layers\.(\d+)\.shared_transformer\.", name)
+    if match is None or "adapter_list" in name or int(match.group(1)) not in config.hybrid_ids:
+        return 1
+    block = config.hybrid_ids.index(int(match.group(1))) % config.num_mem_blocks
+    return sum(j % config.num_mem_blocks == block for j in range(len(config.hybrid_ids)))
 
 
 def _pattern(layers: int, hybrid: list[int]) -> list[str]:
@@ -43,6 +55,7 @@ FAMILY = Family(
     add_eos_token=False,
     padding_side="left",
     tokenizer_config=TOKENIZER_CONFIG,
+    decode_reads=decode_reads,
     presets={
         # Shapes from architectures.md §5.1, not checked against the hub's config.json. 1.2B: heads,
         # KV heads, MLP width (4 x hidden), mamba heads, d_state, ngroups and the attention
