@@ -79,6 +79,31 @@ def test_packing_is_compressed_tensors_packing(bits, dim):
     assert torch.equal(unpack_from_int32(ours, bits, codes.shape, packed_dim=dim), codes)
 
 
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, the tiled path
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_matmul_equals_the_dequantized_product(bits, out_features):
+    from lmtool.quantize.format import QuantizedWeight, compressed_tensors
+    from lmtool.quantize.linear import prepare, quantized_matmul
+
+    torch.manual_seed(3)
+    w = torch.randn(out_features, 128)
+    q = quantize_int8_rows(w, torch.float32) if bits == 8 else quantize_int4_groups(w, 32, torch.float32)
+    stored = compressed_tensors(q, tuple(w.shape))
+    if bits == 8:
+        weight = QuantizedWeight("w", out_features, 128, 8, stored["weight_scale"], None, codes=stored["weight"])
+    else:
+        weight = QuantizedWeight("w", out_features, 128, 4, q.scale, q.zero_point,
+                                 nibbles=stored["weight_packed"].view(torch.uint8))
+        prepare(weight, type("NoFile", (), {"release": lambda self, t: None})(), torch.float32)
+        assert (weight.int4pack is not None) == (out_features % 16 == 0)
+    x = torch.randn(5, 128)
+    expected = x @ q.dequantize().T
+    assert (quantized_matmul(x, weight) - expected).abs().max() <= 1e-4
+    assert torch.equal(weight.dequantize_rows(torch.tensor([3, 0]), torch.float32), q.dequantize()[[3, 0]])
+    half = quantized_matmul(x.to(torch.bfloat16), weight).float()
+    assert (half - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
 # --- tiny models of every family -----------------------------------------------------------------
 
 
@@ -171,8 +196,12 @@ def test_round_trip_every_family_equals_compressed_tensors_decompression(family_
         expected = reference(IDS).logits
         assert (ours.model(IDS) - expected).abs().max() <= FP32_TOL
         assert (plain.model(IDS) - expected).abs().max() <= FP32_TOL
-    # The quantized modules hold no float copy of their weights.
-    assert ours.model.state_dict() is not None
+    # The quantized modules hold no float copy of their weights: their state_dict entries are the
+    # stored codes and scales (a tied head adds nothing), and the float parameters left are few.
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for name, tensor in ours.model.state_dict().items():
+            if not tensor.is_floating_point():
+                assert name in f.keys(), name
     assert sum(p.numel() for p in ours.model.parameters()) < sum(p.numel() for p in reference.parameters()) / 2
 
 
