@@ -11,10 +11,11 @@
 
 /* e^x as the vector versions compute it: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to
  * degree 7 (relative error < 1e-8), times 2^n built in the exponent bits. Below -87.3 (where
- * e^x is subnormal) and at -inf it gives 0. */
+ * e^x is subnormal) and at -inf it gives 0. n is rounded by adding and taking away 1.5 * 2^23, not
+ * by a call, so that loops over it vectorize on any target. */
 static inline float exp_plain(float x) {
     const float clamped = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-    const float n = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+    const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = clamped - n * 0.693145751953125f;
     r = r - n * 1.42860682030941723212e-6f;
     float p = 1.0f / 5040;
@@ -31,13 +32,44 @@ static inline float exp_plain(float x) {
     return x < -87.3f ? 0.0f : p * scale;
 }
 
+/* f32_to_bf16 without a branch (NaN chosen by a select), so that loops over it vectorize. */
+static inline uint16_t round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)rounded;
+}
+
+/* Up to LANES elements from i of a bf16 or f32 array as floats (zeros past n), and back. */
+static inline void load_lanes(const void* p, int64_t i, int64_t n, int bf16, float* v) {
+    if (n == LANES && bf16) for (int l = 0; l < LANES; l++) v[l] = bf16_to_f32(((const uint16_t*)p)[i + l]);
+    else if (n == LANES) for (int l = 0; l < LANES; l++) v[l] = ((const float*)p)[i + l];
+    else for (int l = 0; l < LANES; l++) v[l] = l < n ? load_f32(p, i + l, bf16) : 0.0f;
+}
+static inline void store_lanes(void* p, int64_t i, int64_t n, int bf16, const float* v) {
+    if (n == LANES && bf16) for (int l = 0; l < LANES; l++) ((uint16_t*)p)[i + l] = round_bf16(v[l]);
+    else if (n == LANES) for (int l = 0; l < LANES; l++) ((float*)p)[i + l] = v[l];
+    else for (int l = 0; l < n; l++) store_f32(p, i + l, bf16, v[l]);
+}
+
+/* v = gelu_tanh(x) * u over one block of lanes; kept out of line, where GCC vectorizes it (inlined
+   among the loads' branches it stays scalar). */
+static __attribute__((noinline)) void gelu_lanes(const float* x, const float* u, float* v) {
+    for (int l = 0; l < LANES; l++) {
+        const float y = 0.7978845608028654f * (x[l] + 0.044715f * x[l] * x[l] * x[l]);
+        v[l] = x[l] / (1.0f + exp_plain(-2.0f * y)) * u[l];
+    }
+}
+
 static void gelu_span(int bf16, const void* gate, const void* up, void* out, int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i++) {
-        const float x = load_f32(gate, i, bf16);
-        const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-        float v = x / (1.0f + exp_plain(-2.0f * y));
-        if (up) v *= load_f32(up, i, bf16);
-        store_f32(out, i, bf16, v);
+    for (int64_t i = begin; i < end; i += LANES) {
+        const int64_t n = end - i < LANES ? end - i : LANES;
+        float x[LANES], u[LANES], v[LANES];
+        load_lanes(gate, i, n, bf16, x);
+        if (up) load_lanes(up, i, n, bf16, u);
+        else for (int l = 0; l < LANES; l++) u[l] = 1.0f;
+        gelu_lanes(x, u, v);
+        store_lanes(out, i, n, bf16, v);
     }
 }
 
@@ -60,11 +92,18 @@ static float dot(int bf16, const void* a, const void* b, int64_t n) {
 }
 
 static float exp_shifted_sum(float* sc, int64_t S, float top) {
-    float total = 0.0f;
-    for (int64_t s = 0; s < S; s++) {
+    float sums[LANES] = {0}, total = 0.0f;
+    int64_t s = 0;
+    for (; s + LANES <= S; s += LANES)
+        for (int l = 0; l < LANES; l++) {
+            sc[s + l] = exp_plain(sc[s + l] - top);
+            sums[l] += sc[s + l];
+        }
+    for (; s < S; s++) {
         sc[s] = exp_plain(sc[s] - top);
         total += sc[s];
     }
+    for (int l = 0; l < LANES; l++) total += sums[l];
     return total;
 }
 
@@ -83,7 +122,11 @@ static void weighted_rows(int bf16, const float* sc, const void* values, int64_t
                 for (int64_t l = 0; l < width; l++) acc[l] += p * row[l];
             }
         }
-        for (int64_t l = 0; l < width; l++) store_f32(o, i + l, bf16, acc[l] * norm);
+        for (int64_t l = 0; l < width; l += LANES) {
+            float v[LANES];
+            for (int j = 0; j < LANES; j++) v[j] = acc[l + j] * norm;
+            store_lanes(o, i + l, width - l < LANES ? width - l : LANES, bf16, v);
+        }
     }
 }
 
