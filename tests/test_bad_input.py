@@ -81,6 +81,11 @@ def test_classify_gives_an_error_record_for_text_that_is_not_utf8(capsys, monkey
     records = [json.loads(line) for line in out.splitlines()]
     assert code == ExitCode.PARTIAL and "Traceback" not in err
     assert "label" in records[0] and records[1]["error_type"] == "encoding"
+    qa = checkpoint("bloom", "question-answering")
+    capsys.readouterr()  # what building the checkpoint printed
+    code, _, err = run_cli(capsys, "qa", str(qa), "--question", bad, "--context", "Sarah did.")
+    assert code == ExitCode.ERROR
+    one_line(err, "--question: not UTF-8 text")
     stdin_text(monkeypatch, b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "' + NOT_UTF8 + b'"}\n')
     code, out, err = run_cli(capsys, "classify", str(folder), "--jsonl", "-", "--json")
     records = [json.loads(line) for line in out.splitlines()]

@@ -171,3 +171,14 @@ def test_unreachable_hub_without_hf_hub_offline_fails_fast_in_one_line(tmp_path)
         assert proc.returncode == 3, proc.stderr
         assert proc.stderr.count("\n") == 1 and "the Hub cannot be reached" in proc.stderr, proc.stderr
         assert time.monotonic() - started < 20
+
+
+def test_convert_takes_a_hub_id(cache, tiny_files, tmp_path):
+    import torch
+
+    from lmtool.convert import ConvertOptions, convert
+
+    put_in_cache(cache, "acme/tiny-gemma", tiny_files)
+    summary = convert("acme/tiny-gemma", tmp_path / "bf16", options=ConvertOptions(dtype=torch.bfloat16))
+    assert summary["format"] == "standard"
+    assert lmtool.load(tmp_path / "bf16").dtype == torch.bfloat16

@@ -102,6 +102,8 @@ def generate_command(
         items = [{"prompt": text[:-1] if prompt == "-" and text.endswith("\n") else text}]
     if system is not None and not chat:
         raise LmtoolError("--system needs --chat")
+    if system is not None:
+        system = checked_text(system, "--system")
 
     lm = load(model, task="causal-lm", dtype=dtype, device=device)
     set_threads(threads, lm.weight_bytes)

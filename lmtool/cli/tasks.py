@@ -292,6 +292,10 @@ def qa_command(
     items = gather_items(inputs or [], files_from, jsonl, literal, ("context", "text"), given)
     if question is None and jsonl is None:
         raise LmtoolError("give --question (or \"question\" fields with --jsonl)")
+    if question is not None:
+        from ..tasks.inputs import checked_text
+
+        question = checked_text(question, "--question")
     run_command(
         "qa", model, "question-answering",
         lambda lm: Answerer(
