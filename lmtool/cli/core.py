@@ -113,6 +113,11 @@ def value_name(param: Any) -> str:
     return "TEXT"
 
 
+def first_paragraph(text: str | None) -> str:
+    """A docstring's first paragraph on one line."""
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
 def argument_name(param: Any) -> str:
     name = param.metavar or param.name.upper()
     return name + "..." if param.nargs != 1 else name
@@ -343,7 +348,6 @@ class LmtoolGroup(TyperGroup):
         for name in self.list_commands(ctx):
             command = self.commands[name]
             if not command.hidden:
-                # The whole first paragraph of the docstring, not click's 45-character cut.
-                rows.append((name, " ".join((command.help or "").strip().split("\n\n")[0].split())))
+                rows.append((name, first_paragraph(command.help)))  # whole, not click's 45-character cut
         with formatter.section("Commands"):
             formatter.write_dl(rows)
