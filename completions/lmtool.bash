@@ -90,7 +90,7 @@ _lmtool() {
         inspect) options='--json --tensors --recipe --print-config --quiet -q --debug --help -h' ;;
         convert) options='--from --config --tokenizer --dtype --max-shard-size --dry-run --force --json --recipe --print-config --quiet -q --debug --help -h' ;;
         quantize) options='--scheme --group-size --keep --head --eval-text --no-verify --max-kld --min-top1 --no-clip-search --force --json --recipe --print-config --quiet -q --debug --help -h' ;;
-        bench) options='--preset --config --random-weights --dtype --prompt-len --batch --new-tokens --repeat --no-warmup --warmup --against --device --threads --max-foreign-cpu --bandwidth --no-bandwidth --checkpoint-dtype --cache-dir --json --csv --recipe --print-config --quiet -q --debug --help -h' ;;
+        bench) options='--preset --config --random-weights --dtype --prompt-len --batch --new-tokens --repeat --no-warmup --warmup --against --device --threads --max-foreign-cpu --bandwidth --no-bandwidth --checkpoint-dtype --cache-dir --force --json --csv --recipe --print-config --quiet -q --debug --help -h' ;;
         recipes) options='--family --json --quiet -q --debug --help -h' ;;
         completion) options='--quiet -q --debug --help -h' ;;
         esac

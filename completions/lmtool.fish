@@ -229,6 +229,7 @@ complete -c lmtool -n 'test (__lmtool_command) = bench' -l max-foreign-cpu -r -f
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l bandwidth -l no-bandwidth -d 'Measure memory read bandwidth after each run (cpu; about 1 s each).'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l checkpoint-dtype -r -f -a 'float32 bfloat16 float16' -d 'dtype of random weights on disk.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l cache-dir -r -F -d 'Where random checkpoints are kept.'
+complete -c lmtool -n 'test (__lmtool_command) = bench' -l force -d 'Write random weights even when larger than this machine\'s memory.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l json -d 'Print one JSON object.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l csv -d 'Print CSV, one row per dtype, metric and runner.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l recipe -r -F -a '(lmtool __complete recipes 2>/dev/null)' -d 'Take settings from a recipe (`lmtool recipes` lists them).'
