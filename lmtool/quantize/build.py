@@ -210,19 +210,15 @@ def quantize(
     on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize the model `ref` into `out`; returns the summary (with the verification report)."""
-    from ..loading import family_of
+    from ..loading import family_of, read_config
 
     recipe.check()
     folder = hub.resolve(str(ref), check_config=family_of).path
     if folder.is_file():
         raise LmtoolError(f"{folder}: a model is a folder with config.json and weights, not a single file")
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LmtoolError(f"{folder}: no config.json (is this a model folder in the standard layout?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LmtoolError(f"{config_path}: not valid JSON ({exc})") from None
+    read_config(folder)  # a config.json lmtool can run, or a one-line error
+    # The source's own config.json, kept as it is apart from what quantizing adds.
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if is_quantized_config(config):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise LmtoolError(f"{folder}: already quantized ({method}); quantize from the float checkpoint")
@@ -281,15 +277,10 @@ def write_config(folder: Path, config: dict[str, Any]) -> None:
 
 def _eval_text(path: Path | None) -> tuple[str, str]:
     """(name, text) of the verification text: --eval-text FILE, else the one shipped here."""
+    from ..tasks.inputs import read_text_file
+
     path = Path(path) if path else DEFAULT_EVAL_TEXT
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LmtoolError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise LmtoolError(f"{path}: not UTF-8 text") from None
-    except IsADirectoryError:
-        raise LmtoolError(f"{path}: is a folder, not a file") from None
+    text = read_text_file(str(path))  # one-line errors: missing, a folder, binary, not UTF-8
     if not text.strip():
         raise LmtoolError(f"{path}: empty text")
     return (path.name, text)
