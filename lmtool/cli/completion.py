@@ -215,7 +215,12 @@ def zsh_script() -> str:
     root, commands = command_tree()
     root_options = _words(n for o in root for n in o.names)
     described = "\n".join(f"        '{c.name}:{_zsh_quote(c.help)}'" for c in commands)
-    option_kinds, argument_kinds, option_lists = _option_cases(commands), _argument_cases(commands), _option_lists(commands)
+    option_kinds, argument_kinds = _option_cases(commands), _argument_cases(commands)
+    described_options = "\n".join(
+        f"{CASE_INDENT}{c.name}) described_options=("
+        + " ".join(f"'{name}:{_zsh_quote(o.help)}'" for o in c.options for name in o.names) + ") ;;"
+        for c in commands
+    )
     return "#compdef lmtool\n" + HEADER.format(shell="zsh") + f"""# Install: copy it as _lmtool into a folder on $fpath (before `compinit` runs in ~/.zshrc).
 
 _lmtool_add_values() {{
@@ -237,7 +242,7 @@ _lmtool_option_kind() {{
 
 _lmtool() {{
     local cur=${{words[CURRENT]}} prev=${{words[CURRENT-1]}}
-    local command="" i start=0 kind options variadic positional=0 ended=0
+    local command="" i start=0 kind variadic positional=0 ended=0
     local -a arguments commands
     for ((i = 2; i < CURRENT; i++)); do
         if [[ ${{words[i]}} != -* ]]; then command=${{words[i]}}; start=$i; break; fi
@@ -278,10 +283,11 @@ _lmtool() {{
         if [[ $kind != flag ]]; then _lmtool_add_values "$kind"; return; fi
     fi
     if [[ $cur == -* ]] && ((!ended)); then
+        local -a described_options
         case $command in
-{option_lists}
+{described_options}
         esac
-        compadd -- ${{=options}}
+        _describe option described_options
         return
     fi
     if ((positional >= ${{#arguments}})); then
