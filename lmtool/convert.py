@@ -65,6 +65,12 @@ class ConversionPlan:
         return sum(t.nbytes for t in self.tensors)
 
 
+def side_files(folder: Path, with_tokenizer: bool = True) -> dict[str, bytes]:
+    """The tokenizer files and generation_config.json that a folder holds, to copy as they are."""
+    names = (*(TOKENIZER_FILES if with_tokenizer else ()), "generation_config.json")
+    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+
+
 class StandardFolder:
     """A folder already in the standard layout: re-cast and/or re-shard it."""
 
@@ -85,10 +91,7 @@ class StandardFolder:
             PlannedTensor(info.name, info.shape, info.dtype, lambda n=info.name: checkpoint.tensor(n))
             for info in checkpoint.infos()
         ]
-        files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
-        if (src / "generation_config.json").is_file():
-            files["generation_config.json"] = (src / "generation_config.json").read_bytes()
-        return ConversionPlan(family, config, tensors, self.name, files)
+        return ConversionPlan(family, config, tensors, self.name, side_files(src))
 
 
 BIN_NAME = "pytorch_model.bin"
@@ -133,10 +136,7 @@ class TransformersBinFolder:
         tensors = [
             PlannedTensor(name, tuple(t.shape), t.dtype, lambda t=t: t) for name, t in state.items()
         ]
-        files = {name: (src / name).read_bytes() for name in TOKENIZER_FILES if (src / name).is_file()}
-        if (src / "generation_config.json").is_file():
-            files["generation_config.json"] = (src / "generation_config.json").read_bytes()
-        return ConversionPlan(family, config, tensors, self.name, files)
+        return ConversionPlan(family, config, tensors, self.name, side_files(src))
 
 
 def all_converters() -> dict[str, Any]:

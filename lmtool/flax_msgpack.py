@@ -399,7 +399,7 @@ class FlaxConverter:
         return any(path[0] in self.signature for path in arrays)
 
     def plan(self, src: Path, options):
-        from .convert import TOKENIZER_FILES, ConversionPlan, tokenizer_files
+        from .convert import ConversionPlan, side_files, tokenizer_files
         from .registry import get_family
 
         family = get_family(self.model_type)
@@ -412,10 +412,7 @@ class FlaxConverter:
         config.architectures = [family.architecture("causal-lm")]
         tensors = planned_tensors(arrays, family.backbone_prefix)
         check_against_model(family, config, tensors, str(src))
-        if options.tokenizer is not None:
-            files = tokenizer_files(options.tokenizer, family)
-        else:
-            files = {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
-        if (folder / "generation_config.json").is_file():
-            files["generation_config.json"] = (folder / "generation_config.json").read_bytes()
+        # --tokenizer replaces the folder's tokenizer files; tokenizer_files(None) is none.
+        files = {**side_files(folder, with_tokenizer=options.tokenizer is None),
+                 **tokenizer_files(options.tokenizer, family)}
         return ConversionPlan(family, config, tensors, self.name, files)

@@ -233,7 +233,7 @@ def test_ctrl_c_in_generate_ends_the_line_and_reports(bloom):
     one_line(err.decode(), "interrupted: ", "tokens generated")
 
 
-def test_ctrl_c_in_tag_reports_progress_and_resume_finishes(tmp_path, capsys):
+def test_ctrl_c_in_tag_reports_how_far_it_got_and_how_to_go_on(tmp_path, capsys):
     folder = checkpoint("gemma", "token-classification")
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"id": i, "text": f"Sarah {i} works for Acme in Berlin."}) + "\n"
