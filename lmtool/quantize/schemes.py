@@ -67,17 +67,19 @@ def dequantize(
     return values.view(out_features, in_features).to(dtype)
 
 
-def _row_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
+def _row_slices(weight: torch.Tensor) -> list[slice]:
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-    return list(weight.split(rows))
+    return [slice(start, start + rows) for start in range(0, weight.shape[0], rows)]
 
 
 def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> Quantized:
     """Symmetric int8 with one scale per output row."""
-    codes, scales = [], []
+    # Outputs allocated once and filled block by block: no second copy from joining blocks.
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], 1, dtype=scale_dtype)
     signal = noise = 0.0
-    for block in _row_blocks(weight):
-        w = block.to(torch.float32)
+    for rows in _row_slices(weight):
+        w = weight[rows].to(torch.float32)
         scale = (w.abs().amax(dim=1, keepdim=True) / 127).to(scale_dtype)
         # A row of zeros gets the smallest positive scale: its codes are 0 and nothing divides by 0.
         scale = torch.where(scale == 0, torch.finfo(scale_dtype).tiny, scale)
@@ -85,9 +87,9 @@ def quantize_int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> Quanti
         q = torch.round(w / scale32).clamp_(-127, 127)
         signal += float(w.square().sum(dtype=torch.float64))
         noise += float((q * scale32 - w).square_().sum(dtype=torch.float64))
-        codes.append(q.to(torch.int8))
-        scales.append(scale)
-    return Quantized(torch.cat(codes), torch.cat(scales), None, 8, None, signal, noise)
+        codes[rows] = q
+        scales[rows] = scale
+    return Quantized(codes, scales, None, 8, None, signal, noise)
 
 
 def _int4_params(lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +110,12 @@ def quantize_int4_groups(
         raise ValueError(f"group size {group_size} does not divide {in_features} columns")
     groups = in_features // group_size
     factors = CLIP_FACTORS if search else CLIP_FACTORS[:1]
-    codes, scales, zeros = [], [], []
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(out_features, groups, dtype=scale_dtype)
+    zeros = torch.empty(out_features, groups, dtype=torch.int8)
     signal = noise = 0.0
-    for block in _row_blocks(weight):
-        w = block.to(torch.float32).view(-1, groups, group_size)
+    for rows in _row_slices(weight):
+        w = weight[rows].to(torch.float32).view(-1, groups, group_size)
         lo = w.amin(dim=2, keepdim=True).clamp_(max=0)
         hi = w.amax(dim=2, keepdim=True).clamp_(min=0)
         best_err = best_scale = best_zero = None
@@ -130,19 +134,19 @@ def quantize_int4_groups(
         q = torch.round(w / best_scale + best_zero).clamp_(-8, 7)
         signal += float(w.square().sum(dtype=torch.float64))
         noise += float(best_err.sum(dtype=torch.float64))
-        codes.append(q.to(torch.int8).view(-1, in_features))
-        scales.append(best_scale.view(-1, groups).to(scale_dtype))
-        zeros.append(best_zero.view(-1, groups).to(torch.int8))
-    return Quantized(torch.cat(codes), torch.cat(scales), torch.cat(zeros), 4, group_size, signal, noise)
+        codes[rows] = q.view(-1, in_features)
+        scales[rows] = best_scale.view(-1, groups)
+        zeros[rows] = best_zero.view(-1, groups)
+    return Quantized(codes, scales, zeros, 4, group_size, signal, noise)
 
 
 def snr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio, 10 log10(|W|^2 / |W - W'|^2), in dB (inf when exact)."""
     signal = noise = 0.0
-    for ref, approx in zip(_row_blocks(reference), _row_blocks(approximation)):
-        ref32 = ref.to(torch.float64)
-        signal += float(ref32.square().sum())
-        noise += float((ref32 - approx.to(torch.float64)).square().sum())
+    for rows in _row_slices(reference):
+        ref64 = reference[rows].to(torch.float64)
+        signal += float(ref64.square().sum())
+        noise += float((ref64 - approximation[rows].to(torch.float64)).square().sum())
     return _ratio_db(signal, noise)
 
 
