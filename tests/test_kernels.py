@@ -18,12 +18,33 @@ DEMO = str(Path(lmtool.__file__).parent / "demo" / "zen-gemma")
 
 
 @pytest.fixture
+def env():
+    """Sets LMTOOL_* variables and has the kernel layer read them again, then restores both."""
+    with pytest.MonkeyPatch.context() as patch:
+
+        def setenv(**variables):
+            for name, value in variables.items():
+                if value is None:
+                    patch.delenv(name, raising=False)
+                else:
+                    patch.setenv(name, value)
+            kernels.refresh()
+
+        yield setenv
+    kernels.refresh()
+
+
+@pytest.fixture
 def fresh(monkeypatch):
     """Reports not yet given in this process, and builds not yet loaded (restored after)."""
     monkeypatch.setattr(kernels, "_reported", set())
     kernels.library_for.cache_clear()
+    kernels.capped_isa.cache_clear()
+    kernels.refresh()
     yield
     kernels.library_for.cache_clear()
+    kernels.capped_isa.cache_clear()
+    kernels.refresh()
 
 
 def test_the_best_isa_the_cpu_has_is_chosen_and_lmtool_isa_caps_it(monkeypatch, capsys):
@@ -53,18 +74,16 @@ def test_lmtool_isa_unknown_or_missing_from_the_cpu_is_reported_once_and_ignored
         assert f"LMTOOL_ISA={lacking.name}: this CPU lacks it; using {best.name}" in capsys.readouterr().err
 
 
-def test_lmtool_native_0_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setenv("LMTOOL_NATIVE", "0")
+def test_lmtool_native_0_turns_the_kernels_off(env):
+    env(LMTOOL_NATIVE="0")
     assert not kernels.available() and kernels.active_isa() is None
     assert kernels.describe()["kernels"] is None and kernels.describe()["kernels_off"] == "LMTOOL_NATIVE=0"
 
 
-def test_a_failed_build_is_reported_once_with_the_compilers_first_error(monkeypatch, tmp_path, capsys, fresh):
+def test_a_failed_build_is_reported_once_with_the_compilers_first_error(env, monkeypatch, tmp_path, capsys, fresh):
     if kernels.compiler() is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("LMTOOL_ISA", "portable")
-    monkeypatch.delenv("LMTOOL_NATIVE", raising=False)
+    env(XDG_CACHE_HOME=str(tmp_path), LMTOOL_ISA="portable", LMTOOL_NATIVE=None)
     sources = kernels.package_sources(kernels.BY_NAME["portable"])
     broken = {**sources, "portable.c": '#include "common.h"\nthis is not C;\n'}
     monkeypatch.setattr(kernels, "package_sources", lambda isa: broken)
@@ -77,9 +96,8 @@ def test_a_failed_build_is_reported_once_with_the_compilers_first_error(monkeypa
     assert not list((tmp_path / "lmtool" / "kernels").glob("*.so"))  # nothing half-built left behind
 
 
-def test_describe_names_the_kernels_and_the_cpu_features(monkeypatch):
-    monkeypatch.delenv("LMTOOL_NATIVE", raising=False)
-    monkeypatch.setenv("LMTOOL_ISA", "portable")
+def test_describe_names_the_kernels_and_the_cpu_features(env):
+    env(LMTOOL_NATIVE=None, LMTOOL_ISA="portable")
     info = kernels.describe()
     if kernels.available():
         assert info["kernels"] == "portable" and info["kernels_off"] is None
@@ -87,9 +105,8 @@ def test_describe_names_the_kernels_and_the_cpu_features(monkeypatch):
     assert set(info["cpu_features"]) <= kernels.cpu_features()
 
 
-def test_inspect_and_generate_verbose_show_the_backend_and_the_cpu_features(capsys, monkeypatch):
-    monkeypatch.setenv("LMTOOL_ISA", "portable")
-    monkeypatch.delenv("LMTOOL_NATIVE", raising=False)
+def test_inspect_and_generate_verbose_show_the_backend_and_the_cpu_features(capsys, env):
+    env(LMTOOL_ISA="portable", LMTOOL_NATIVE=None)
     active = "kernels (portable)" if kernels.available() else "oneDNN"
     code, out, err = run_cli(capsys, "inspect", DEMO, "--json")
     assert code == 0, err

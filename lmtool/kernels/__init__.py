@@ -20,7 +20,7 @@ has already loaded, so it runs on torch's threads. A build that fails is reporte
 with the compiler's first error line, and callers then use oneDNN (lmtool.inference) and
 PyTorch's operations.
 
-Environment: LMTOOL_NATIVE=0 turns the kernels off. LMTOOL_ISA=avx512|avx2|neon-bf16|neon|portable
+Environment (read when the kernels are first used in a process): LMTOOL_NATIVE=0 turns the kernels off. LMTOOL_ISA=avx512|avx2|neon-bf16|neon|portable
 caps the instruction set at that level (a level the CPU lacks is reported and ignored); below
 avx512 (or neon-bf16) it also hides oneDNN's bfloat16 matmul, so that this machine behaves as a
 CPU without native bfloat16 would (for the whole of PyTorch as well, also set
@@ -140,8 +140,13 @@ def best_isa() -> Isa:
 
 def cpu_isa() -> Isa:
     """The best instruction set this CPU has, at or below LMTOOL_ISA when that is set."""
+    return capped_isa(os.environ.get("LMTOOL_ISA", "").strip().lower())
+
+
+# Cached per LMTOOL_ISA value: the decode step asks (through usable()) several times per layer.
+@lru_cache(maxsize=None)
+def capped_isa(cap: str) -> Isa:
     here = [isa for isa in ISAS if runs_here(isa)]
-    cap = os.environ.get("LMTOOL_ISA", "").strip().lower()
     if cap:
         if cap not in BY_NAME:
             report_once(f"LMTOOL_ISA={cap} is not one of {', '.join(BY_NAME)}; ignored")
@@ -155,11 +160,12 @@ def cpu_isa() -> Isa:
 def fast_bf16_matmul() -> bool:
     """Whether PyTorch's bfloat16 matmul runs on native bfloat16 instructions here (oneDNN's
     AVX512-BF16 / AMX path); without them it emulates bfloat16 at a fraction of float32's speed."""
-    return (
-        cpu_isa().native_bf16
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    return cpu_isa().native_bf16 and onednn_bf16()
+
+
+@lru_cache(maxsize=1)
+def onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def kernel_cache() -> Path:
@@ -252,12 +258,20 @@ def library_for(name: str) -> ctypes.CDLL | None:
     return None
 
 
+@lru_cache(maxsize=1)
 def active_isa() -> Isa | None:
-    """The instruction set whose kernels run here, or None when they are off or failed to build."""
+    """The instruction set whose kernels run here, or None when they are off or failed to build.
+    Decided at the first use in a process (the decode step asks several times per layer, so it
+    does not read the environment each time); refresh() decides again."""
     if os.environ.get("LMTOOL_NATIVE", "1") == "0":
         return None
     isa = cpu_isa()
     return isa if library_for(isa.name) is not None else None
+
+
+def refresh() -> None:
+    """Read LMTOOL_NATIVE and LMTOOL_ISA again (for tests that change them)."""
+    active_isa.cache_clear()
 
 
 def library() -> ctypes.CDLL | None:
