@@ -32,6 +32,7 @@ from torch import nn
 
 from . import kernels
 from .heads import CausalLMHead
+from .kernels import steps as step_kernels
 
 # Rows of a tied LM head packed (onednn) or cast for F.linear (native, prefill) at a time: bounds
 # the temporary copy.
@@ -251,8 +252,11 @@ class FrozenCausalLMHead(CausalLMHead):
         logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if self.soft_cap is not None:
             # In place (the logits are this call's own): the same roundings as CausalLMHead's,
-            # without two more vocabulary-sized allocations per step.
-            logits.div_(self.soft_cap).tanh_().mul_(self.soft_cap)
+            # without two more vocabulary-sized allocations per step; one native pass when it can.
+            if logits.is_contiguous() and step_kernels.usable(logits):
+                step_kernels.soft_cap_(logits, self.soft_cap)
+            else:
+                logits.div_(self.soft_cap).tanh_().mul_(self.soft_cap)
         return logits
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -151,3 +151,14 @@ def test_gated_rms_norm_kernel_matches_the_operations_it_replaces(dtype, rows, n
     want = norm(y, z)
     assert want.requires_grad and not got.requires_grad
     assert_close(got, want.detach(), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_soft_cap_kernel_matches_the_operations_it_replaces(dtype):
+    torch.manual_seed(1)
+    # large logits (saturating), small ones (the series near 0), and exact zeros
+    logits = torch.cat([torch.randn(3, 4001) * 80, torch.randn(3, 999) * 0.5, torch.zeros(3, 7)], dim=1).to(dtype)
+    want = torch.tanh(logits / 30.0) * 30.0
+    got = steps.soft_cap_(logits.clone(), 30.0)
+    assert_close(got, want, dtype)
+    assert (got.abs() <= 30.0).all() and torch.equal(got[:, -7:], want[:, -7:])

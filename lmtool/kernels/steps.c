@@ -284,3 +284,25 @@ int lm_gated_rms_norm(int bf, const void *y, int64_t y_stride, const void *z, in
     free(scratch);
     return 0;
 }
+
+/* --- logit soft-cap ------------------------------------------------------------------------------
+ * x = tanh(x / cap) * cap in place over n values, each of the three operations rounded to the model
+ * dtype (as PyTorch's div, tanh, mul). tanh from its odd Taylor series near 0 (|y| < 0.3, where
+ * 1 - 2 / (e^2y + 1) would cancel) and from exp beyond: within a few float32 ulps. */
+static inline float tanh_f32(float y) {
+    float a = y < 0.0f ? -y : y;
+    float a2 = a * a;
+    float series = a * (1.0f + a2 * (-1.0f / 3.0f + a2 * (2.0f / 15.0f + a2 * (-17.0f / 315.0f +
+                   a2 * (62.0f / 2835.0f + a2 * (-1382.0f / 155925.0f))))));
+    float far = 1.0f - 2.0f / (exp_f32(2.0f * a) + 1.0f);
+    float t = a < 0.3f ? series : far;
+    return y < 0.0f ? -t : t;
+}
+
+void lm_soft_cap(int bf, void *x, int64_t n, float cap) {
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        float y = rnd(ld(x, i, bf) / cap, bf);
+        st(x, i, rnd(tanh_f32(y), bf) * cap, bf);
+    }
+}

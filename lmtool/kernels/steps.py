@@ -38,6 +38,7 @@ ARGTYPES = {
     "lm_rglru_step": ([_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr], None),
     "lm_rms_norm": ([_int, _ptr, _i64, _i64, _i64, _ptr, _int, ctypes.c_float, _ptr], None),
     "lm_gated_rms_norm": ([_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
+    "lm_soft_cap": ([_int, _ptr, _i64, ctypes.c_float], None),
     "lm_ssd_step": (
         [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr], _int,
     ),
@@ -221,3 +222,10 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     if status != 0:
         raise ValueError(f"gated_rms_norm: {n} channels in {groups} groups")
     return out
+
+
+def soft_cap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """logits = tanh(logits / cap) * cap in place (contiguous), rounding as the three PyTorch
+    operations do."""
+    library().lm_soft_cap(int(logits.dtype == torch.bfloat16), logits.data_ptr(), logits.numel(), cap)
+    return logits
