@@ -1,5 +1,5 @@
-"""Reproduce the README's speed table: lmtool against transformers on Gemma-2B, BLOOM-560m and
-RecurrentGemma-2B.
+"""Reproduce the README's speed tables: lmtool against transformers on Gemma-2B, BLOOM-560m,
+RecurrentGemma-2B and Zamba2-1.2B.
 
 From the repository root, with lmtool and transformers installed:
 
@@ -7,6 +7,7 @@ From the repository root, with lmtool and transformers installed:
     python benchmarks/run_table.py --repeat 5        # the README's table: about 40 min
     python benchmarks/run_table.py --repeat 5 --presets bloom-560m
     python benchmarks/run_table.py --repeat 3 --presets recurrentgemma-2b   # about 20 min
+    python benchmarks/run_table.py --repeat 3 --presets zamba2-1.2b --dtypes bfloat16
     python benchmarks/run_table.py --render-only     # re-print the table from the saved reports
 
 For each preset it runs
@@ -29,32 +30,35 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
-PRESETS = ["gemma-2b", "bloom-560m", "recurrentgemma-2b"]
+PRESETS = ["gemma-2b", "bloom-560m", "recurrentgemma-2b", "zamba2-1.2b"]
+# Presets whose issue counts peak memory above torch's own runtime (the others: the whole process).
+RSS_ABOVE_TORCH = ("recurrentgemma", "zamba2")
 METRIC_ORDER = ["decode@1", "decode_gbps@1", "decode@8", "prefill@512", "ttft_s", "load_s", "peak_rss", "model_rss"]
 
 
 def target(preset: str, dtype: str, key: str) -> tuple[str, str, float] | None:
     """(what is compared, direction, bound) of the issue's target for this row, if it has one."""
+    zamba2 = preset.startswith("zamba2")
     if key == "decode@1":
         return "ratio", ">=", 2.5 if preset.startswith("bloom") else 2.0
     if key == "decode@8":
-        return "ratio", ">=", 1.5
+        return "ratio", ">=", 3.0 if zamba2 else 1.5
     if key == "prefill@512":
-        return "ratio", ">=", 1.0
+        return "ratio", ">=", 1.5 if zamba2 else 1.0
     if key == "ttft_s":
         return "ratio", "<=", 0.5
     if key == "load_s" and dtype == "float32":
         return "ratio", "<=", 0.5
-    if key == "peak_rss" and not preset.startswith("recurrentgemma"):
+    if key == "peak_rss" and not preset.startswith(RSS_ABOVE_TORCH):
         return "weights", "<=", 1.1
-    if key == "model_rss" and preset.startswith("recurrentgemma"):  # its issue counts above torch's own
+    if key == "model_rss" and preset.startswith(RSS_ABOVE_TORCH):
         return "weights", "<=", 1.1
     return None
 
 
-def run(preset: str, repeat: int) -> dict:
+def run(preset: str, repeat: int, dtypes: str) -> dict:
     command = [
-        sys.executable, "-m", "lmtool", "bench", "--preset", preset, "--dtype", "bfloat16,float32",
+        sys.executable, "-m", "lmtool", "bench", "--preset", preset, "--dtype", dtypes,
         "--prompt-len", "512", "--batch", "1,8", "--against", "transformers", "--repeat", str(repeat), "--json",
     ]
     print("$ lmtool " + " ".join(command[3:]), file=sys.stderr)
@@ -140,13 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--render-only", action="store_true", help="Print the table from benchmarks/results/.")
     args = parser.parse_args()
     presets = [p for p in args.presets.split(",") if p]
     if args.render_only:
         reports = {p: json.loads((RESULTS / f"{p}.json").read_text()) for p in presets}
     else:
-        reports = {p: run(p, args.repeat) for p in presets}
+        reports = {p: run(p, args.repeat, args.dtypes) for p in presets}
     print(render(reports))
 
 
