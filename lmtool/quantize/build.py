@@ -18,9 +18,10 @@ import hashlib
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -250,7 +251,8 @@ def quantize(
     with atomic_folder(Path(out), force=force) as tmp:
         if on_stage:
             on_stage("quantizing")
-        write_weights(tmp, planned, MAX_SHARD_SIZE, on_tensor=on_tensor)
+        with one_thread():
+            write_weights(tmp, planned, MAX_SHARD_SIZE, on_tensor=on_tensor)
         summary["seconds"] = round(time.perf_counter() - started, 2)
         summary["bytes"] = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
         summary["tensors"] = dict(sorted(errors.items()))
@@ -269,6 +271,18 @@ def quantize(
             summary["verification"] = compare(folder, tmp, eval_source, max_kld, min_top1)
             write_config(tmp, config)
     return summary
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread while quantizing: each pass over a cache-sized block is too short to
+    share between threads (on a busy 2-core machine, 2 threads made quantizing 5-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:
