@@ -61,7 +61,7 @@ def test_help_reads_like_a_shell_tool(capsys):
     for command in listed:
         code, out, _ = run_cli(capsys, command, "-h")
         assert code == 0 and out.startswith(f"Usage: lmtool {command} ")
-        for python_ism in ("<str>", "<int", "<float>", "list[", "{model}", "<Path>", "<path>"):
+        for python_ism in ("<str>", "<int", "<float>", "list[", "{model}", "<Path>", "<path>", "x>=", "<=x"):
             assert python_ism not in out, (command, python_ism)
         assert "--quiet" in out and "--debug" in out
     code, out, _ = run_cli(capsys, "generate", "--help")

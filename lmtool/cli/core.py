@@ -11,6 +11,7 @@ shares, so that the command modules stay thin:
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from pathlib import Path
@@ -113,6 +114,16 @@ def value_name(param: Any) -> str:
     return "TEXT"
 
 
+NUMBER = r"(-?[\d.]+)"
+
+
+def readable_range(help_text: str) -> str:
+    """typer's bounds (`x>=1`, `0<=x<=1`) in words: `at least 1`, `0 to 1`."""
+    help_text = re.sub(rf"{NUMBER}<=x<={NUMBER}", r"\1 to \2", help_text)
+    help_text = re.sub(rf"\bx>={NUMBER}", r"at least \1", help_text)
+    return re.sub(rf"\bx<={NUMBER}", r"at most \1", help_text)
+
+
 def first_paragraph(text: str | None) -> str:
     """A docstring's first paragraph on one line."""
     return " ".join((text or "").strip().split("\n\n")[0].split())
@@ -154,7 +165,7 @@ class LmtoolCommand(TyperCommand):
             elif param.param_type_name == "option":
                 record = param.get_help_record(ctx)
                 if record is not None:
-                    options.append(record)
+                    options.append((record[0], readable_range(record[1])))
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
                 with formatter.section(title):
