@@ -223,7 +223,7 @@ def test_a_sequence_classifier_has_no_tied_embeddings(capsys):
 
 
 def test_ctrl_c_in_generate_ends_the_line_and_reports(bloom):
-    proc = lmtool_process("generate", str(bloom), "Simple is", "-n", "1000000", "--ignore-eos", "--temperature", "0",
+    proc = lmtool_process("generate", str(bloom), "Simple is", "-n", "100000", "--ignore-eos", "--temperature", "0",
                           stdout=subprocess.PIPE)
     assert proc.stdout.read(1)  # text is streaming
     proc.send_signal(signal.SIGINT)
