@@ -92,8 +92,25 @@ def test_a_failed_build_is_reported_once_with_the_compilers_first_error(env, mon
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("lmtool: the portable kernels did not build with ")
-    assert ": portable.c:2:" in lines[0] and "error" in lines[0] and lines[0].endswith("; using PyTorch's operations")
+    assert ": portable.c:2:" in lines[0] and "error" in lines[0]
     assert not list((tmp_path / "lmtool" / "kernels").glob("*.so"))  # nothing half-built left behind
+
+
+def test_a_failed_build_falls_back_to_the_next_instruction_set(env, monkeypatch, tmp_path, capsys, fresh):
+    chosen = kernels.cpu_isa()
+    if kernels.compiler() is None or chosen.name == "portable":
+        pytest.skip("needs a C compiler and an instruction set above portable")
+    env(XDG_CACHE_HOME=str(tmp_path), LMTOOL_NATIVE=None)
+    sources = kernels.package_sources
+
+    def broken_top(isa):
+        files = sources(isa)
+        return {**files, isa.source: "#error broken on purpose\n"} if isa is chosen else files
+
+    monkeypatch.setattr(kernels, "package_sources", broken_top)
+    below = next(isa for isa in kernels.ISAS[kernels.ISAS.index(chosen) + 1 :] if kernels.runs_here(isa))
+    assert kernels.active_isa() is below and kernels.available()
+    assert f"the {chosen.name} kernels did not build" in capsys.readouterr().err
 
 
 def test_describe_names_the_kernels_and_the_cpu_features(env):

@@ -17,8 +17,8 @@ best set this CPU has is built with the system C compiler (CC, else gcc, else cc
 ~/.cache/lmtool/kernels under a hash of the source, compiler and flags, in about a second, the
 first time a model loads, and loaded with ctypes; the shared object links the libgomp that torch
 has already loaded, so it runs on torch's threads. A build that fails is reported once on stderr
-with the compiler's first error line, and callers then use oneDNN (lmtool.inference) and
-PyTorch's operations.
+with the compiler's first error line, and the next instruction set down is tried; with none,
+callers use oneDNN (lmtool.inference) and PyTorch's operations.
 
 Environment (read when the kernels are first used in a process): LMTOOL_NATIVE=0 turns the kernels off. LMTOOL_ISA=avx512|avx2|neon-bf16|neon|portable
 caps the instruction set at that level (a level the CPU lacks is reported and ignored); below
@@ -252,9 +252,9 @@ def library_for(name: str) -> ctypes.CDLL | None:
     try:
         return load_library(build(cc, isa))
     except BuildError as exc:
-        report_once(f"the {name} kernels did not build with {cc}: {exc}; using PyTorch's operations")
+        report_once(f"the {name} kernels did not build with {cc}: {exc}")
     except (OSError, subprocess.SubprocessError) as exc:
-        report_once(f"the {name} kernels could not be built or loaded with {cc}: {exc}; using PyTorch's operations")
+        report_once(f"the {name} kernels could not be built or loaded with {cc}: {exc}")
     return None
 
 
@@ -265,8 +265,12 @@ def active_isa() -> Isa | None:
     does not read the environment each time); refresh() decides again."""
     if os.environ.get("LMTOOL_NATIVE", "1") == "0":
         return None
-    isa = cpu_isa()
-    return isa if library_for(isa.name) is not None else None
+    # A build that fails (a compiler too old for -mavx512bf16, say) falls back to the next level.
+    chosen = cpu_isa()
+    for isa in ISAS[ISAS.index(chosen):]:
+        if runs_here(isa) and library_for(isa.name) is not None:
+            return isa
+    return None
 
 
 def refresh() -> None:
