@@ -72,10 +72,13 @@ class CausalConv1d(nn.Conv1d):
         ):
             if state is None:
                 state = x.new_zeros(B, K - 1, C)
-            weight_kc = derived(self, "_weight_kc", self.weight, lambda w: w[:, 0].T.float().contiguous())
-            return step_kernels.conv_step(x, state, weight_kc, self.bias, silu), state
+            return step_kernels.conv_step(x, state, self.weight_kc(), self.bias, silu), state
         y, state = causal_conv1d(x, self.weight[:, 0], self.bias, state)
         return (F.silu(y) if silu else y), state
+
+    def weight_kc(self) -> torch.Tensor:
+        """The weight as the native step reads it: [K, C] in float32."""
+        return derived(self, "_weight_kc", self.weight, lambda w: w[:, 0].T.float().contiguous())
 
 
 def pad_multiplier(step, dtype: torch.dtype) -> torch.Tensor | None:

@@ -162,3 +162,45 @@ def test_soft_cap_kernel_matches_the_operations_it_replaces(dtype):
     got = steps.soft_cap_(logits.clone(), 30.0)
     assert_close(got, want, dtype)
     assert (got.abs() <= 30.0).all() and torch.equal(got[:, -7:], want[:, -7:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,groups", [(1, 1), (3, 2)])
+def test_mamba2_step_kernel_matches_the_mixers_operations(dtype, batch, groups):
+    """A Mamba2 mixer's decode step as one native call against the same mixer's PyTorch
+    operations (autograd on, which keeps them), from the same prefilled state."""
+    from lmtool.families.zamba2.config import Zamba2Config
+    from lmtool.families.zamba2.model import Mamba2Mixer
+    from lmtool.cache import RecurrentState
+
+    torch.manual_seed(batch)
+    config = Zamba2Config.from_dict(dict(
+        model_type="zamba2", hidden_size=24, n_mamba_heads=6, mamba_ngroups=groups, mamba_d_state=10,
+        mamba_expand=2, mamba_d_conv=4, chunk_size=4, num_hidden_layers=1, layers_block_type=["mamba"],
+        vocab_size=50, num_attention_heads=4,
+    ))
+    mixer = Mamba2Mixer(config)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.normal_(0, 0.3)
+        mixer.dt_bias.copy_(torch.linspace(-2, 0.5, mixer.dt_bias.numel()))
+        mixer.norm.weight.add_(1.0)
+    mixer = mixer.to(dtype)
+    prompt, step = torch.randn(batch, 7, 24, dtype=dtype), torch.randn(batch, 1, 24, dtype=dtype)
+    native, reference = RecurrentState(), RecurrentState()
+    with torch.no_grad():
+        mixer(prompt, native, None)
+    reference.tensors = {k: v.clone() for k, v in native.tensors.items()}
+    calls = []
+    original = steps.mamba2_step
+    steps.mamba2_step = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            got = mixer(step, native, None)
+    finally:
+        steps.mamba2_step = original
+    want = mixer(step, reference, None)  # autograd on: the operations
+    assert calls and want.requires_grad
+    assert_close(got, want.detach(), dtype)
+    for name in ("conv", "ssm"):
+        assert_close(native.get(name), reference.get(name).detach(), native.get(name).dtype)

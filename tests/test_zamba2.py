@@ -283,12 +283,19 @@ def test_decode_reads_counts_each_shared_block_once_per_invocation(pair):
     model = plain.model
     hooks = [m.register_forward_hook(lambda m, a, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1)) for m in model.modules()]
     cache = model.make_cache(1, 16)
-    with torch.no_grad():
+    # With autograd on, every module runs its own forward (no fused native step), so each call shows.
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    try:
         model(torch.randint(3, VOCAB, (1, 5)), cache=cache)
         calls.clear()
         model(torch.randint(3, VOCAB, (1, 1)), cache=cache)
-    for hook in hooks:
-        hook.remove()
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+        for hook in hooks:
+            hook.remove()
     owners = {f"{prefix}.{name}" if prefix else name: module for prefix, module in model.named_modules()
               for name, _ in module.named_parameters(recurse=False)}
     family, config = plain.family, plain.config

@@ -306,3 +306,41 @@ void lm_soft_cap(int bf, void *x, int64_t n, float cap) {
         st(x, i, rnd(tanh_f32(y), bf) * cap, bf);
     }
 }
+
+/* --- a whole Mamba2 mixer step between its two projections ---------------------------------------
+ * From in_proj's output rows [Bsz, d_inner + conv_dim + H] = (z, xBC, dt) with stride row_stride:
+ * xBC = silu(conv step(xBC)) (conv_state shifted in place), dt = softplus(dt + dt_bias) (model
+ * dtype, no clamp: the decode step), the state update and output (lm_ssd_step), then the gated
+ * norm of the output by z: out [Bsz, d_inner], what out_proj reads. The same functions and
+ * roundings as the separate calls; one call instead of about thirty operations per layer.
+ * Returns 0, or -1 for a state size above MAX_STATE, -2 when memory runs out. */
+static inline float softplus_f32(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, int64_t d_inner, int64_t conv_dim,
+                   int64_t H, int64_t G, int64_t P, int64_t N, int64_t K, void *conv_state, const float *conv_w_kc,
+                   const void *conv_bias, const void *dt_bias, const float *A, const void *D, float *ssm_state,
+                   const void *norm_weight, int64_t norm_groups, float eps, void *out) {
+    if (N > MAX_STATE) return -1;
+    int64_t size = bf ? 2 : 4;
+    const char *rows = (const char *)zxbcdt;
+    char *xbc = malloc(Bsz * conv_dim * size), *dt = malloc(Bsz * H * size), *y = malloc(Bsz * H * P * size);
+    float *scratch = malloc(d_inner * sizeof(float));
+    if (!xbc || !dt || !y || !scratch) {
+        free(xbc), free(dt), free(y), free(scratch);
+        return -2;
+    }
+    lm_conv_step(bf, rows + d_inner * size, row_stride, conv_state, conv_w_kc, conv_bias, Bsz, K, conv_dim, 1, xbc,
+                 conv_dim);
+    for (int64_t b = 0; b < Bsz; b++)
+        for (int64_t h = 0; h < H; h++) {
+            float raw = ld(rows, b * row_stride + d_inner + conv_dim + h, bf);
+            st(dt, b * H + h, rnd(softplus_f32(rnd(raw + ld(dt_bias, h, bf), bf)), bf), bf);
+        }
+    int64_t GN = G * N;
+    lm_ssd_step(bf, ssm_state, xbc, conv_dim, dt, H, A, xbc + d_inner * size, conv_dim, xbc + (d_inner + GN) * size,
+                conv_dim, D, Bsz, H, G, P, N, y);
+    if (bf) gated_rms_norm_body(1, y, H * P, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, scratch, out);
+    else gated_rms_norm_body(0, y, H * P, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, scratch, out);
+    free(xbc), free(dt), free(y), free(scratch);
+    return 0;
+}

@@ -39,6 +39,11 @@ ARGTYPES = {
     "lm_rms_norm": ([_int, _ptr, _i64, _i64, _i64, _ptr, _int, ctypes.c_float, _ptr], None),
     "lm_gated_rms_norm": ([_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
     "lm_soft_cap": ([_int, _ptr, _i64, ctypes.c_float], None),
+    "lm_mamba2_step": (
+        [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+         _ptr, _i64, ctypes.c_float, _ptr],
+        _int,
+    ),
     "lm_ssd_step": (
         [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr], _int,
     ),
@@ -229,3 +234,37 @@ def soft_cap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
     operations do."""
     library().lm_soft_cap(int(logits.dtype == torch.bfloat16), logits.data_ptr(), logits.numel(), cap)
     return logits
+
+
+def mamba2_step(
+    zxbcdt: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight_kc: torch.Tensor,
+    conv_bias: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    ssm_state: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_groups: int,
+    eps: float,
+) -> torch.Tensor:
+    """A Mamba2 mixer's decode step between in_proj and out_proj (see steps.c lm_mamba2_step):
+    zxbcdt [B,1,d_inner+conv_dim+H] (in_proj's output), conv_state [B,K-1,conv_dim] and ssm_state
+    [B,H,P,N] float32 (both updated in place), conv_weight_kc [K,conv_dim] float32, A [H] float32,
+    the rest [n] in the model dtype -> the gated norm's output [B,1,d_inner]."""
+    B = zxbcdt.shape[0]
+    _, H, P, N = ssm_state.shape
+    K, conv_dim = conv_weight_kc.shape
+    d_inner = H * P
+    G = (conv_dim - d_inner) // (2 * N)
+    flat, stride = rows(zxbcdt, zxbcdt.shape[-1])
+    out = torch.empty(B, 1, d_inner, dtype=zxbcdt.dtype)
+    status = library().lm_mamba2_step(
+        int(zxbcdt.dtype == torch.bfloat16), flat.data_ptr(), stride, B, d_inner, conv_dim, H, G, P, N, K,
+        conv_state.data_ptr(), conv_weight_kc.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(), A.data_ptr(),
+        D.data_ptr(), ssm_state.data_ptr(), norm_weight.data_ptr(), norm_groups, eps, out.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"mamba2_step: state size {N} above {MAX_STATE}" if status == -1 else "mamba2_step: out of memory")
+    return out

@@ -29,7 +29,7 @@ from torch import nn
 
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
 from ...kernels import steps as step_kernels
-from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask
+from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, derived
 from ...recurrent import CausalConv1d, pad_multiplier, ssd_chunk_scan, ssd_step
 from .config import Zamba2Config
 
@@ -87,6 +87,8 @@ class Mamba2Mixer(nn.Module):
         there and the SSM state stays as it was (zero before a row's first token)."""
         Bsz, T, _ = h.shape
         dtype = h.dtype
+        if T == 1 and pads is None and self.native_step_usable(h, state):
+            return self.out_proj(self.native_step(self.in_proj(h), state))
         if pads is not None:
             h = h * pads
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
@@ -118,6 +120,29 @@ class Mamba2Mixer(nn.Module):
             state.set("conv", conv_state)
             state.set("ssm", ssm)
         return self.out_proj(self.norm(y, z).to(dtype))
+
+    def native_step_usable(self, h: torch.Tensor, state: RecurrentState | None) -> bool:
+        """Whether the decode step can be one native call: a state to continue, and everything in
+        the model dtype (the SSM state in float32)."""
+        if state is None or state.get("ssm") is None or state.get("conv") is None:
+            return False
+        ssm, conv = state.get("ssm"), state.get("conv")
+        params = (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.D, self.norm.weight)
+        return (
+            ssm.dtype == torch.float32 and ssm.is_contiguous() and conv.dtype == h.dtype and conv.is_contiguous()
+            and self.state_size <= step_kernels.MAX_STATE
+            and all(p is not None and p.dtype == h.dtype for p in params)
+            and step_kernels.usable(h, *params)
+        )
+
+    def native_step(self, zxbcdt: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """forward's one-token step (conv, dt, state update, gated norm) as one native call, with
+        the same roundings (lmtool/kernels/steps.c)."""
+        A = derived(self, "_A", self.A_log, lambda a: -torch.exp(a.float()))
+        return step_kernels.mamba2_step(
+            zxbcdt, state.get("conv"), self.conv1d.weight_kc(), self.conv1d.bias, self.dt_bias, A, self.D,
+            state.get("ssm"), self.norm.weight, self.norm.groups, self.norm.eps,
+        )
 
 
 class MambaDecoderLayer(nn.Module):
