@@ -22,13 +22,14 @@ _lmtool_add_values() {
 _lmtool_option_kind() {
     case "$1:$2" in
         generate:--prompts-file|classify:--files-from|classify:--jsonl|classify:--output|classify:-o|tag:--files-from|tag:--jsonl|tag:--output|tag:-o|qa:--context-file|qa:--files-from|qa:--jsonl|qa:--output|qa:-o|convert:--config|convert:--tokenizer|quantize:--eval-text|bench:--config|bench:--cache-dir) kind='path' ;;
-        generate:--max-new-tokens|generate:--max-tokens|generate:-n|generate:--temp|generate:--temperature|generate:--top-k|generate:--top-p|generate:--min-p|generate:--repetition-penalty|generate:--seed|generate:--stop|generate:--system|generate:--batch-size|generate:--threads|classify:--top-k|classify:--threshold|classify:--batch-size|classify:--max-length|classify:--threads|tag:--stride|tag:--ignore|tag:--batch-size|tag:--max-length|tag:--threads|qa:--question|qa:--context|qa:--top-k|qa:--max-answer-length|qa:--doc-stride|qa:--batch-size|qa:--max-length|qa:--threads|convert:--max-shard-size|quantize:--group-size|quantize:--keep|quantize:--head|quantize:--max-kld|quantize:--min-top1|bench:--preset|bench:--prompt-len|bench:--batch|bench:--new-tokens|bench:--repeat|bench:--against|bench:--threads|bench:--max-foreign-cpu) kind='text' ;;
+        generate:--max-new-tokens|generate:--max-tokens|generate:-n|generate:--temp|generate:--temperature|generate:--top-k|generate:--top-p|generate:--min-p|generate:--repetition-penalty|generate:--seed|generate:--stop|generate:--system|generate:--batch-size|generate:--threads|classify:--top-k|classify:--threshold|classify:--batch-size|classify:--max-length|classify:--threads|tag:--stride|tag:--ignore|tag:--batch-size|tag:--max-length|tag:--threads|qa:--question|qa:--context|qa:--top-k|qa:--max-answer-length|qa:--doc-stride|qa:--batch-size|qa:--max-length|qa:--threads|convert:--max-shard-size|quantize:--group-size|quantize:--keep|quantize:--head|quantize:--max-kld|quantize:--min-top1|bench:--prompt-len|bench:--batch|bench:--new-tokens|bench:--repeat|bench:--against|bench:--threads|bench:--max-foreign-cpu) kind='text' ;;
         generate:--dtype|classify:--dtype|tag:--dtype|qa:--dtype|convert:--dtype|bench:--dtype) kind='choice:auto float32 bfloat16 float16 fp32 fp16 bf16' ;;
         generate:--device|classify:--device|tag:--device|qa:--device|bench:--device) kind='choice:auto cpu cuda' ;;
         generate:--recipe|classify:--recipe|tag:--recipe|qa:--recipe|inspect:--recipe|convert:--recipe|quantize:--recipe|bench:--recipe) kind='recipe' ;;
         tag:--aggregation) kind='choice:none simple first average max' ;;
         convert:--from) kind='choice:gemma-pytorch gemma-orbax gemma-flax recurrentgemma-pytorch recurrentgemma-orbax bloom-megatron bloom-flax standard' ;;
         quantize:--scheme) kind='choice:int8 int4 int4-m' ;;
+        bench:--preset) kind='choice:gemma-2b gemma-7b bloom-560m bloom-1b1 bloom-1b7 bloom-3b bloom-7b1 bloom recurrentgemma-2b recurrentgemma-9b zamba2-1.2b zamba2-2.7b zamba2-7b' ;;
         bench:--checkpoint-dtype) kind='choice:float32 bfloat16 float16' ;;
         recipes:--family) kind='choice:gemma bloom recurrent_gemma zamba2' ;;
         *) kind=flag ;;

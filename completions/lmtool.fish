@@ -213,7 +213,7 @@ complete -c lmtool -n 'test (__lmtool_command) = quantize' -l debug -d 'Show a t
 complete -c lmtool -n 'test (__lmtool_command) = quantize' -l help -s h -d 'Show this message and exit.'
 complete -c lmtool -n '__lmtool_argument quantize 0' -F -a '(lmtool __complete models 2>/dev/null)'
 complete -c lmtool -n '__lmtool_argument quantize 1' -F
-complete -c lmtool -n 'test (__lmtool_command) = bench' -l preset -r -f -d 'Released shape with random weights: gemma-2b, bloom-560m, ...'
+complete -c lmtool -n 'test (__lmtool_command) = bench' -l preset -r -f -a 'gemma-2b gemma-7b bloom-560m bloom-1b1 bloom-1b7 bloom-3b bloom-7b1 bloom recurrentgemma-2b recurrentgemma-9b zamba2-1.2b zamba2-2.7b zamba2-7b' -d 'Released shape with random weights: gemma-2b, gemma-7b, bloom-560m, bloom-1b1, bloom-1b7, bloom-3b, bloom-7b1, bloom, recurrentgemma-2b, recurrentgemma-9b, zamba2-1.2b, zamba2-2.7b, zamba2-7b.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l config -r -F -d 'config.json of a shape to run with random weights.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l random-weights -d 'Random weights (MODEL\'s config.json only).'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l dtype -r -f -a 'auto float32 bfloat16 float16 fp32 fp16 bf16' -d 'dtypes to run, a comma list.'

@@ -35,6 +35,14 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # projections of llama.cpp's Q4_K_M layers kept at int8.
 QUANT_SCHEMES = ("int8", "int4", "int4-m")
 
+# `bench --preset`: the released shapes the families know (their `presets`), run with random weights.
+BENCH_PRESETS = (
+    "gemma-2b", "gemma-7b",
+    "bloom-560m", "bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloom",
+    "recurrentgemma-2b", "recurrentgemma-9b",
+    "zamba2-1.2b", "zamba2-2.7b", "zamba2-7b",
+)
+
 # `tag --aggregation`: the strategies of transformers' token-classification pipeline.
 AGGREGATIONS = ("none", "simple", "first", "average", "max")
 

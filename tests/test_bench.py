@@ -189,7 +189,6 @@ def test_no_bandwidth_skips_the_probe(capsys, tiny_config, cache, probe):
 @pytest.mark.parametrize("args, message", [
     ([], "give one of MODEL, --preset NAME or --config FILE"),
     (["some/model", "--preset", "gemma-2b"], "give one of MODEL, --preset NAME or --config FILE"),
-    (["--preset", "gemma-9b"], "unknown preset 'gemma-9b'"),
     (["--preset", "gemma-2b", "--against", "vllm"], "unknown peer 'vllm'"),
     (["--preset", "gemma-2b", "--json", "--csv"], "give --json or --csv, not both"),
     # bloom (176B) is 352 GB of bfloat16: more than this machine's memory, refused without --force.
@@ -205,6 +204,8 @@ def test_bad_invocations_fail_in_one_line_before_any_work(capsys, tmp_path, args
 def test_bad_lists_are_usage_errors(capsys, tiny_config):
     code, _, err = run_cli(capsys, "bench", "--config", str(tiny_config), "--batch", "1,x")
     assert code == ExitCode.USAGE and "comma-separated integers" in err
+    code, _, err = run_cli(capsys, "bench", "--preset", "gemma-9b")
+    assert code == ExitCode.USAGE and "'gemma-9b' is not one of gemma-2b, gemma-7b" in err
 
 
 def test_a_run_on_a_busy_machine_is_run_again_at_most_twice(monkeypatch):

@@ -109,6 +109,7 @@ def test_domain_values_are_the_librarys():
     assert formats == set(choices.CONVERT_FORMATS)
     assert tuple(loading.DTYPES) == choices.DTYPES
     assert tuple(quantize.SCHEMES) == choices.QUANT_SCHEMES and STRATEGIES == choices.AGGREGATIONS
+    assert [p for family in known.values() for p in family.presets] == list(choices.BENCH_PRESETS)
 
 
 @pytest.fixture
@@ -139,6 +140,7 @@ CASES = [
     (["lmtool", "convert", "src", "--from", "bloom-"], ["bloom-megatron", "bloom-flax"], ["gemma-pytorch"]),
     (["lmtool", "quantize", "M", "OUT", "--scheme", ""], list(choices.QUANT_SCHEMES), []),
     (["lmtool", "recipes", "--family", ""], list(choices.FAMILIES), []),
+    (["lmtool", "bench", "--preset", "zamba2-"], ["zamba2-1.2b", "zamba2-7b"], ["gemma-2b"]),
     (["lmtool", "generate", "--recipe", ""], ["gemma-2b-it", "zamba2-7b", "tag-files", "my-tagger"], []),
     (["lmtool", "generate", "acme/"], ["acme/tiny-gemma"], ["acme/corpus"]),
     (["lmtool", "inspect", "mod"], ["models"], []),

@@ -11,9 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..choices import BENCH_PRESETS
 from ..errors import LmtoolError
 from . import app
-from .common import DTYPE_METAVAR, device_option, err, info, out, out_json, parse_dtype_list, progress
+from .common import DTYPE_METAVAR, choice_parser, device_option, err, info, out, out_json, parse_dtype_list, progress
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -126,7 +127,10 @@ def render(report: dict[str, Any]) -> None:
 @app.command("bench")
 def bench_command(
     model: Optional[str] = typer.Argument(None, help="Local folder or Hub id; or use --preset / --config."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Released shape with random weights: gemma-2b, bloom-560m, ..."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", parser=choice_parser(BENCH_PRESETS), metavar="NAME",
+        help=f"Released shape with random weights: {', '.join(BENCH_PRESETS)}.",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json of a shape to run with random weights."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights (MODEL's config.json only)."),
     dtype: str = typer.Option(

@@ -29,6 +29,7 @@ VALUE_CHOICES = {
     "from_format": choices.CONVERT_FORMATS,
     "family": choices.FAMILIES,
     "scheme": choices.QUANT_SCHEMES,
+    "preset": choices.BENCH_PRESETS,
     "shell": SHELLS,
 }
 DYNAMIC_KINDS = ("model", "recipe")  # values lmtool.launcher lists at each TAB
