@@ -104,6 +104,31 @@ def test_quantized_matmul_equals_the_dequantized_product(bits, out_features):
     assert (half - expected).abs().max() <= 0.05 * expected.abs().max()
 
 
+def test_verification_statistics_follow_their_definitions():
+    from lmtool.quantize.verify import position_stats, summarize
+
+    torch.manual_seed(0)
+    ref, noise, targets = torch.randn(300, 40), torch.randn(300, 40), torch.randint(0, 40, (300,))
+    quant = ref + 0.3 * noise
+    stats = position_stats(ref, quant, targets)
+    lp, lq = ref.double().log_softmax(-1), quant.double().log_softmax(-1)
+    kld = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(stats["kld"], kld)
+    report = summarize(stats, max_kld=1.0, min_top1=0.0)
+    assert report["kld"]["mean"] == pytest.approx(kld.mean().item(), abs=1e-6)
+    assert report["kld"]["max"] == pytest.approx(kld.max().item(), abs=1e-6)
+    same = (ref.argmax(-1) == quant.argmax(-1)).double().mean().item()
+    assert report["same_top1_pct"] == pytest.approx(100 * same, abs=1e-3)
+    rows = torch.arange(300)
+    nll_ref, nll_q = -lp[rows, targets], -lq[rows, targets]
+    assert report["ppl"]["ratio"] == pytest.approx(torch.exp((nll_q - nll_ref).mean()).item(), rel=1e-5)
+    dp = lq[rows, targets].exp() - lp[rows, targets].exp()
+    assert report["delta_p_pct"]["rms"] == pytest.approx(100 * dp.square().mean().sqrt().item(), abs=1e-4)
+    assert report["passed"] and not summarize(stats, max_kld=kld.mean().item() / 2, min_top1=0.0)["passed"]
+    same_model = summarize(position_stats(ref, ref, targets), max_kld=0.0, min_top1=100.0)
+    assert same_model["kld"]["max"] == 0 and same_model["ppl"]["ratio"] == 1.0 and same_model["passed"]
+
+
 # --- tiny models of every family -----------------------------------------------------------------
 
 

@@ -91,9 +91,14 @@ def summarize(stats: dict[str, torch.Tensor], max_kld: float, min_top1: float) -
 
 def compare(source: Path, quantized: Path, text: tuple[str, str], max_kld: float, min_top1: float) -> dict[str, Any]:
     """Run both models over the text; the report (statistics, gates, whether they pass)."""
+    from ..errors import CheckpointError
     from ..loading import load
 
-    reference = load(source, task="causal-lm")
+    try:
+        reference = load(source, task="causal-lm")
+    except CheckpointError:
+        raise LmtoolError(f"{source}: verification reads next-token probabilities and this model has no "
+                          f"LM head (untied); quantize it with --no-verify") from None
     candidate = load(quantized, task="causal-lm")
     if reference.tokenizer is None:
         raise LmtoolError(f"{source}: no tokenizer, so no text to verify on (use --no-verify)")
