@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Optional
 
 import typer
@@ -150,7 +151,7 @@ def generate_command(
             raise LmtoolError(f"{model}{which}: {exc}") from None
         if new_tokens < max_new_tokens:
             info(f"stopping at the context window ({window} tokens): at most {new_tokens} new tokens")
-        stats = GenerationStats()
+        stats, started = GenerationStats(), time.perf_counter()
         try:
             completions, stats = generate(
                 lm.model,
@@ -171,7 +172,9 @@ def generate_command(
             if stream:
                 out()
             done_before = f"{start} of {len(items)} prompts done, then " if len(items) > 1 else ""
-            raise Interrupted(f"interrupted: {done_before}{stats.new_tokens} tokens generated") from None
+            decoding = time.perf_counter() - started - stats.prefill_s
+            speed = f", {stats.new_tokens / decoding:.1f} tok/s" if stats.new_tokens and decoding > 0 else ""
+            raise Interrupted(f"interrupted: {done_before}{stats.new_tokens} tokens generated{speed}") from None
         for index, (item, done) in enumerate(zip(batch, completions), start + 1):
             if as_json:
                 record = {"id": item["id"]} if "id" in item else {}
