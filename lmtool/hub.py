@@ -60,6 +60,11 @@ def parse(ref: str) -> ModelRef:
 # How long the Hub may take to accept a connection before lmtool treats the machine as offline.
 REACHABLE_TIMEOUT_S = 3.0
 _checked_reachable = False
+# The proxy settings httpx reads, for http (False) and https (True) endpoints.
+PROXY_VARIABLES = {
+    False: ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"),
+    True: ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"),
+}
 
 
 def _hub_reachable(timeout: float) -> bool:
@@ -68,6 +73,9 @@ def _hub_reachable(timeout: float) -> bool:
     from urllib.parse import urlparse
 
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = next((os.environ[name] for name in PROXY_VARIABLES[endpoint.scheme == "https"] if os.environ.get(name)), None)
+    if proxy:  # behind a proxy the Hub is reached through it, and maybe only through it
+        endpoint = urlparse(proxy if "://" in proxy else f"http://{proxy}")
     host, port = endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
     reached: list[bool] = []
 

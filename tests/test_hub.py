@@ -182,3 +182,19 @@ def test_convert_takes_a_hub_id(cache, tiny_files, tmp_path):
     summary = convert("acme/tiny-gemma", tmp_path / "bf16", options=ConvertOptions(dtype=torch.bfloat16))
     assert summary["format"] == "standard"
     assert lmtool.load(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_reachability_goes_through_the_proxy_when_one_is_set(monkeypatch):
+    """Behind a proxy the Hub host itself may be unreachable: the probe asks the proxy instead."""
+    import socket
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    for name in (*hub.PROXY_VARIABLES[False], *hub.PROXY_VARIABLES[True]):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a closed port
+    assert not hub._hub_reachable(2.0)
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{listening.getsockname()[1]}")
+    assert hub._hub_reachable(2.0)
+    listening.close()
