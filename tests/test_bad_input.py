@@ -105,6 +105,22 @@ def test_a_byte_order_mark_is_not_text(capsys, tmp_path):
     assert strip(first) == strip(second) and all("\ufeff" not in e["text"] for e in second["entities"])
 
 
+def test_a_byte_order_mark_does_not_spoil_a_list_or_jsonl_file(capsys, monkeypatch, tmp_path):
+    folder = checkpoint("gemma", "sequence-classification", "classes")
+    text = tmp_path / "a.txt"
+    text.write_text("fine text")
+    listing, lines = tmp_path / "list.txt", tmp_path / "items.jsonl"
+    listing.write_bytes(b"\xef\xbb\xbf" + str(text).encode() + b"\n")
+    lines.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "fine"}\n')
+    for option, path, key in (("--files-from", listing, str(text)), ("--jsonl", lines, "a")):
+        code, out, err = run_cli(capsys, "classify", str(folder), option, str(path), "--json")
+        assert code == 0, err
+        assert "label" in json.loads(out) and key in out
+    stdin_text(monkeypatch, b'\xef\xbb\xbf{"id": "a", "text": "fine"}\n')
+    code, out, err = run_cli(capsys, "classify", str(folder), "--jsonl", "-", "--json")
+    assert code == 0 and "label" in json.loads(out), err
+
+
 # --- one line instead of a traceback (item 4) ---------------------------------------------------
 
 

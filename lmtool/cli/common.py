@@ -155,12 +155,13 @@ def read_text_arg(value: str, what: str = "input") -> str:
 
 
 def open_lines(path: str) -> Iterator[str]:
-    """Lines of a file, or of stdin for '-'."""
+    """Lines of a file, or of stdin for '-', without a leading UTF-8 byte-order mark."""
     if path == "-":
-        yield from sys.stdin
+        for number, line in enumerate(sys.stdin):
+            yield line.removeprefix("\ufeff") if number == 0 else line
         return
     try:
-        with open(Path(path), encoding="utf-8") as f:
+        with open(Path(path), encoding="utf-8-sig") as f:
             yield from f
     except FileNotFoundError:
         raise LmtoolError(f"{path}: no such file") from None
