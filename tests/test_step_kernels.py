@@ -23,7 +23,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     """float32: rounding apart. bfloat16: equal but on at most 1 % of the elements, and there by
-    at most one bfloat16 step (exp and sqrt may differ from PyTorch's by an ulp before rounding)."""
+    at most two bfloat16 steps (exp, sqrt or a float32 sum's order may differ from PyTorch's by an
+    ulp before a rounding, and a product of two rounded values can carry that to two steps)."""
     got, want = got.float(), want.float()
     if dtype == torch.float32:
         assert (got - want).abs().max() <= 1e-5 * (1 + want.abs().max())
@@ -32,7 +33,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
     assert differ.float().mean() <= 0.01, f"{int(differ.sum())} of {got.numel()} differ"
     if differ.any():
         step = want[differ].abs() * 2**-7
-        assert ((got - want)[differ].abs() <= step * 1.01).all()
+        assert ((got - want)[differ].abs() <= 2 * step * 1.01).all()
 
 
 def strided(rows: int, width: int, dtype: torch.dtype, pad: int = 5) -> torch.Tensor:
@@ -138,17 +139,19 @@ def test_rms_norm_kernel_matches_the_operations_it_replaces(dtype, unit_offset, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,groups", [(1, 48, 1), (3, 60, 4)])
-def test_gated_rms_norm_kernel_matches_the_operations_it_replaces(dtype, rows, n, groups):
+@pytest.mark.parametrize("y_float32", [False, True])
+@pytest.mark.parametrize("rows,n,groups", [(1, 48, 1), (3, 60, 4), (300, 1000, 2)])
+def test_gated_rms_norm_kernel_matches_the_operations_it_replaces(dtype, y_float32, rows, n, groups):
+    """y in the model dtype (decode) or float32 (after a prefill scan), cast as the mixer casts."""
     from lmtool.families.zamba2.model import GatedRMSNorm
 
     torch.manual_seed(n)
     norm = GatedRMSNorm(n, groups).to(dtype)
     norm.weight.data.normal_()
-    y, z = strided(rows, n, dtype), strided(rows, n, dtype, pad=2)
+    y, z = strided(rows, n, torch.float32 if y_float32 else dtype), strided(rows, n, dtype, pad=2)
     with torch.no_grad():
-        got = norm(y, z)
-    want = norm(y, z)
+        got = norm(y, z).to(dtype)
+    want = norm(y, z).to(dtype)
     assert want.requires_grad and not got.requires_grad
     assert_close(got, want.detach(), dtype)
 

@@ -254,34 +254,37 @@ void lm_rms_norm(int bf, const void *x, int64_t x_stride, int64_t rows, int64_t 
 }
 
 /* Mamba2's gated norm: h = y silu(z) in float32, normalized over each of `groups` equal parts of
- * a row, rounded to the model dtype, then times the weight (model dtype, rounded): transformers'
- * Zamba2RMSNormGated for model-dtype y. y and z rows have strides; out [rows, n] contiguous. */
+ * a row, times the weight (model dtype), as transformers' Zamba2RMSNormGated. y in the model dtype
+ * (the decode step): the normalized h is rounded to it before the product, which is rounded too.
+ * y_f32 != 0, y float32 (after a prefill scan): nothing is rounded until the product, rounded to the
+ * model dtype (the caller's cast). y and z rows have strides; out [rows, n] contiguous. */
 static inline __attribute__((always_inline)) void gated_rms_norm_body(
-    int bf, const void *y, int64_t y_stride, const void *z, int64_t z_stride, int64_t rows, int64_t n, int64_t groups,
-    const void *weight, float eps, float *scratch, void *out) {
-    int64_t width = n / groups;   /* scratch: n floats */
+    int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride, int64_t rows, int64_t n,
+    int64_t groups, const void *weight, float eps, void *out) {
+    int64_t width = n / groups;
+#pragma omp parallel for schedule(static) if (rows * n >= 262144)
     for (int64_t r = 0; r < rows; r++) {
+        float h[n];
         for (int64_t i = 0; i < n; i++) {
             float g = ld(z, r * z_stride + i, bf);
-            scratch[i] = ld(y, r * y_stride + i, bf) * (g * sigmoid(g));
+            h[i] = ld(y, r * y_stride + i, y_f32 ? 0 : bf) * (g * sigmoid(g));
         }
         for (int64_t k = 0; k < groups; k++) {
-            float *h = scratch + k * width;
-            float inv = 1.0f / sqrtf(sum_squares(h, 0, width, 0) / (float)width + eps);
-            for (int64_t i = 0; i < width; i++)
-                st(out, r * n + k * width + i, ld(weight, k * width + i, bf) * rnd(h[i] * inv, bf), bf);
+            float *part = h + k * width;
+            float inv = 1.0f / sqrtf(sum_squares(part, 0, width, 0) / (float)width + eps);
+            for (int64_t i = 0; i < width; i++) {
+                float normed = part[i] * inv;
+                st(out, r * n + k * width + i, ld(weight, k * width + i, bf) * (y_f32 ? normed : rnd(normed, bf)), bf);
+            }
         }
     }
 }
 
-int lm_gated_rms_norm(int bf, const void *y, int64_t y_stride, const void *z, int64_t z_stride, int64_t rows, int64_t n,
-                      int64_t groups, const void *weight, float eps, void *out) {
+int lm_gated_rms_norm(int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride, int64_t rows,
+                      int64_t n, int64_t groups, const void *weight, float eps, void *out) {
     if (groups <= 0 || n % groups) return -1;
-    float *scratch = malloc(n * sizeof(float));
-    if (!scratch) return -2;
-    if (bf) gated_rms_norm_body(1, y, y_stride, z, z_stride, rows, n, groups, weight, eps, scratch, out);
-    else gated_rms_norm_body(0, y, y_stride, z, z_stride, rows, n, groups, weight, eps, scratch, out);
-    free(scratch);
+    if (bf) gated_rms_norm_body(1, y, y_stride, y_f32, z, z_stride, rows, n, groups, weight, eps, out);
+    else gated_rms_norm_body(0, y, y_stride, y_f32, z, z_stride, rows, n, groups, weight, eps, out);
     return 0;
 }
 
@@ -324,9 +327,8 @@ int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, 
     int64_t size = bf ? 2 : 4;
     const char *rows = (const char *)zxbcdt;
     char *xbc = malloc(Bsz * conv_dim * size), *dt = malloc(Bsz * H * size), *y = malloc(Bsz * H * P * size);
-    float *scratch = malloc(d_inner * sizeof(float));
-    if (!xbc || !dt || !y || !scratch) {
-        free(xbc), free(dt), free(y), free(scratch);
+    if (!xbc || !dt || !y) {
+        free(xbc), free(dt), free(y);
         return -2;
     }
     lm_conv_step(bf, rows + d_inner * size, row_stride, conv_state, conv_w_kc, conv_bias, Bsz, K, conv_dim, 1, xbc,
@@ -339,8 +341,8 @@ int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, 
     int64_t GN = G * N;
     lm_ssd_step(bf, ssm_state, xbc, conv_dim, dt, H, A, xbc + d_inner * size, conv_dim, xbc + (d_inner + GN) * size,
                 conv_dim, D, Bsz, H, G, P, N, y);
-    if (bf) gated_rms_norm_body(1, y, H * P, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, scratch, out);
-    else gated_rms_norm_body(0, y, H * P, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, scratch, out);
-    free(xbc), free(dt), free(y), free(scratch);
+    if (bf) gated_rms_norm_body(1, y, H * P, 0, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, out);
+    else gated_rms_norm_body(0, y, H * P, 0, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, out);
+    free(xbc), free(dt), free(y);
     return 0;
 }

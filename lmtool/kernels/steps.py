@@ -37,7 +37,7 @@ ARGTYPES = {
     "lm_conv_step": ([_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64], None),
     "lm_rglru_step": ([_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr], None),
     "lm_rms_norm": ([_int, _ptr, _i64, _i64, _i64, _ptr, _int, ctypes.c_float, _ptr], None),
-    "lm_gated_rms_norm": ([_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
+    "lm_gated_rms_norm": ([_int, _ptr, _i64, _int, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
     "lm_soft_cap": ([_int, _ptr, _i64, ctypes.c_float], None),
     "lm_mamba2_step": (
         [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
@@ -214,15 +214,16 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast:
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
-    """Mamba2's gated norm of y [..., n] by silu(z) over `groups` parts of a row, y, z and weight
-    in one model dtype (the decode step's case) -> [..., n] in that dtype."""
+    """Mamba2's gated norm of y [..., n] by silu(z) over `groups` parts of a row -> [..., n] in
+    z's dtype (the model's, as weight's). y in that dtype (a decode step), or float32 (after a
+    prefill scan: then, as transformers, nothing is rounded before the weight's product)."""
     n = y.shape[-1]
     ys, y_stride = rows(y, n)
     zs, z_stride = rows(z, n)
-    out = torch.empty(y.shape, dtype=y.dtype)
+    out = torch.empty(y.shape, dtype=z.dtype)
     status = library().lm_gated_rms_norm(
-        int(y.dtype == torch.bfloat16), ys.data_ptr(), y_stride, zs.data_ptr(), z_stride, ys.shape[0], n, groups,
-        weight.data_ptr(), eps, out.data_ptr(),
+        int(z.dtype == torch.bfloat16), ys.data_ptr(), y_stride, int(y.dtype != z.dtype), zs.data_ptr(), z_stride,
+        ys.shape[0], n, groups, weight.data_ptr(), eps, out.data_ptr(),
     )
     if status != 0:
         raise ValueError(f"gated_rms_norm: {n} channels in {groups} groups")

@@ -39,7 +39,9 @@ SCAN_CHUNK = 64
 
 class GatedRMSNorm(nn.Module):
     """RMS norm of y * silu(z) over `groups` contiguous groups, in float32; the result is cast
-    to y's dtype before the weight multiplies it (transformers' Zamba2RMSNormGated, eps 1e-5)."""
+    to y's dtype before the weight multiplies it (transformers' Zamba2RMSNormGated, eps 1e-5).
+    On the native kernel a float32 y (after a prefill scan) gives the model dtype directly: the
+    cast its caller makes anyway."""
 
     def __init__(self, dim: int, groups: int, eps: float = 1e-5):
         super().__init__()
@@ -48,8 +50,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if y.dtype == z.dtype == self.weight.dtype and step_kernels.usable(y, z, self.weight):
-            # The decode step (y in the model dtype): one native pass, the same roundings.
+        if z.dtype == self.weight.dtype and y.dtype in (z.dtype, torch.float32) and step_kernels.usable(z, self.weight, y):
+            # One native pass with the same roundings; returns the model dtype, which is what the
+            # caller casts a float32 result to.
             return step_kernels.gated_rms_norm(y, z, self.weight, self.groups, self.eps)
         h = y.float() * F.silu(z.float())
         shape = h.shape
