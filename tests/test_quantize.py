@@ -308,6 +308,9 @@ def test_cli_quantizes_verifies_and_every_command_runs_the_result(tmp_path, caps
     assert code == 0
     shown = json.loads(text)["quantization"]
     assert shown["scheme"] == "int8" and 8 <= shown["bits_per_weight"] < 9
+    assert shown["groups"]["int8 per row"]["tensors"] == summary["quantized_tensors"]
+    code, text, _ = run_cli(capsys, "inspect", DEMO, "--json")
+    assert shown["parameters"] == json.loads(text)["parameters"]
 
 
 def test_quality_gate_failure_exits_6_and_keeps_out(tmp_path, capsys):

@@ -55,7 +55,8 @@ def render(result: dict, console: Console, show_tensors: bool) -> None:
     if quantization:
         groups = ", ".join(f"{name} {g['tensors']} tensors {_size(g['bytes'])}" for name, g in quantization["groups"].items())
         table.add_row("quantization", f"{quantization['scheme']} ({quantization['method']}, {quantization['format']}), "
-                      f"{quantization['bits_per_weight']} bits per quantized weight; {groups}")
+                      f"{quantization['bits_per_weight']} bits per quantized weight, "
+                      f"{_count(quantization['parameters'])} parameters; {groups}")
     for note in result.get("notes", []):
         table.add_row("note", note)
     if "runtime" in result:

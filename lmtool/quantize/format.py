@@ -318,6 +318,8 @@ def describe(config: dict[str, Any], infos: list) -> dict[str, Any]:
         quantized_weights += out_features * in_features
     rest = [i for i in infos if i.name not in seen]
     groups["unquantized"] = {"tensors": len(rest), "bytes": sum(i.nbytes for i in rest)}
+    # The model's parameter count (a packed int32 holds several weights; scales are not weights).
+    parameters = quantized_weights + sum(i.numel for i in rest)
     quant = config.get("quantization_config") or {}
     recipe = (config.get("lmtool_quantization") or {}).get("recipe") or {}
     labels = [g for g in groups if g != "unquantized"]
@@ -327,6 +329,7 @@ def describe(config: dict[str, Any], infos: list) -> dict[str, Any]:
         "format": quant.get("format"),
         "scheme": scheme,
         "bits_per_weight": round(quantized_bits / quantized_weights, 3) if quantized_weights else None,
+        "parameters": parameters,
         "groups": groups,
     }
 
