@@ -229,6 +229,21 @@ def test_round_trip_every_family_equals_compressed_tensors_decompression(family_
     assert sum(p.numel() for p in ours.model.parameters()) < sum(p.numel() for p in reference.parameters()) / 2
 
 
+def test_untied_head_is_quantized_on_its_own(tmp_path):
+    torch.manual_seed(8)
+    model = GemmaForCausalLM(tiny_gemma_config(hidden_size=64, intermediate_size=128, head_dim=16,
+                                               tie_word_embeddings=False))
+    src = save_hf(_randomized(model), tmp_path / "src", gemma_style_tokenizer())
+    summary = quantize(str(src), tmp_path / "q", Recipe("int4", group_size=32), verify=False)
+    assert summary["tensors"]["lm_head"]["bits"] == 8 and summary["tensors"]["model.embed_tokens"]["bits"] == 8
+    reference = AutoModelForCausalLM.from_pretrained(src).eval()
+    reference.load_state_dict(ct_dequantized(tmp_path / "q"), strict=False)
+    ours = lmtool.load(tmp_path / "q", dtype="float32")
+    with torch.no_grad():
+        assert (ours.model(IDS) - reference(IDS).logits).abs().max() <= FP32_TOL
+    assert any(name.startswith("lm_head.") for name in ours.model.state_dict())
+
+
 def test_transformers_loads_lmtool_int8_and_int4_and_agrees(tmp_path):
     torch.manual_seed(6)
     src = save_hf(_randomized(_gemma()), tmp_path / "src", gemma_style_tokenizer())
