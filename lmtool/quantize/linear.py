@@ -28,7 +28,11 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _int8_rows(weight: QuantizedWeight, x: torch.Tensor) -> bool:
-    return weight.bits == 8 and weight.zero_point is None and weight.groups == 1 and x.dtype in KERNEL_DTYPES
+    # CPU only: the CUDA build of the op is untested here (no GPU), the tiled path is exact anywhere.
+    return (
+        weight.bits == 8 and weight.zero_point is None and weight.groups == 1
+        and x.dtype in KERNEL_DTYPES and x.device.type == "cpu"
+    )
 
 
 def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
