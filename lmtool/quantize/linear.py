@@ -3,8 +3,9 @@
 When a checkpoint carries compressed-tensors weights, `swap_quantized` replaces each quantized
 nn.Linear by a QuantizedLinear and a quantized input embedding by a QuantizedEmbedding (with a tied
 LM head over the same codes) before the remaining tensors are assigned. Both hold the checkpoint's
-memory-mapped codes and scales: no full-size dequantized copy is ever made (llm-compressor's 8-bit
-pack-quantized bytes are the one exception: they are turned into int8 once, replacing the mapping).
+memory-mapped codes and scales: no full-size dequantized copy is ever made. Two copies replace the
+mapping rather than add to it (its pages are dropped): llm-compressor's 8-bit pack-quantized bytes
+become int8 codes, and int4 weights on CPU are repacked into the layout of torch's int4 kernel.
 
 Every product goes through `quantized_matmul`, the one place a native kernel plugs in.
 """
