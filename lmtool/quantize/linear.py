@@ -12,6 +12,8 @@ Every product goes through `quantized_matmul`, the one place a native kernel plu
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,11 +167,13 @@ def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
     embed_attr = next(n for n, m in backbone.named_children() if m is backbone.embed_tokens)
     embed_name = f"{model.backbone_prefix}.{embed_attr}"
     consumed: set[str] = set()
+    repacked = False
     for stored in quantized_modules(checkpoint):
         ours = rename(f"{stored}.weight")[: -len(".weight")]
         weight, used = read_weight(checkpoint, stored, source)
         weight = weight.to(device)
         prepare(weight, checkpoint, dtype)
+        repacked = repacked or weight.int4pack is not None
         consumed.update(used)
         if ours == embed_name:
             target = backbone.embed_tokens
@@ -192,4 +196,15 @@ def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
         if (weight.out_features, weight.in_features) != expected:
             raise CheckpointError(f"{source}: quantized '{stored}' is [{weight.out_features}, "
                                   f"{weight.in_features}], the config implies {list(expected)}")
+    if repacked:
+        return_freed_memory()
     return consumed
+
+
+def return_freed_memory() -> None:
+    """glibc keeps the heap that repacking's temporaries freed (a third of the int4 bytes on a
+    285M-weight model) instead of returning it; hand it back. Nothing to do elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
