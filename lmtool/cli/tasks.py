@@ -38,7 +38,23 @@ THREADS = threads_option()
 def gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, literal: bool,
                  text_fields: tuple[str, ...] = ("text",), given: list[Item] | None = None) -> list[Item]:
     """Items in the order given: `given` (qa's --context), arguments, --files-from, --jsonl; all of
-    stdin as one text when there is none of them and stdin is not a terminal."""
+    stdin as one text when there is none of them and stdin is not a terminal. Under torchrun,
+    rank 0 gathers them (it alone reads stdin) and hands them to the other ranks."""
+    from .. import distributed
+
+    world = distributed.detect()
+    if not world.distributed:
+        return _gather_items(inputs, files_from, jsonl, literal, text_fields, given)
+    distributed.start(world)
+    uses_stdin = "-" in inputs or "-" in (files_from, jsonl) or any(i.path == "-" for i in given or [])
+    distributed.stdin_check(world, uses_stdin or not (inputs or files_from or jsonl or given))
+    return distributed.on_leader(world, lambda: [
+        item.read_stdin_now() for item in _gather_items(inputs, files_from, jsonl, literal, text_fields, given)
+    ])
+
+
+def _gather_items(inputs: list[str], files_from: str | None, jsonl: str | None, literal: bool,
+                  text_fields: tuple[str, ...], given: list[Item] | None) -> list[Item]:
     from ..tasks import Item
     from ..tasks import inputs as task_inputs
 
@@ -64,20 +80,28 @@ def run_command(
 ) -> None:
     from pathlib import Path
 
+    from .. import distributed
     from ..loading import load, set_threads
     from ..tasks import run_task
     from ..tasks.records import JsonlWriter, resume_keys
     from ..tasks.windows import pad_id
 
+    world = distributed.detect()
+    distributed.require_output(world, output)
     if resume and output is None:
         raise LmtoolError("--resume needs --output FILE")
-    if output is not None and not (resume or force) and Path(output).exists():
+    # Under torchrun, or resuming what one left, OUT is written by lmtool.distributed (rank 0 checks it).
+    sharded = world.distributed or (resume and distributed.parts_dir(output).is_dir())
+    if not sharded and output is not None and not (resume or force) and Path(output).exists():
         raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
-    lm = load(model, task=task_name, dtype=dtype, device=device)
-    set_threads(threads, lm.weight_bytes)
+    lm = load(model, task=task_name, dtype=dtype, device=distributed.rank_device(world, device))
+    set_threads(distributed.threads_for(world, threads), lm.weight_bytes)
     if lm.tokenizer is None:
         raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
     task = make_task(lm)
+    if sharded:
+        run_sharded(command, world, task, lm, items, output=output, resume=resume, force=force, batch_size=batch_size)
+        return
     done = resume_keys(output) if resume else set()
     todo = [item for item in items if item.key_text not in done]
     table = output is None and not as_json and sys.stdout.isatty()
@@ -107,14 +131,49 @@ def run_command(
             writer.close()
     if table:
         render(records, Console(highlight=False, soft_wrap=True, markup=False))
-    skipped = f", {len(items) - len(todo)} already in {escape(str(output))}" if done else ""
-    errors = "".join(f", {n} {kind}" for kind, n in sorted(summary.errors.items()))
-    info(
-        f"[dim]{command}: {summary.done} done, {summary.failed} failed{errors}{skipped}; "
-        f"{summary.tokens} tokens in {summary.seconds:.2f} s ({summary.tokens_per_second:.0f} tokens/s)[/dim]"
-    )
+    info(summary_line(command, summary, len(items) - len(todo), output))
     if summary.failed:
         raise typer.Exit(ExitCode.PARTIAL)
+
+
+def summary_line(command: str, summary, skipped: int, output: str | None) -> str:
+    already = f", {skipped} already in {escape(str(output))}" if skipped else ""
+    errors = "".join(f", {n} {kind}" for kind, n in sorted(summary.errors.items()))
+    return (
+        f"[dim]{command}: {summary.done} done, {summary.failed} failed{errors}{already}; "
+        f"{summary.tokens} tokens in {summary.seconds:.2f} s ({summary.tokens_per_second:.0f} tokens/s)[/dim]"
+    )
+
+
+def run_sharded(command: str, world, task, lm, items: list[Item], *, output: str, resume: bool, force: bool,
+                batch_size: int) -> None:
+    """The run under torchrun (or a resume of one): each rank its share, OUT merged in input order.
+    It ends with exit 0 even when items failed: torchrun takes a non-zero exit for a crashed
+    worker and would restart the whole group; the summary line and the error records tell."""
+    from contextlib import nullcontext
+
+    from .. import distributed
+    from ..tasks import RunSummary, run_task
+    from ..tasks.windows import pad_id
+
+    def work(positions: list[int], write) -> RunSummary:
+        order = iter(positions)
+        with progress(command, total=len(positions)) if world.leader else nullcontext() as bar:
+            summary = run_task(
+                task, [items[p] for p in positions], lm.model, pad_id=pad_id(lm.tokenizer), batch_size=batch_size,
+                emit=lambda record: write(next(order), record), on_block=bar.advance if bar else None,
+            )
+        world.log(f"{command}: {summary.done} done, {summary.failed} failed of this rank's {len(positions)}")
+        return summary
+
+    try:
+        summaries, skipped = distributed.sharded_run(
+            world, output, [item.key_text for item in items], resume=resume, force=force, work=work
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(f"{command}: interrupted; what was done is kept: --resume continues") from None
+    if world.leader:
+        info(summary_line(command, RunSummary.combined(summaries), skipped, output))
 
 
 # --- tables for a terminal ------------------------------------------------------------------------

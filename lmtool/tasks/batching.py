@@ -74,6 +74,18 @@ class RunSummary:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
+    @classmethod
+    def combined(cls, summaries: list["RunSummary"]) -> "RunSummary":
+        """The ranks' summaries as one run's: counts added, the time of the slowest."""
+        total = cls(seconds=max((s.seconds for s in summaries), default=0.0))
+        for summary in summaries:
+            total.done += summary.done
+            total.failed += summary.failed
+            total.tokens += summary.tokens
+            for kind, count in summary.errors.items():
+                total.errors[kind] = total.errors.get(kind, 0) + count
+        return total
+
 
 def run_task(
     task: Task,

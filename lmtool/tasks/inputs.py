@@ -31,6 +31,9 @@ class ItemError(LmtoolError):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self):  # items travel between ranks pickled (lmtool.distributed)
+        return (ItemError, (self.kind, str(self)))
+
 
 @dataclass
 class Item:
@@ -61,6 +64,16 @@ class Item:
         if not text.strip():
             raise ItemError("empty", f"{self.key}: empty input")
         return text
+
+    def read_stdin_now(self) -> "Item":
+        """The item with stdin read into it, for a rank that hands its inputs to ranks with no stdin."""
+        if self.path != "-":
+            return self
+        try:
+            return Item(self.key, self.key_field, text=decode_text(sys.stdin.buffer.read(), "stdin"),
+                        question=self.question)
+        except ItemError as error:
+            return Item(self.key, self.key_field, question=self.question, error=error)
 
     def error_record(self, error: ItemError) -> dict:
         return {**self.head(), "error": str(error), "error_type": error.kind}
