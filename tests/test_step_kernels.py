@@ -1,7 +1,7 @@
 """The recurrent decode-step kernels (lmtool/kernels/steps.c) against the PyTorch operations they
 stand in for: bit for bit in bfloat16 (but for an ulp of exp/sqrt before a rounding, on a few
 elements at most), to float32 rounding in float32, on odd shapes, strided rows, several rows and
-sequence starts. Also built without -march=native (LMTOOL_ISA=portable) in a subprocess."""
+sequence starts; on every instruction set this CPU runs (a subprocess per lower one)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmtool import kernels
 from lmtool.kernels import steps
 from lmtool.recurrent import causal_conv1d, linear_scan
 
@@ -106,13 +107,14 @@ def test_rglru_step_kernel_matches_the_reference_and_resets_at_position_0(dtype,
     assert torch.equal(again[0], got[0]) and torch.equal(other[0], h[0])
 
 
-def test_the_portable_build_matches_too():
-    """The same tests with the source built for no particular CPU (what a CPU without AVX gets)."""
-    env = {**os.environ, "LMTOOL_ISA": "portable"}
+@pytest.mark.parametrize("isa", [isa.name for isa in kernels.ISAS if kernels.runs_here(isa) and isa is not kernels.cpu_isa()])
+def test_every_other_instruction_set_this_cpu_runs_matches_too(isa):
+    """The same tests on the other instruction sets' builds (steps.c is compiled into each)."""
+    env = {**os.environ, "LMTOOL_ISA": isa}
     code = (
-        "import sys, pytest; from lmtool.kernels import steps; "
-        "assert '-march=native' not in steps.flags(); "
-        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not portable']))"
+        "import sys, pytest; from lmtool import kernels; "
+        f"assert kernels.active_isa().name == {isa!r}, kernels.active_isa(); "
+        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not instruction_set']))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -54,10 +54,15 @@ KINDS = {
     (torch.float32, torch.float32): 2,
 }
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADERS = ("common.h", "plain.h")
+HEADERS = ("common.h", "plain.h", "fastmath.h")
+# Compiled into every ISA's library beside its own source: the per-token elementwise and recurrent
+# steps (norms, soft-cap, conv, RG-LRU, Mamba2), plain C that the ISA's flags vectorize.
+STEPS_SOURCE = "steps.c"
 # -fno-trapping-math: no kernel reads floating-point exception flags, and without it GCC keeps the
-# selects of plain.h's loops as branches and leaves them scalar.
-CFLAGS = ("-O3", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
+# selects of plain.h's loops as branches and leaves them scalar. -ffp-contract=off: steps.c rounds
+# a product before adding it, as PyTorch does (the intrinsics' explicit FMAs are unaffected);
+# -fno-math-errno lets sqrtf vectorize.
+CFLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 X86, ARM = ("x86_64", "amd64"), ("aarch64", "arm64")
 
 
@@ -174,8 +179,8 @@ def kernel_cache() -> Path:
 
 
 def package_sources(isa: Isa) -> dict[str, str]:
-    """The files an ISA's build compiles: its source and the shared headers, by name."""
-    return {name: (SOURCE_DIR / name).read_text() for name in (*HEADERS, isa.source)}
+    """The files an ISA's build compiles: its source, the step kernels and the shared headers."""
+    return {name: (SOURCE_DIR / name).read_text() for name in (*HEADERS, STEPS_SOURCE, isa.source)}
 
 
 def first_error(stderr: str) -> str:
@@ -200,8 +205,10 @@ def build(compiler: str, isa: Isa, sources: dict[str, str] | None = None) -> Pat
         for name, text in sources.items():
             (Path(tmp) / name).write_text(text)
         built = Path(tmp) / target.name
+        # An older revision's sources (kernel_sweep) may lack the step kernels.
+        units = [isa.source, *([STEPS_SOURCE] if STEPS_SOURCE in sources else [])]
         done = subprocess.run(  # in the folder, so that errors name the file, not the temporary path
-            [compiler, *flags, isa.source, "-o", built.name], capture_output=True, text=True, timeout=300, cwd=tmp
+            [compiler, *flags, *units, "-o", built.name, "-lm"], capture_output=True, text=True, timeout=300, cwd=tmp
         )
         if done.returncode != 0:
             raise BuildError(first_error(done.stderr))
@@ -217,16 +224,28 @@ class Part(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64)]
 
 
-_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
-# The exported functions and their C argument types (common.h); a new kernel adds a row here.
+_i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+# The exported functions and their C argument types (common.h, steps.c); a new kernel adds a row here.
 ARGTYPES = {
-    "lm_linear": [ctypes.c_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
-    "lm_gelu_tanh_mul": [ctypes.c_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
+    "lm_linear": [_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
+    "lm_gelu_tanh_mul": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
     "lm_attend_one": [
-        ctypes.c_int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
-        ctypes.c_float, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+        _int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+        _float, _ptr, _i64, _ptr, _i64, _ptr, _ptr,
+    ],
+    "lm_conv_step": [_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64],
+    "lm_rglru_step": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr],
+    "lm_rms_norm": [_int, _ptr, _i64, _i64, _i64, _ptr, _int, _float, _ptr],
+    "lm_gated_rms_norm": [_int, _ptr, _i64, _int, _ptr, _i64, _i64, _i64, _i64, _ptr, _float, _ptr],
+    "lm_soft_cap": [_int, _ptr, _i64, _float],
+    "lm_ssd_step": [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr],
+    "lm_mamba2_step": [
+        _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
+        _ptr, _i64, _float, _ptr,
     ],
 }
+# Functions that return a status (0 = done); the others return nothing.
+RETURNS_STATUS = ("lm_gated_rms_norm", "lm_ssd_step", "lm_mamba2_step")
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -236,7 +255,8 @@ def load_library(path: Path) -> ctypes.CDLL:
     for name, argtypes in ARGTYPES.items():
         if hasattr(lib, name):
             function = getattr(lib, name)
-            function.argtypes, function.restype = argtypes, None
+            function.argtypes = argtypes
+            function.restype = ctypes.c_int if name in RETURNS_STATUS else None
     return lib
 
 

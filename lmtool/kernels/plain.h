@@ -6,31 +6,9 @@
 #define LMTOOL_KERNELS_PLAIN_H
 
 #include "common.h"
+#include "fastmath.h"
 
 #define LANES 16
-
-/* e^x as the vector versions compute it: x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor series to
- * degree 7 (relative error < 1e-8), times 2^n built in the exponent bits. Below -87.3 (where
- * e^x is subnormal) and at -inf it gives 0. n is rounded by adding and taking away 1.5 * 2^23, not
- * by a call, so that loops over it vectorize on any target. */
-static inline float exp_plain(float x) {
-    const float clamped = x < -87.3f ? -87.3f : x > 88.3f ? 88.3f : x;
-    const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = clamped - n * 0.693145751953125f;
-    r = r - n * 1.42860682030941723212e-6f;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return x < -87.3f ? 0.0f : p * scale;
-}
 
 /* f32_to_bf16 without a branch (NaN chosen by a select), so that loops over it vectorize. */
 static inline uint16_t round_bf16(float f) {
@@ -57,7 +35,7 @@ static inline void store_lanes(void* p, int64_t i, int64_t n, int bf16, const fl
 static __attribute__((noinline)) void gelu_lanes(const float* x, const float* u, float* v) {
     for (int l = 0; l < LANES; l++) {
         const float y = 0.7978845608028654f * (x[l] + 0.044715f * x[l] * x[l] * x[l]);
-        v[l] = x[l] / (1.0f + exp_plain(-2.0f * y)) * u[l];
+        v[l] = x[l] / (1.0f + exp_f32(-2.0f * y)) * u[l];
     }
 }
 
@@ -96,11 +74,11 @@ static float exp_shifted_sum(float* sc, int64_t S, float top) {
     int64_t s = 0;
     for (; s + LANES <= S; s += LANES)
         for (int l = 0; l < LANES; l++) {
-            sc[s + l] = exp_plain(sc[s + l] - top);
+            sc[s + l] = exp_f32(sc[s + l] - top);
             sums[l] += sc[s + l];
         }
     for (; s < S; s++) {
-        sc[s] = exp_plain(sc[s] - top);
+        sc[s] = exp_f32(sc[s] - top);
         total += sc[s];
     }
     for (int l = 0; l < LANES; l++) total += sums[l];

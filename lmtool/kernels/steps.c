@@ -8,13 +8,16 @@
  * Rounding: every intermediate that PyTorch rounds to bfloat16 (the model dtype) is rounded here at
  * the same place, to nearest even, so a bfloat16 model's outputs match PyTorch's operations to the
  * last bit except where the library functions (exp, sqrt) differ by an ulp before that rounding.
- * `bf` selects bfloat16 (1) or float32 (0) activations; float32 rounds nowhere. Build with
- * -ffp-contract=off: PyTorch rounds a product before adding it, and so must these loops.
+ * `bf` selects bfloat16 (1) or float32 (0) activations; float32 rounds nowhere. Built into every
+ * instruction set's library (lmtool.kernels) with its flags and -ffp-contract=off: PyTorch rounds a
+ * product before adding it, and so must these loops.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "fastmath.h"
 
 typedef uint16_t bf16_t;
 
@@ -41,33 +44,6 @@ static inline float ld(const void *p, int64_t i, int bf) {
 static inline void st(void *p, int64_t i, float v, int bf) {
     if (bf) ((bf16_t *)p)[i] = f_to_bf(v);
     else ((float *)p)[i] = v;
-}
-
-/* exp(x) in float32 to about 1 ulp, branch-free so that loops over it vectorize (libm's expf is a
- * call per element): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
- * (error under 2^-24 there), 2^n put into the exponent bits. Inputs beyond the float range
- * saturate to 0 or +inf as expf does. */
-static inline float exp_f32(float x) {
-    x = x < -103.0f ? -103.0f : (x > 89.0f ? 89.0f : x);
-    /* n = x / ln2 rounded to an integer: adding and subtracting 1.5 * 2^23 rounds (to nearest)
-     * without a call, which a vector loop could not make */
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693145751953125f;       /* ln2 in two parts: the first exact in float */
-    r = r - n * 1.428606765330187e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    /* 2^n in two factors, so that n down to -150 (subnormal results) and up to 128 stay exact */
-    int32_t half = (int32_t)n / 2;
-    uint32_t e1 = (uint32_t)(half + 127) << 23, e2 = (uint32_t)((int32_t)n - half + 127) << 23;
-    float s1, s2;
-    memcpy(&s1, &e1, 4);
-    memcpy(&s2, &e2, 4);
-    return p * s1 * s2;
 }
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }

@@ -1,4 +1,4 @@
-"""The recurrent families' decode steps as single native calls (source: steps.c).
+"""The per-token elementwise and recurrent steps as single native calls (source: steps.c).
 
 A one-token step of a recurrent layer is a few thousand elements (the Mamba2 state a megabyte
 per layer at batch 1); as PyTorch operations it is dozens of small calls, each allocating and
@@ -6,103 +6,27 @@ passing over its data, which cost RecurrentGemma-2B and Zamba2-1.2B a sixth to a
 their decode step. Each function here is one pass and rounds where PyTorch's operations round
 (see steps.c), so it stands in for them exactly in bfloat16 and to float32 rounding in float32.
 
-The source is plain C that the compiler vectorizes for the CPU it runs on (`-march=native`;
-`LMTOOL_ISA=portable` builds it without), the same code on x86 and ARM. It is built into the
-kernel cache under a hash of the source, compiler, flags and CPU the first time a recurrent
-model steps, in under a second. Callers check `usable()` and keep PyTorch's operations when it
-is False: no compiler, LMTOOL_NATIVE=0, autograd, or tensors it does not take.
+steps.c is plain C compiled into every instruction set's kernel library (lmtool.kernels), so it
+runs wherever the linear kernels do, vectorized by the compiler for that instruction set. Callers
+check `usable()` and keep PyTorch's operations when it is False: no kernels here (no compiler,
+LMTOOL_NATIVE=0), autograd, or tensors it does not take.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import tempfile
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from . import BuildError, best_isa, compiler, cpu_isa, first_error, kernel_cache, report_once
+from . import library as kernels_library
 
-SOURCE = Path(__file__).with_name("steps.c")
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 MAX_STATE = 512  # largest Mamba2 state size the kernel takes (steps.c MAX_STATE)
 
-_i64, _ptr, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-ARGTYPES = {
-    "lm_conv_step": ([_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64], None),
-    "lm_rglru_step": ([_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr], None),
-    "lm_rms_norm": ([_int, _ptr, _i64, _i64, _i64, _ptr, _int, ctypes.c_float, _ptr], None),
-    "lm_gated_rms_norm": ([_int, _ptr, _i64, _int, _ptr, _i64, _i64, _i64, _i64, _ptr, ctypes.c_float, _ptr], _int),
-    "lm_soft_cap": ([_int, _ptr, _i64, ctypes.c_float], None),
-    "lm_mamba2_step": (
-        [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
-         _ptr, _i64, ctypes.c_float, _ptr],
-        _int,
-    ),
-    "lm_ssd_step": (
-        [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr], _int,
-    ),
-}
 
-
-def cpu_signature() -> str:
-    """What a -march=native build depends on: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
-
-
-def flags() -> list[str]:
-    """-march=native on the CPU's best instruction set; under a lower LMTOOL_ISA that level's flags
-    (none for portable), so that a capped run executes nothing above it."""
-    isa = cpu_isa()
-    return [*FLAGS, *(["-march=native"] if isa is best_isa() else isa.cflags)]
-
-
-def build(cc: str) -> Path:
-    source = SOURCE.read_text()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source, version, cpu_signature(), *flags()]).encode()).hexdigest()[:16]
-    target = kernel_cache() / f"lm_steps-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        done = subprocess.run([cc, *flags(), str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise BuildError(first_error(done.stderr))
-        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
-    return target
-
-
-@lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
-    if os.environ.get("LMTOOL_NATIVE", "1") == "0":
-        return None
-    cc = compiler()
-    if cc is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(cc)))
-    except BuildError as exc:
-        report_once(f"the recurrent step kernels did not build with {cc}: {exc}; using PyTorch's operations")
-        return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        report_once(f"the recurrent step kernels could not be built or loaded with {cc}: {exc}; using PyTorch's operations")
-        return None
-    for name, (argtypes, restype) in ARGTYPES.items():
-        function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, restype
-    return lib
+    """The active kernel library, if it has the step kernels (every build of this tree does)."""
+    lib = kernels_library()
+    return lib if lib is not None and hasattr(lib, "lm_ssd_step") else None
 
 
 def usable(*tensors: torch.Tensor | None) -> bool:
