@@ -85,9 +85,19 @@ def start(world: World) -> None:
         return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        seconds = float(os.environ.get("LMTOOL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-        dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+    if dist.is_initialized():
+        return
+    timeout = timedelta(seconds=float(os.environ.get("LMTOOL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    # torchrun's agent keeps one TCPStore across restarts of the group (torch 2.13), and a
+    # restarted group that meets in it finds the gloo addresses of the workers it replaced
+    # ("connectFullMesh failed ... Connection refused"): each attempt meets under its own prefix.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+        is_master=world.leader and not agent_store, timeout=timeout,
+    )
+    store = dist.PrefixStore(f"lmtool/attempt-{world.restart}", store)
+    dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
 
 
 def stop(world: World) -> None:

@@ -148,8 +148,8 @@ def summary_line(command: str, summary, skipped: int, output: str | None) -> str
 def run_sharded(command: str, world, task, lm, items: list[Item], *, output: str, resume: bool, force: bool,
                 batch_size: int) -> None:
     """The run under torchrun (or a resume of one): each rank its share, OUT merged in input order.
-    It ends with exit 0 even when items failed: torchrun takes a non-zero exit for a crashed
-    worker and would restart the whole group; the summary line and the error records tell."""
+    Under torchrun it ends with exit 0 even when items failed: torchrun takes a non-zero exit for
+    a crashed worker and would restart the whole group; the summary line and the error records tell."""
     from contextlib import nullcontext
 
     from .. import distributed
@@ -172,8 +172,11 @@ def run_sharded(command: str, world, task, lm, items: list[Item], *, output: str
         )
     except KeyboardInterrupt:
         raise Interrupted(f"{command}: interrupted; what was done is kept: --resume continues") from None
+    summary = RunSummary.combined(summaries)
     if world.leader:
-        info(summary_line(command, RunSummary.combined(summaries), skipped, output))
+        info(summary_line(command, summary, skipped, output))
+    if summary.failed and not world.distributed:
+        raise typer.Exit(ExitCode.PARTIAL)
 
 
 # --- tables for a terminal ------------------------------------------------------------------------
