@@ -177,6 +177,15 @@ def require_output(world: World, output: str | None) -> None:
         )
 
 
+def read_on_leader(world: World, path: str, read: Callable[[str], Any]) -> Any:
+    """read(path) on rank 0, its result (or its one-line error) given to every rank."""
+    if not world.distributed:
+        return read(path)
+    start(world)
+    stdin_check(world, path == "-")
+    return on_leader(world, lambda: read(path))
+
+
 def stdin_check(world: World, uses_stdin: bool) -> None:
     """Every worker inherits torchrun's stdin; rank 0 reads it and hands the inputs on, which only
     works when all ranks share rank 0's node (RANK is not tied to a node)."""

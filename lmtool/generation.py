@@ -74,7 +74,8 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Ten
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, seen: torch.Tensor | None = None
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | list[torch.Generator] | None,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits [B,V] -> next token ids [B]."""
     if params.greedy and (seen is None or params.repetition_penalty == 1.0):
@@ -85,7 +86,10 @@ def sample(
     logits = process_logits(logits, params, seen)
     if params.greedy:
         return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):  # a generator per row: each row's draws do not depend on its batch
+        return torch.cat([torch.multinomial(probs[row : row + 1], 1, generator=g) for row, g in enumerate(generator)])[:, 0]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class TextStream:
@@ -197,7 +201,7 @@ def generate(
     *,
     max_new_tokens: int,
     params: SamplingParams,
-    seed: int,
+    seed: int | list[int],
     eos_ids: list[int],
     pad_id: int = 0,
     tokenizer: Tokenizer | None = None,
@@ -212,7 +216,9 @@ def generate(
     on_text(row, delta) is called as text becomes printable (needs a tokenizer). A row stops at an
     EOS id (unless ignore_eos), at a stop string, or after max_new_tokens. Prompts longer than
     prefill_chunk tokens are prefilled in chunks of that many. `stats`, when given, is filled as
-    the loop goes, so a caller that is interrupted still knows how far it got.
+    the loop goes, so a caller that is interrupted still knows how far it got. A list of seeds,
+    one per prompt, samples each row on its own generator, so a row's text does not depend on
+    the other prompts of its batch (up to the rounding that padding can change).
     """
     t0 = time.perf_counter()
     device = next(model.parameters()).device
@@ -222,7 +228,10 @@ def generate(
     input_ids, mask = input_ids.to(device), mask.to(device)
     padded = bool((mask == 0).any())
 
-    generator = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(seed, list):
+        generator = [torch.Generator(device=device).manual_seed(s) for s in seed]
+    else:
+        generator = torch.Generator(device=device).manual_seed(seed)
     completions = [Completion(prompt_tokens=len(p)) for p in prompts]
     streams = [TextStream(tokenizer, stop or []) for _ in prompts] if tokenizer else None
     seen = None

@@ -77,6 +77,11 @@ def generate_command(
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per batch with --prompts-file."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="With --prompts-file: write the JSON Lines records here, in prompt order."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="With --output: skip prompts whose records are in it."),
+    force: bool = typer.Option(False, "--force", help="With --output: replace an existing file."),
     dtype: str = dtype_option(),
     device: str = device_option(),
     threads: Optional[int] = threads_option(),
@@ -85,14 +90,21 @@ def generate_command(
     ),
 ) -> None:
     """Generate text; a single prompt streams to stdout as it is produced."""
+    from .. import distributed
     from ..generation import GenerationStats, context_window, generate, new_seed, tokens_within_window
     from ..loading import load, set_threads
     from ..tasks.inputs import checked_text
 
     if prompts_file is not None and prompt is not None:
         raise LmtoolError("give either PROMPT or --prompts-file, not both")
+    world = distributed.detect()
+    if output is not None and prompts_file is None:
+        raise LmtoolError("--output needs --prompts-file")
+    if resume and output is None:
+        raise LmtoolError("--resume needs --output FILE")
+    distributed.require_output(world, output)
     if prompts_file is not None:
-        items = read_prompts_file(prompts_file)
+        items = distributed.read_on_leader(world, prompts_file, read_prompts_file)
     else:
         if prompt is None:
             if sys.stdin.isatty():
@@ -106,8 +118,8 @@ def generate_command(
     if system is not None:
         system = checked_text(system, "--system")
 
-    lm = load(model, task="causal-lm", dtype=dtype, device=device)
-    set_threads(threads, lm.weight_bytes)
+    lm = load(model, task="causal-lm", dtype=dtype, device=distributed.rank_device(world, device))
+    set_threads(distributed.threads_for(world, threads), lm.weight_bytes)
     window = context_window(lm.config)
     if verbose:
         from ..inference import runtime_summary
@@ -121,8 +133,10 @@ def generate_command(
         dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty),
         lm.generation_config,
     )
-    seed = seed if seed is not None else new_seed()
-    if not params.greedy:
+    # Every rank must draw from the same seed; each prompt of a file samples from seed + its position,
+    # so its text does not depend on how the prompts were split among ranks or batches.
+    seed = seed if seed is not None else distributed.on_leader(world, new_seed)
+    if not params.greedy and world.leader:
         info(f"seed {seed}")
     eos_ids = list(dict.fromkeys(tok.eos_ids + _generation_eos(lm.generation_config)))
     if chat:
@@ -139,76 +153,90 @@ def generate_command(
         ]
         return tok.apply_chat(messages)
 
-    stream = len(items) == 1 and not as_json
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        prompts = [tok.encode(text_of(item)) for item in batch]
-        longest = max(range(len(prompts)), key=lambda row: len(prompts[row]))
-        try:
-            new_tokens = tokens_within_window(len(prompts[longest]), max_new_tokens, window)
-        except LmtoolError as exc:
-            which = f", prompt {start + longest + 1}" if len(items) > 1 else ""
-            raise LmtoolError(f"{model}{which}: {exc}") from None
-        if new_tokens < max_new_tokens:
-            info(f"stopping at the context window ({window} tokens): at most {new_tokens} new tokens")
-        stats, started = GenerationStats(), time.perf_counter()
-        try:
-            completions, stats = generate(
-                lm.model,
-                prompts,
-                max_new_tokens=new_tokens,
-                params=params,
-                seed=seed,
-                eos_ids=eos_ids,
-                pad_id=tok.pad_id if tok.pad_id is not None else 0,
-                tokenizer=tok,
-                stop=stop,
-                ignore_eos=ignore_eos,
-                on_text=(lambda row, delta: out(delta, end="")) if stream else None,
-                stats=stats,
-            )
-        except KeyboardInterrupt:
-            # Typer would turn Ctrl-C into a bare exit code: end the line and say how far it got.
-            if stream:
-                out()
-            done_before = f"{start} of {len(items)} prompts done, then " if len(items) > 1 else ""
-            decoding = time.perf_counter() - started - stats.prefill_s
-            speed = f", {stats.new_tokens / decoding:.1f} tok/s" if stats.new_tokens and decoding > 0 else ""
-            raise Interrupted(f"interrupted: {done_before}{stats.new_tokens} tokens generated{speed}") from None
-        for index, (item, done) in enumerate(zip(batch, completions), start + 1):
-            if as_json:
-                record = {"id": item["id"]} if "id" in item else {}
-                record.update(
-                    prompt=item["prompt"],
-                    text=done.text,
-                    token_ids=done.token_ids,
-                    finish_reason=done.finish_reason,
-                    prompt_tokens=done.prompt_tokens,
-                    completion_tokens=len(done.token_ids),
-                    seed=seed,
-                    timings={
-                        "prefill_s": round(stats.prefill_s, 4),
-                        "decode_s": round(stats.decode_s, 4),
-                        "first_token_s": round(stats.first_token_s, 4),
-                        "decode_tokens_per_s": round(stats.new_tokens / stats.decode_s, 2)
-                        if stats.decode_s
-                        else None,
-                    },
-                )
-                out_json(record)
-            elif stream:
-                out()
-            else:
-                # Several plain-text completions: a header before each, as `head` marks files, so
-                # the output can be split (--json gives one object per prompt instead).
-                if index > 1:
-                    out()
-                out(f"==> {item.get('id', index)} <==")
-                out(done.text)
-        if stream and not as_json:
-            tps = stats.new_tokens / stats.decode_s if stats.decode_s else 0.0
-            info(f"[dim]{stats.new_tokens} tokens, {tps:.1f} tok/s, finish: {completions[0].finish_reason}[/dim]")
+    stream = len(items) == 1 and not as_json and output is None
 
+    def run_batches(positions: list[int], write) -> int:
+        """Generate for items[positions]; records go to write(position, record) when given (-o).
+        Returns how many prompts were done."""
+        for start in range(0, len(positions), batch_size):
+            batch_positions = positions[start : start + batch_size]
+            batch = [items[position] for position in batch_positions]
+            prompts = [tok.encode(text_of(item)) for item in batch]
+            longest = max(range(len(prompts)), key=lambda row: len(prompts[row]))
+            try:
+                new_tokens = tokens_within_window(len(prompts[longest]), max_new_tokens, window)
+            except LmtoolError as exc:
+                which = f", prompt {batch_positions[longest] + 1}" if len(items) > 1 else ""
+                raise LmtoolError(f"{model}{which}: {exc}") from None
+            if new_tokens < max_new_tokens:
+                info(f"stopping at the context window ({window} tokens): at most {new_tokens} new tokens")
+            stats, started = GenerationStats(), time.perf_counter()
+            try:
+                completions, stats = generate(
+                    lm.model,
+                    prompts,
+                    max_new_tokens=new_tokens,
+                    params=params,
+                    seed=[seed + position for position in batch_positions] if prompts_file else seed,
+                    eos_ids=eos_ids,
+                    pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                    tokenizer=tok,
+                    stop=stop,
+                    ignore_eos=ignore_eos,
+                    on_text=(lambda row, delta: out(delta, end="")) if stream else None,
+                    stats=stats,
+                )
+            except KeyboardInterrupt:
+                # Typer would turn Ctrl-C into a bare exit code: end the line and say how far it got.
+                if stream:
+                    out()
+                done_before = f"{start} of {len(items)} prompts done, then " if len(items) > 1 else ""
+                decoding = time.perf_counter() - started - stats.prefill_s
+                speed = f", {stats.new_tokens / decoding:.1f} tok/s" if stats.new_tokens and decoding > 0 else ""
+                raise Interrupted(f"interrupted: {done_before}{stats.new_tokens} tokens generated{speed}") from None
+            for index, (position, item, done) in enumerate(zip(batch_positions, batch, completions), start + 1):
+                if as_json or write:
+                    record = {"id": item["id"]} if "id" in item else {"id": position + 1} if write else {}
+                    record.update(
+                        prompt=item["prompt"],
+                        text=done.text,
+                        token_ids=done.token_ids,
+                        finish_reason=done.finish_reason,
+                        prompt_tokens=done.prompt_tokens,
+                        completion_tokens=len(done.token_ids),
+                        seed=seed + position if prompts_file else seed,
+                        timings={
+                            "prefill_s": round(stats.prefill_s, 4),
+                            "decode_s": round(stats.decode_s, 4),
+                            "first_token_s": round(stats.first_token_s, 4),
+                            "decode_tokens_per_s": round(stats.new_tokens / stats.decode_s, 2)
+                            if stats.decode_s
+                            else None,
+                        },
+                    )
+                    write(position, record) if write else out_json(record)
+                elif stream:
+                    out()
+                else:
+                    # Several plain-text completions: a header before each, as `head` marks files, so
+                    # the output can be split (--json gives one object per prompt instead).
+                    if index > 1:
+                        out()
+                    out(f"==> {item.get('id', index)} <==")
+                    out(done.text)
+            if stream and not as_json:
+                tps = stats.new_tokens / stats.decode_s if stats.decode_s else 0.0
+                info(f"[dim]{stats.new_tokens} tokens, {tps:.1f} tok/s, finish: {completions[0].finish_reason}[/dim]")
+        return len(positions)
+
+    if output is None:
+        run_batches(list(range(len(items))), None)
+        return
+    keys = [str(item.get("id", position + 1)) for position, item in enumerate(items)]
+    counts, skipped = distributed.sharded_run(world, output, keys, resume=resume, force=force, work=run_batches)
+    if world.leader:
+        already = f", {skipped} already in {output}" if skipped else ""
+        info(f"generate: {sum(counts)} prompts done{already}")
 
 def _generation_eos(generation_config: dict) -> list[int]:
     eos = generation_config.get("eos_token_id")
