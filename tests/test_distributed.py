@@ -178,3 +178,60 @@ def test_world_from_torchrun_environment_and_its_rules():
     assert distributed.threads_for(world, 3) == 3
     with pytest.raises(LmtoolError, match="WORLD_SIZE"):
         distributed.detect({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+# --- generate --prompts-file --------------------------------------------------------------------
+
+DEMO = str(Path(__file__).parent.parent / "lmtool" / "demo" / "zen-gemma")
+SAMPLING = ["--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--min-p", "0", "-n", "6", "--seed", "7"]
+
+
+@pytest.fixture()
+def prompts(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(
+        json.dumps({"prompt": f"Line {i} of the zen is", **({"id": f"p{i}"} if i % 2 else {})}) + "\n" for i in range(6)
+    ))
+    return path
+
+
+def generated(path: Path) -> list[tuple]:
+    return [(r["id"], r["seed"], r["token_ids"], r["text"]) for r in read(path)]
+
+
+def test_generate_split_over_two_ranks_samples_what_one_process_samples(prompts, tmp_path, capsys):
+    reference = tmp_path / "reference.jsonl"
+    code, out, _ = run_cli(capsys, "generate", DEMO, "--prompts-file", str(prompts), *SAMPLING, "--batch-size", "4",
+                           "-o", str(reference))
+    assert code == 0 and out == ""
+    records = generated(reference)
+    assert [r[:2] for r in records] == [(1, 7), ("p1", 8), (3, 9), ("p3", 10), (5, 11), ("p5", 12)]
+    assert len({r[3] for r in records}) > 1  # sampled, not the same text six times
+    output = tmp_path / "split.jsonl"
+    run = torchrun(ONE_NODE, ["generate", DEMO, "--prompts-file", "-", *SAMPLING, "--batch-size", "2",
+                              "-o", str(output)], stdin=prompts.read_bytes())
+    assert run.returncode == 0, run.stderr.decode()
+    assert generated(output) == records and not distributed.parts_dir(output).exists()
+    # A prompt's text is the text of that prompt alone with the seed its record names.
+    code, out, _ = run_cli(capsys, "generate", DEMO, "Line 2 of the zen is", *SAMPLING[:-1], "9", "--json")
+    assert json.loads(out)["token_ids"] == records[2][2]
+
+
+def test_generate_resume_runs_only_the_missing_prompts(prompts, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    command = ["generate", DEMO, "--prompts-file", str(prompts), *SAMPLING, "-o", str(output)]
+    assert run_cli(capsys, *command)[0] == 0
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text(output.read_text())
+    full = output.read_text().splitlines(keepends=True)
+    output.write_text(full[0] + full[3] + full[4][:20])  # two finished, one torn
+    code, _, err = run_cli(capsys, *command, "--resume")
+    assert code == 0 and "4 prompts done, 2 already in" in err
+    assert generated(output) == generated(reference)
+    assert run_cli(capsys, *command)[0] != 0  # without --resume or --force an existing file is refused
+
+
+def test_under_torchrun_output_is_required(tmp_path):
+    run = torchrun(ONE_NODE, ["generate", DEMO, "--prompts-file", "-", "-n", "2"], stdin=b'{"prompt": "Hi"}\n')
+    assert run.returncode != 0
+    assert "give -o/--output FILE" in run.stderr.decode()
