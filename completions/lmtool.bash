@@ -21,7 +21,7 @@ _lmtool_add_values() {
 
 _lmtool_option_kind() {
     case "$1:$2" in
-        generate:--prompts-file|classify:--files-from|classify:--jsonl|classify:--output|classify:-o|tag:--files-from|tag:--jsonl|tag:--output|tag:-o|qa:--context-file|qa:--files-from|qa:--jsonl|qa:--output|qa:-o|convert:--config|convert:--tokenizer|quantize:--eval-text|bench:--config|bench:--cache-dir) kind='path' ;;
+        generate:--prompts-file|generate:--output|generate:-o|classify:--files-from|classify:--jsonl|classify:--output|classify:-o|tag:--files-from|tag:--jsonl|tag:--output|tag:-o|qa:--context-file|qa:--files-from|qa:--jsonl|qa:--output|qa:-o|convert:--config|convert:--tokenizer|quantize:--eval-text|bench:--config|bench:--cache-dir) kind='path' ;;
         generate:--max-new-tokens|generate:--max-tokens|generate:-n|generate:--temp|generate:--temperature|generate:--top-k|generate:--top-p|generate:--min-p|generate:--repetition-penalty|generate:--seed|generate:--stop|generate:--system|generate:--batch-size|generate:--threads|classify:--top-k|classify:--threshold|classify:--batch-size|classify:--max-length|classify:--threads|tag:--stride|tag:--ignore|tag:--batch-size|tag:--max-length|tag:--threads|qa:--question|qa:--context|qa:--top-k|qa:--max-answer-length|qa:--doc-stride|qa:--batch-size|qa:--max-length|qa:--threads|convert:--max-shard-size|quantize:--group-size|quantize:--keep|quantize:--head|quantize:--max-kld|quantize:--min-top1|bench:--prompt-len|bench:--batch|bench:--new-tokens|bench:--repeat|bench:--against|bench:--threads|bench:--max-foreign-cpu) kind='text' ;;
         generate:--dtype|classify:--dtype|tag:--dtype|qa:--dtype|convert:--dtype|bench:--dtype) kind='choice:auto float32 bfloat16 float16 fp32 fp16 bf16' ;;
         generate:--device|classify:--device|tag:--device|qa:--device|bench:--device) kind='choice:auto cpu cuda' ;;
@@ -84,7 +84,7 @@ _lmtool() {
     fi
     if [[ $cur == -* ]] && ((!ended)); then
         case $command in
-        generate) options='--prompts-file --max-new-tokens --max-tokens -n --temp --temperature --top-k --top-p --min-p --repetition-penalty --seed --stop --ignore-eos --chat --system --batch-size --json --dtype --device --threads --verbose --recipe --print-config --quiet -q --debug --help -h' ;;
+        generate) options='--prompts-file --max-new-tokens --max-tokens -n --temp --temperature --top-k --top-p --min-p --repetition-penalty --seed --stop --ignore-eos --chat --system --batch-size --json --output -o --resume --force --dtype --device --threads --verbose --recipe --print-config --quiet -q --debug --help -h' ;;
         classify) options='--top-k --threshold --files-from --jsonl --text --output -o --resume --force --json --batch-size --max-length --dtype --device --threads --recipe --print-config --quiet -q --debug --help -h' ;;
         tag) options='--aggregation --stride --ignore --files-from --jsonl --text --output -o --resume --force --json --batch-size --max-length --dtype --device --threads --recipe --print-config --quiet -q --debug --help -h' ;;
         qa) options='--question --context --context-file --top-k --max-answer-length --doc-stride --allow-empty --files-from --jsonl --text --output -o --resume --force --json --batch-size --max-length --dtype --device --threads --recipe --print-config --quiet -q --debug --help -h' ;;

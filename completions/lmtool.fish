@@ -15,7 +15,7 @@ end
 function __lmtool_value_options --argument-names command --description 'options of COMMAND that take a value'
     switch $command
         case generate
-            printf '%s\n' --prompts-file --max-new-tokens --max-tokens -n --temp --temperature --top-k --top-p --min-p --repetition-penalty --seed --stop --system --batch-size --dtype --device --threads --recipe
+            printf '%s\n' --prompts-file --max-new-tokens --max-tokens -n --temp --temperature --top-k --top-p --min-p --repetition-penalty --seed --stop --system --batch-size --output -o --dtype --device --threads --recipe
         case classify
             printf '%s\n' --top-k --threshold --files-from --jsonl --output -o --batch-size --max-length --dtype --device --threads --recipe
         case tag
@@ -93,6 +93,9 @@ complete -c lmtool -n 'test (__lmtool_command) = generate' -l chat -d 'Wrap the 
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l system -r -f -d 'System message (with --chat).'
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l batch-size -r -f -d 'Prompts per batch with --prompts-file.'
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l json -d 'One JSON object per prompt on stdout.'
+complete -c lmtool -n 'test (__lmtool_command) = generate' -l output -s o -r -F -d 'With --prompts-file: write the JSON Lines records here, in prompt order.'
+complete -c lmtool -n 'test (__lmtool_command) = generate' -l resume -d 'With --output: skip prompts whose records are in it.'
+complete -c lmtool -n 'test (__lmtool_command) = generate' -l force -d 'With --output: replace an existing file.'
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l dtype -r -f -a 'auto float32 bfloat16 float16 fp32 fp16 bf16' -d 'Weights and compute dtype; auto = the checkpoint\'s. (fp32/fp16/bf16 accepted)'
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l device -r -f -a 'auto cpu cuda' -d 'auto = cuda when available, else cpu.'
 complete -c lmtool -n 'test (__lmtool_command) = generate' -l threads -r -f -d 'CPU threads for the model (default: 1 for a model under 32 MB, else one per core).'
