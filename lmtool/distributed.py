@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 from collections import defaultdict, deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -63,6 +64,17 @@ class World:
         print(prefix + message, file=sys.stderr, flush=True)
 
 
+@contextmanager
+def _with_the_others(world: World):
+    """A collective call; when another rank has died, one line instead of gloo's traceback (torchrun
+    then stops or restarts the group)."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistError and gloo's errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmtoolError(f"rank {world.rank}: lost contact with the other ranks ({reason})") from None
+
+
 def detect(environ: dict | None = None) -> World:
     """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, ...)."""
     environ = os.environ if environ is None else environ
@@ -91,28 +103,24 @@ def start(world: World) -> None:
     # torchrun's agent keeps one TCPStore across restarts of the group (torch 2.13), and a
     # restarted group that meets in it finds the gloo addresses of the workers it replaced
     # ("connectFullMesh failed ... Connection refused"): each attempt meets under its own prefix.
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT", "").isdigit():
+        raise LmtoolError("WORLD_SIZE is set but MASTER_ADDR and MASTER_PORT are not: start lmtool with torchrun")
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
-        is_master=world.leader and not agent_store, timeout=timeout,
-    )
-    store = dist.PrefixStore(f"lmtool/attempt-{world.restart}", store)
-    dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
-
-
-def stop(world: World) -> None:
-    if world.distributed:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with _with_the_others(world):
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world.size,
+            is_master=world.leader and not agent_store, timeout=timeout,
+        )
+        store = dist.PrefixStore(f"lmtool/attempt-{world.restart}", store)
+        dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
 
 
 def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        with _with_the_others(world):
+            dist.barrier()
 
 
 def gather(world: World, value: Any) -> list[Any]:
@@ -122,7 +130,8 @@ def gather(world: World, value: Any) -> list[Any]:
     import torch.distributed as dist
 
     values: list[Any] = [None] * world.size
-    dist.all_gather_object(values, value)
+    with _with_the_others(world):
+        dist.all_gather_object(values, value)
     return values
 
 
@@ -139,7 +148,8 @@ def on_leader(world: World, compute: Callable[[], Any]) -> Any:
             box[0] = ("ok", compute())
         except LmtoolError as exc:
             box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)
+    with _with_the_others(world):
+        dist.broadcast_object_list(box, src=0)
     status, value = box[0]
     if status == "error":
         raise LmtoolError(value)
