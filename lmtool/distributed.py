@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import LmtoolError
-from .tasks.records import JsonlWriter, record_key, resume_keys
+from .tasks.records import JsonlWriter, read_lines, record_key, resume_keys
 
 # A rank that finishes early waits at the final barrier for the slowest; gloo's default 30 minute
 # timeout would fail a long unbalanced job. A dead worker is still caught: torchrun's agent stops
@@ -212,23 +212,7 @@ def parts_dir(output: str | Path) -> Path:
 
 
 def _read_records(path: Path) -> list[dict]:
-    """The JSON records of a file, without a torn last line (a write an interruption cut short)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmtoolError(f"{path}: cannot read ({exc})") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            if number == len(lines) and not line.endswith("\n"):
-                break
-            raise LmtoolError(f"{path}:{number}: not a JSON record; is this an output of this command?")
-        records.append(record)
-    return records
+    return [record for _, record in read_lines(path)[0]]
 
 
 def _part_records(output: Path) -> list[dict]:

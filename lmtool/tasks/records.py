@@ -26,25 +26,36 @@ def resume_keys(path: str | Path) -> set[str]:
     path = Path(path)
     if not path.exists():
         return set()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LmtoolError(f"{path}: cannot read it to resume ({exc})") from None
+    lines, torn = read_lines(path)
     keys: set[str] = set()
     kept: list[str] = []
-    for number, line in enumerate(lines, 1):
-        record = _parse(line)
-        if record is None:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # the write an interruption cut short
-            raise LmtoolError(f"{path}:{number}: not a JSON record; is this an output of this command?")
+    for line, record in lines:
         if "error" in record or record_key(record) is None:
             continue
         keys.add(record_key(record))
         kept.append(line if line.endswith("\n") else line + "\n")
-    if len(kept) != len(lines):
+    if torn or len(kept) != len(lines):
         _replace(path, "".join(kept))
     return keys
+
+
+def read_lines(path: Path) -> tuple[list[tuple[str, dict]], bool]:
+    """Each line of a JSON Lines output with its record, and whether a last line cut short by an
+    interruption was left out. Any other line that is not a JSON record is an error: the file is
+    probably not an output of this command, and resuming must not damage it."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LmtoolError(f"{path}: cannot read it to resume ({exc})") from None
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        record = _parse(line)
+        if record is None:
+            if number == len(lines) and not line.endswith("\n"):
+                return parsed, True  # the write an interruption cut short
+            raise LmtoolError(f"{path}:{number}: not a JSON record; is this an output of this command?")
+        parsed.append((line, record))
+    return parsed, False
 
 
 def _parse(line: str) -> dict | None:
