@@ -59,9 +59,10 @@ class World:
         return self.size == self.local_size
 
     def log(self, message: str) -> None:
-        """A line on stderr, prefixed with the rank when there are several."""
-        prefix = f"[rank {self.rank}/{self.size}] " if self.distributed else ""
-        print(prefix + message, file=sys.stderr, flush=True)
+        """A line on stderr prefixed with the rank; nothing for a single process, whose summary
+        line says it all."""
+        if self.distributed:
+            print(f"[rank {self.rank}/{self.size}] {message}", file=sys.stderr, flush=True)
 
 
 @contextmanager

@@ -119,7 +119,7 @@ def generate_command(
         system = checked_text(system, "--system")
 
     lm = load(model, task="causal-lm", dtype=dtype, device=distributed.rank_device(world, device))
-    set_threads(distributed.threads_for(world, threads), lm.weight_bytes)
+    world.log(f"{lm.device}, {set_threads(distributed.threads_for(world, threads), lm.weight_bytes)} threads")
     window = context_window(lm.config)
     if verbose:
         from ..inference import runtime_summary
@@ -233,7 +233,12 @@ def generate_command(
         run_batches(list(range(len(items))), None)
         return
     keys = [str(item.get("id", position + 1)) for position, item in enumerate(items)]
-    counts, skipped = distributed.sharded_run(world, output, keys, resume=resume, force=force, work=run_batches)
+    def rank_share(positions: list[int], write) -> int:
+        done = run_batches(positions, write)
+        world.log(f"generate: {done} prompts done")
+        return done
+
+    counts, skipped = distributed.sharded_run(world, output, keys, resume=resume, force=force, work=rank_share)
     if world.leader:
         already = f", {skipped} already in {output}" if skipped else ""
         info(f"generate: {sum(counts)} prompts done{already}")

@@ -95,7 +95,7 @@ def run_command(
     if not sharded and output is not None and not (resume or force) and Path(output).exists():
         raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
     lm = load(model, task=task_name, dtype=dtype, device=distributed.rank_device(world, device))
-    set_threads(distributed.threads_for(world, threads), lm.weight_bytes)
+    world.log(f"{lm.device}, {set_threads(distributed.threads_for(world, threads), lm.weight_bytes)} threads")
     if lm.tokenizer is None:
         raise LmtoolError(f"{model}: has no tokenizer (tokenizer.json or tokenizer.model)")
     task = make_task(lm)
