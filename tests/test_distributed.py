@@ -133,6 +133,18 @@ def test_a_crashed_run_is_finished_by_a_plain_resume(job, tmp_path, capsys):
     assert "already in" in err
 
 
+def test_two_ranks_resume_what_one_process_began(job, tmp_path):
+    model, listing, reference = job
+    output = tmp_path / "tags.jsonl"
+    lines = reference.read_text().splitlines(keepends=True)
+    output.write_text(lines[3] + lines[0] + lines[5][:15])  # an interrupted run: two records, one torn
+    run = torchrun(ONE_NODE, ["tag", model, "--files-from", str(listing), "-o", str(output), "--resume"])
+    assert run.returncode == 0, run.stderr.decode()
+    assert_same_records(output, reference)  # and back in input order
+    done, failed, kept = summary_counts(run.stderr.decode())
+    assert kept == sum("error" not in json.loads(lines[i]) for i in (0, 3)) and done + failed + kept == 8
+
+
 # --- the merge, without torchrun -----------------------------------------------------------------
 
 
