@@ -286,7 +286,8 @@ class PartWriter:
     def __init__(self, output: str | Path, world: World):
         folder = parts_dir(output)
         folder.mkdir(parents=True, exist_ok=True)
-        # The attempt number keeps a restarted group from appending to a file it is folding.
+        # Named for whoever looks into a crashed run; rank 0 folded and removed the files of
+        # earlier attempts before any rank starts writing.
         name = f"rank-{world.rank:05d}-attempt-{world.restart}.jsonl"
         self._writer = JsonlWriter(str(folder / name))
 
