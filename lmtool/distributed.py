@@ -301,6 +301,18 @@ class PartWriter:
 # --- a sharded run ------------------------------------------------------------------------------
 
 
+def _refuse_existing(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
+
+
+def check_output(world: World, output: str | None, *, resume: bool, force: bool) -> None:
+    """Before the model loads: an existing OUT needs --resume or --force (rank 0 looks, so that
+    no rank sees the OUT that rank 0 starts once the run is under way)."""
+    if output is not None and not resume and world.restart == 0:
+        on_leader(world, lambda: _refuse_existing(Path(output), force))
+
+
 def sharded_run(
     world: World, output: str, keys: list[str], *, resume: bool, force: bool,
     work: Callable[[list[int], Callable[[int, dict], None]], Any],
@@ -316,8 +328,7 @@ def sharded_run(
             fold_parts(path)
             done = resume_keys(path)
         else:
-            if path.exists() and not force:
-                raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
+            _refuse_existing(path, force)
             shutil.rmtree(parts_dir(path), ignore_errors=True)
             _write_atomically(path, [])
             done = set()

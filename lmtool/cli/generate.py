@@ -118,6 +118,7 @@ def generate_command(
     if system is not None:
         system = checked_text(system, "--system")
 
+    distributed.check_output(world, output, resume=resume, force=force)
     lm = load(model, task="causal-lm", dtype=dtype, device=distributed.rank_device(world, device))
     world.log(f"{lm.device}, {set_threads(distributed.threads_for(world, threads), lm.weight_bytes)} threads")
     window = context_window(lm.config)

@@ -78,8 +78,6 @@ def run_command(
     *, output: str | None, resume: bool, as_json: bool, batch_size: int, dtype: str, device: str,
     force: bool = False, threads: int | None = None,
 ) -> None:
-    from pathlib import Path
-
     from .. import distributed
     from ..loading import load, set_threads
     from ..tasks import run_task
@@ -90,10 +88,9 @@ def run_command(
     distributed.require_output(world, output)
     if resume and output is None:
         raise LmtoolError("--resume needs --output FILE")
-    # Under torchrun, or resuming what one left, OUT is written by lmtool.distributed (rank 0 checks it).
+    # Under torchrun, or resuming what one left, OUT is written by lmtool.distributed.
     sharded = world.distributed or (resume and distributed.parts_dir(output).is_dir())
-    if not sharded and output is not None and not (resume or force) and Path(output).exists():
-        raise LmtoolError(f"{output}: already exists (--resume continues it, --force replaces it)")
+    distributed.check_output(world, output, resume=resume, force=force)
     lm = load(model, task=task_name, dtype=dtype, device=distributed.rank_device(world, device))
     world.log(f"{lm.device}, {set_threads(distributed.threads_for(world, threads), lm.weight_bytes)} threads")
     if lm.tokenizer is None:
