@@ -19,6 +19,7 @@ import ctypes
 import torch
 
 from . import library as kernels_library
+from . import rows_of
 
 MAX_STATE = 512  # largest Mamba2 state size the kernel takes (steps.c MAX_STATE)
 
@@ -42,15 +43,6 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     )
 
 
-def rows(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
-    """x [..., width] as rows of width with a unit inner stride: (tensor, row stride); copied only
-    when its layout does not allow that."""
-    flat = x.reshape(-1, width) if x.dim() != 2 else x
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    return flat, flat.stride(0) if flat.shape[0] > 1 else width
-
-
 def conv_step(
     x: torch.Tensor, state: torch.Tensor, weight_kc: torch.Tensor, bias: torch.Tensor | None, silu: bool = False
 ) -> torch.Tensor:
@@ -59,7 +51,7 @@ def conv_step(
     dtype or None -> [B,1,C] (SiLU applied when silu)."""
     B, _, C = x.shape
     K = weight_kc.shape[0]
-    flat, stride = rows(x, C)
+    flat, stride = rows_of(x)
     out = torch.empty(B, 1, C, dtype=x.dtype)
     library().lm_conv_step(
         int(x.dtype == torch.bfloat16), flat.data_ptr(), stride, state.data_ptr(), weight_kc.data_ptr(),
@@ -81,9 +73,9 @@ def rglru_step(
     starts its sequence: nothing before it carries over) or None, h [B,L] float32 (updated in
     place) -> the new h in x's dtype [B,L]."""
     B, L = h.shape
-    xs, x_stride = rows(x, L)
-    gi, gi_stride = rows(input_gate, L)
-    gr, gr_stride = rows(recurrent_gate, L)
+    xs, x_stride = rows_of(x)
+    gi, gi_stride = rows_of(input_gate)
+    gr, gr_stride = rows_of(recurrent_gate)
     out = torch.empty(B, L, dtype=x.dtype)
     library().lm_rglru_step(
         int(x.dtype == torch.bfloat16), xs.data_ptr(), x_stride, gi.data_ptr(), gi_stride, gr.data_ptr(), gr_stride,
@@ -108,10 +100,10 @@ def ssd_step(
     one projection), A [H] float32, D [H] or None -> y [b,H,P] in x's dtype."""
     b, H, P, N = state.shape
     G = B.shape[-1] // N
-    xs, x_stride = rows(x, H * P)
-    dts, dt_stride = rows(dt, H)
-    Bs, b_stride = rows(B, G * N)
-    Cs, c_stride = rows(C, G * N)
+    xs, x_stride = rows_of(x)
+    dts, dt_stride = rows_of(dt)
+    Bs, b_stride = rows_of(B)
+    Cs, c_stride = rows_of(C)
     y = torch.empty(b, H, P, dtype=x.dtype)
     status = library().lm_ssd_step(
         int(x.dtype == torch.bfloat16), state.data_ptr(), xs.data_ptr(), x_stride, dts.data_ptr(), dt_stride,
@@ -128,7 +120,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast:
     rounded once after the product, or (scale_after_cast) rounded before it and after it, as
     lmtool.layers.RMSNorm's two conventions."""
     n = x.shape[-1]
-    flat, stride = rows(x, n)
+    flat, stride = rows_of(x)
     out = torch.empty(x.shape, dtype=x.dtype)
     library().lm_rms_norm(
         int(x.dtype == torch.bfloat16), flat.data_ptr(), stride, flat.shape[0], n, scale.data_ptr(),
@@ -142,8 +134,8 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group
     z's dtype (the model's, as weight's). y in that dtype (a decode step), or float32 (after a
     prefill scan: then, as transformers, nothing is rounded before the weight's product)."""
     n = y.shape[-1]
-    ys, y_stride = rows(y, n)
-    zs, z_stride = rows(z, n)
+    ys, y_stride = rows_of(y)
+    zs, z_stride = rows_of(z)
     out = torch.empty(y.shape, dtype=z.dtype)
     status = library().lm_gated_rms_norm(
         int(z.dtype == torch.bfloat16), ys.data_ptr(), y_stride, int(y.dtype != z.dtype), zs.data_ptr(), z_stride,
@@ -183,7 +175,7 @@ def mamba2_step(
     K, conv_dim = conv_weight_kc.shape
     d_inner = H * P
     G = (conv_dim - d_inner) // (2 * N)
-    flat, stride = rows(zxbcdt, zxbcdt.shape[-1])
+    flat, stride = rows_of(zxbcdt)
     out = torch.empty(B, 1, d_inner, dtype=zxbcdt.dtype)
     status = library().lm_mamba2_step(
         int(zxbcdt.dtype == torch.bfloat16), flat.data_ptr(), stride, B, d_inner, conv_dim, H, G, P, N, K,
