@@ -24,6 +24,7 @@ or unpacked on the way out), but it cannot be trained, cast or moved afterwards.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -99,6 +100,30 @@ def row_slices(table: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """Views of consecutive rows of table, each at most SLICE_BYTES once in dtype."""
     rows = max(1, SLICE_BYTES // (table.shape[1] * torch.finfo(dtype).bits // 8))
     return list(table.split(rows))
+
+
+@lru_cache(maxsize=1)
+def onednn_float32_matmul() -> bool:
+    """Whether oneDNN's matmul takes plain row-major float32 weights here (a CPU build with
+    oneDNN). Checked once on a product whose result is known, so a build without the operator,
+    or one that rejects unpacked weights, falls back to F.linear."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), torch.ones(4), "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.equal(out, torch.full((2, 4), 4.0))
+
+
+def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x . weight^T + bias for many rows (prefill). In float32, oneDNN's matmul on the plain
+    weight: 1.2x the speed of F.linear's MKL sgemm at 512 rows on an AMD Zen 4 and 1.8x at 64
+    (benchmarks/prefill_gemm.py), still a strict float32 product (only the summation order differs),
+    with the bias added inside the product rather than by a second pass over the output."""
+    if x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and onednn_float32_matmul():
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class CastScratch:
@@ -202,14 +227,14 @@ class NativeLinear(FrozenLinear):
     def dense_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         compute = self.compute_dtype
         if weight.dtype == x.dtype == compute:
-            return F.linear(x, weight, bias)
+            return prefill_linear(x, weight, bias)
         # bfloat16 weights of a float32 model, or a bfloat16 model computed in float32: cast a
         # slice at a time into the shared scratch, not the whole matrix.
-        wide = x.to(compute)
-        outs = [F.linear(wide, self.scratch.cast(rows, compute)) for rows in row_slices(weight, compute)]
+        wide = x.to(compute).contiguous()
+        slices = row_slices(weight, compute)
+        biases = [None] * len(slices) if bias is None else list(bias.to(compute).split([s.shape[0] for s in slices]))
+        outs = [prefill_linear(wide, self.scratch.cast(rows, compute), b) for rows, b in zip(slices, biases)]
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        if bias is not None:
-            out = out + bias.to(compute)
         return out.to(x.dtype)
 
     def dense_weights(self) -> list[torch.Tensor]:

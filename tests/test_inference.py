@@ -96,11 +96,11 @@ def test_bfloat16_prefill_runs_in_float32_without_native_bfloat16_matmul(checkpo
     frozen = lmtool.load(checkpoint, dtype="bfloat16", tokenizer=False)
     plain = lmtool.load(checkpoint, dtype="bfloat16", tokenizer=False, frozen=False)
     seen: list[torch.dtype] = []
-    linear = F.linear
-    monkeypatch.setattr(inference.F, "linear", lambda x, w, b=None: seen.append(w.dtype) or linear(x, w, b))
+    linear = inference.prefill_linear
+    monkeypatch.setattr(inference, "prefill_linear", lambda x, w, b=None: seen.append(w.dtype) or linear(x, w, b))
     ids = torch.randint(0, 80, (3, 9))  # 27 rows: over kernels.MAX_ROWS, the prefill path
     ours = logits(frozen, ids)
-    monkeypatch.setattr(inference.F, "linear", linear)
+    monkeypatch.setattr(inference, "prefill_linear", linear)
     reference = logits(plain, ids)
     assert seen and set(seen) == {torch.bfloat16 if native_bf16 else torch.float32}
     assert (ours - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
