@@ -209,3 +209,91 @@ def test_mamba2_step_kernel_matches_the_mixers_operations(dtype, batch, groups):
     assert_close(got, want.detach(), dtype)
     for name in ("conv", "ssm"):
         assert_close(native.get(name), reference.get(name).detach(), native.get(name).dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,with_delta", [(1, 37, True), (3, 300, True), (2, 1024, False), (700, 400, True)])
+def test_add_layer_norm_kernel_matches_the_operations_it_replaces(dtype, rows, n, with_delta):
+    torch.manual_seed(rows + n)
+    norm = torch.nn.LayerNorm(n, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.5), norm.bias.normal_(0, 0.5)
+    x = strided(rows, n, dtype) * 3 + 1  # an offset mean: the variance must not cancel it away
+    delta = strided(rows, n, dtype) if with_delta else None
+    with torch.no_grad():
+        want_sum = x + delta if with_delta else x
+        want = norm(want_sum)
+        got_sum, got = steps.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(got_sum, want_sum)  # the residual add: bit for bit
+    if dtype == torch.float32:
+        assert_close(got, want, dtype)
+        return
+    # The moments may differ from PyTorch's by an ulp; where the bias cancels the normalized
+    # value, that shows as a large relative but tiny absolute difference: a bfloat16 step of the
+    # terms' size, on a few elements.
+    differ = got != want
+    assert differ.float().mean() <= 0.001, f"{int(differ.sum())} of {got.numel()} differ"
+    size = want.float().abs() + norm.bias.float().abs()
+    assert ((got.float() - want.float()).abs() <= 2**-7 * size * 1.01).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_append_kernel_writes_what_the_indexed_assignment_does(dtype):
+    B, H, hd, max_len = 2, 3, 5, 7
+    fused = torch.randn(B, 1, H, 3, hd, dtype=dtype)  # BLOOM's QKV output: keys and values strided views
+    k, v = (fused[..., i, :].transpose(1, 2) for i in (1, 2))
+    keys, values = torch.randn(B, H, max_len, hd, dtype=dtype), torch.randn(B, H, max_len, hd, dtype=dtype)
+    want_keys, want_values = keys.clone(), values.clone()
+    want_keys[:, :, 4:5], want_values[:, :, 4:5] = k, v
+    steps.kv_append(keys, values, k, v, 4)
+    assert torch.equal(keys, want_keys) and torch.equal(values, want_values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("post_ln", [False, True])
+def test_bloom_decode_step_on_the_kernels_matches_its_operations(dtype, post_ln):
+    """A cached BLOOM prefill and decode with its LayerNorms fused with the residual adds and the
+    KV append on the kernels, against the same model with those two calls replaced by the PyTorch
+    operations they stand for (the other kernels in both)."""
+    from lmtool.families.bloom.config import BloomConfig
+    from lmtool.families.bloom.model import BloomModel
+
+    torch.manual_seed(int(post_ln))
+    config = BloomConfig.from_dict(dict(
+        model_type="bloom", vocab_size=60, hidden_size=48, n_layer=2, n_head=6,
+        apply_residual_connection_post_layernorm=post_ln,
+    ))
+    model = BloomModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model = model.to(dtype).requires_grad_(False)
+    ids = torch.randint(0, 60, (2, 9))
+
+    def decode() -> torch.Tensor:
+        cache = model.make_cache(2, 12, dtype, "cpu")
+        model(ids[:, :6], cache=cache)
+        return torch.cat([model(ids[:, i : i + 1], cache=cache) for i in range(6, 9)], dim=1)
+
+    def add_layer_norm(x, delta, weight, bias, eps):
+        total = x + delta if delta is not None else x
+        return total, F.layer_norm(total, total.shape[-1:], weight, bias, eps)
+
+    def kv_append(keys, values, k, v, position):
+        keys[:, :, position : position + 1], values[:, :, position : position + 1] = k, v
+
+    calls = []
+    originals = steps.add_layer_norm, steps.kv_append
+    steps.add_layer_norm = lambda *a: calls.append("norm") or originals[0](*a)
+    steps.kv_append = lambda *a: calls.append("kv") or originals[1](*a)
+    try:
+        got = decode()
+        steps.add_layer_norm, steps.kv_append = add_layer_norm, kv_append
+        want = decode()
+    finally:
+        steps.add_layer_norm, steps.kv_append = originals
+    assert "norm" in calls and "kv" in calls
+    if dtype == torch.float32:
+        assert_close(got, want, dtype)
+    else:  # an ulp of a LayerNorm's moments, carried through the layers after it
+        assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()

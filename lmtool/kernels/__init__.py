@@ -243,6 +243,8 @@ ARGTYPES = {
         _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
         _ptr, _i64, _float, _ptr,
     ],
+    "lm_add_layer_norm": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _float, _ptr, _ptr],
+    "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
 }
 # Functions that return a status (0 = done); the others return nothing.
 RETURNS_STATUS = ("lm_gated_rms_norm", "lm_ssd_step", "lm_mamba2_step")

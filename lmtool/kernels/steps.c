@@ -322,3 +322,60 @@ int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, 
     free(xbc), free(dt), free(y);
     return 0;
 }
+
+/* --- LayerNorm after a residual add (BLOOM) ------------------------------------------------------
+ * sum = x + delta, rounded to the model dtype as PyTorch's add, then out = LayerNorm(sum) with
+ * weight and bias [n] (model dtype): the mean and biased variance of the rounded sum, then
+ * fma((v - mean) rstd, weight, bias) in float32 (PyTorch's CPU layer_norm fuses that last
+ * multiply-add), rounded once. delta NULL: out = LayerNorm(x) and sum is not written. The moments
+ * are taken in double: correctly rounded, where PyTorch's float32 Welford sums come within an ulp,
+ * so an output can differ from PyTorch's by an ulp (float32) or, at a rounding tie, one bfloat16
+ * step (about one element in a thousand).
+ * Why: BLOOM's decode step ran each of its two adds and two LayerNorms per layer as PyTorch
+ * operations (an allocation and a dispatch each); this is one pass. Rows of x and delta have
+ * strides; sum and out [rows, n] contiguous. */
+static inline __attribute__((always_inline)) void add_layer_norm_body(
+    int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t rows, int64_t n,
+    const void *weight, const void *bias, float eps, void *sum, void *out) {
+#pragma omp parallel for schedule(static) if (rows * n >= 262144)
+    for (int64_t r = 0; r < rows; r++) {
+        float v[n];
+        double total = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            float a = ld(x, r * x_stride + i, bf);
+            if (delta) {
+                a = rnd(a + ld(delta, r * delta_stride + i, bf), bf);
+                st(sum, r * n + i, a, bf);
+            }
+            v[i] = a;
+            total += a;
+        }
+        double mean = total / (double)n, squares = 0.0;
+        for (int64_t i = 0; i < n; i++) squares += ((double)v[i] - mean) * ((double)v[i] - mean);
+        float mean_f = (float)mean, rstd = 1.0f / sqrtf((float)(squares / (double)n) + eps);
+        for (int64_t i = 0; i < n; i++)
+            st(out, r * n + i, fmaf((v[i] - mean_f) * rstd, ld(weight, i, bf), ld(bias, i, bf)), bf);
+    }
+}
+
+void lm_add_layer_norm(int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t rows,
+                       int64_t n, const void *weight, const void *bias, float eps, void *sum, void *out) {
+    if (bf) add_layer_norm_body(1, x, x_stride, delta, delta_stride, rows, n, weight, bias, eps, sum, out);
+    else add_layer_norm_body(0, x, x_stride, delta, delta_stride, rows, n, weight, bias, eps, sum, out);
+}
+
+/* --- one step's keys and values into a KV cache ---------------------------------------------------
+ * keys[b, h, position] = k[b, h] and values[b, h, position] = v[b, h] (rows of hd, copied as they
+ * are): k and v rows at b * sb + h * sh (views into a fused projection's output, never copied
+ * out of it first), keys and values [B, H, max_len, hd] contiguous. One call instead of the slicing
+ * and two copies per layer of an indexed assignment. */
+void lm_kv_append(int bf, const void *k, int64_t k_sb, int64_t k_sh, const void *v, int64_t v_sb, int64_t v_sh,
+                  void *keys, void *values, int64_t B, int64_t H, int64_t max_len, int64_t hd, int64_t position) {
+    int64_t size = bf ? 2 : 4;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            int64_t slot = ((b * H + h) * max_len + position) * hd * size;
+            memcpy((char *)keys + slot, (const char *)k + (b * k_sb + h * k_sh) * size, hd * size);
+            memcpy((char *)values + slot, (const char *)v + (b * v_sb + h * v_sh) * size, hd * size);
+        }
+}

@@ -185,3 +185,35 @@ def mamba2_step(
     if status != 0:
         raise ValueError(f"mamba2_step: state size {N} above {MAX_STATE}" if status == -1 else "mamba2_step: out of memory")
     return out
+
+
+def add_layer_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, layer_norm(x + delta, weight, bias, eps)) in one pass, the sum rounded to the
+    model dtype before the norm as the two PyTorch operations do; delta None: (x, layer_norm(x)).
+    x and delta [..., n] (rows may be strided), weight and bias [n], all in one dtype."""
+    n = x.shape[-1]
+    xs, x_stride = rows_of(x)
+    ds, d_stride = rows_of(delta) if delta is not None else (None, 0)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    total = torch.empty(x.shape, dtype=x.dtype) if delta is not None else x
+    library().lm_add_layer_norm(
+        int(x.dtype == torch.bfloat16), xs.data_ptr(), x_stride, ds.data_ptr() if ds is not None else None, d_stride,
+        xs.shape[0], n, weight.data_ptr(), bias.data_ptr(), eps, total.data_ptr() if delta is not None else None,
+        out.data_ptr(),
+    )
+    return total, out
+
+
+def kv_append(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+    """keys[:, :, position] = k and values[:, :, position] = v in one call: keys and values a KV
+    cache's [B,H,max_len,hd] contiguous tensors, k and v [B,H,1,hd] with rows of hd contiguous
+    (views of a fused projection's output)."""
+    B, H, max_len, hd = keys.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("kv_append: key and value rows must be contiguous")
+    library().lm_kv_append(
+        int(keys.dtype == torch.bfloat16), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+        v.stride(1), keys.data_ptr(), values.data_ptr(), B, H, max_len, hd, position,
+    )

@@ -15,6 +15,7 @@ from torch import nn
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step, begin_step, kv_cache
+from ...kernels import steps as step_kernels
 from ...layers import causal_mask
 from .config import BloomConfig
 
@@ -64,6 +65,28 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
+def add_and_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)); delta None: (x, norm(x)). One native pass where the kernels
+    run, the sum rounded to the model dtype before the norm just as the two PyTorch operations."""
+    if kernels.usable(x, delta, norm.weight, norm.bias):
+        return step_kernels.add_layer_norm(x, delta, norm.weight, norm.bias, norm.eps)
+    if delta is not None:
+        x = x + delta
+    return x, norm(x)
+
+
+def append_to_cache(cache: KVCache, k: torch.Tensor, v: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """cache.update(k, v, step.start) for a one-token step, in one native call where the kernels run
+    (k and v stay views of the fused projection; nothing is sliced or copied out of it first)."""
+    if k.shape[2] != 1 or type(cache) is not KVCache or not kernels.usable(k, v, cache.keys):
+        return cache.update(k, v, step.start)
+    end = step.start + 1
+    if end > cache.keys.shape[2]:
+        raise RuntimeError(f"KV cache is full: {end} positions needed, {cache.keys.shape[2]} allocated")
+    step_kernels.kv_append(cache.keys, cache.values, k, v, step.start)
+    return cache.keys[:, :, :end], cache.values[:, :, :end]
+
+
 def tp_linear(x: torch.Tensor, linear: nn.Linear, tp_slices: int) -> torch.Tensor:
     """linear(x), or with slow_but_exact a sum over pretraining_tp input slices. That path adds no
     bias, exactly as transformers computes it."""
@@ -94,7 +117,7 @@ class BloomAttention(nn.Module):
         fused = self.query_key_value(x).view(B, T, H, 3, hd)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # [B,H,T,hd]
         if cache is not None:
-            k, v = cache.update(k, v, step.start)
+            k, v = append_to_cache(cache, k, v, step)
         S = k.shape[2]
         if T > 1:
             context = self.fused_attention(q, k, v, alibi, mask)
@@ -151,11 +174,14 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
         self.residual_from_norm = config.apply_residual_connection_post_layernorm
 
-    def forward(self, x, alibi, mask, step, cache):
-        h = self.input_layernorm(x)
-        x = (h if self.residual_from_norm else x) + self.self_attention(h, alibi, mask, step, cache)
-        h = self.post_attention_layernorm(x)
-        return (h if self.residual_from_norm else x) + self.mlp(h)
+    def forward(self, x, pending, alibi, mask, step, cache):
+        """The block on the residual stream x + pending (pending: the previous block's MLP output,
+        or None), returned the same way: (its stream, its MLP output). Each residual add is thus
+        made in one pass with the LayerNorm that reads it (add_and_norm)."""
+        x, h = add_and_norm(x, pending, self.input_layernorm)
+        residual = h if self.residual_from_norm else x
+        x, h = add_and_norm(residual, self.self_attention(h, alibi, mask, step, cache), self.post_attention_layernorm)
+        return (h if self.residual_from_norm else x), self.mlp(h)
 
 
 class BloomModel(nn.Module):
@@ -186,9 +212,10 @@ class BloomModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
         step = begin_step(input_ids, attention_mask, cache)
-        x = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        _, x = add_and_norm(self.word_embeddings(input_ids), None, self.word_embeddings_layernorm)
         alibi = alibi_bias(self.slopes(x.device), step, x.dtype)
         mask = eager_mask(step)
+        pending = None  # the last block's MLP output, added to x in the pass of the next LayerNorm
         for i, block in enumerate(self.h):
-            x = block(x, alibi, mask, step, cache[i] if cache is not None else None)
-        return self.ln_f(x)
+            x, pending = block(x, pending, alibi, mask, step, cache[i] if cache is not None else None)
+        return add_and_norm(x, pending, self.ln_f)[1]
