@@ -12,7 +12,8 @@ replace cost as much as a third of the weight streaming.
 
 The C source lives beside this file, one file per instruction set (`ISAS`), all sharing the
 drivers in common.h: avx512.c (AVX-512 with AVX512-BF16), avx2.c (AVX2 and FMA), neon.c (aarch64,
-built with and without the bf16 extension) and portable.c (plain C the compiler vectorizes). The
+built with and without the bf16 extension) and portable.c (plain C the compiler vectorizes); steps.c
+(the per-token steps) and quant.c (weight-only int8 and int4 linear layers) go into each build. The
 best set this CPU has is built with the system C compiler (CC, else gcc, else cc) into
 ~/.cache/lmtool/kernels under a hash of the source, compiler and flags, in about a second, the
 first time a model loads, and loaded with ctypes; the shared object links the libgomp that torch
@@ -58,6 +59,9 @@ HEADERS = ("common.h", "plain.h", "fastmath.h")
 # Compiled into every ISA's library beside its own source: the per-token elementwise and recurrent
 # steps (norms, soft-cap, conv, RG-LRU, Mamba2), plain C that the ISA's flags vectorize.
 STEPS_SOURCE = "steps.c"
+# Compiled into every ISA's library as well: the weight-only int8 and int4 decode kernels
+# (lm_int8_linear, lm_int4_linear), which read compressed-tensors codes where they lie.
+QUANT_SOURCE = "quant.c"
 # -fno-trapping-math: no kernel reads floating-point exception flags, and without it GCC keeps the
 # selects of plain.h's loops as branches and leaves them scalar. -ffp-contract=off: steps.c rounds
 # a product before adding it, as PyTorch does (the intrinsics' explicit FMAs are unaffected);
@@ -180,7 +184,7 @@ def kernel_cache() -> Path:
 
 def package_sources(isa: Isa) -> dict[str, str]:
     """The files an ISA's build compiles: its source, the step kernels and the shared headers."""
-    return {name: (SOURCE_DIR / name).read_text() for name in (*HEADERS, STEPS_SOURCE, isa.source)}
+    return {name: (SOURCE_DIR / name).read_text() for name in (*HEADERS, STEPS_SOURCE, QUANT_SOURCE, isa.source)}
 
 
 def first_error(stderr: str) -> str:
@@ -205,8 +209,8 @@ def build(compiler: str, isa: Isa, sources: dict[str, str] | None = None) -> Pat
         for name, text in sources.items():
             (Path(tmp) / name).write_text(text)
         built = Path(tmp) / target.name
-        # An older revision's sources (kernel_sweep) may lack the step kernels.
-        units = [isa.source, *([STEPS_SOURCE] if STEPS_SOURCE in sources else [])]
+        # An older revision's sources (kernel_sweep) may lack the step or quantized kernels.
+        units = [isa.source, *(unit for unit in (STEPS_SOURCE, QUANT_SOURCE) if unit in sources)]
         done = subprocess.run(  # in the folder, so that errors name the file, not the temporary path
             [compiler, *flags, *units, "-o", built.name, "-lm"], capture_output=True, text=True, timeout=300, cwd=tmp
         )
@@ -228,6 +232,8 @@ _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes
 # The exported functions and their C argument types (common.h, steps.c); a new kernel adds a row here.
 ARGTYPES = {
     "lm_linear": [_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
+    "lm_int8_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64],
+    "lm_int4_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _ptr, _i64],
     "lm_gelu_tanh_mul": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
     "lm_attend_one": [
         _int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
@@ -247,7 +253,7 @@ ARGTYPES = {
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
 }
 # Functions that return a status (0 = done); the others return nothing.
-RETURNS_STATUS = ("lm_gated_rms_norm", "lm_ssd_step", "lm_mamba2_step")
+RETURNS_STATUS = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_mamba2_step")
 
 
 def load_library(path: Path) -> ctypes.CDLL:

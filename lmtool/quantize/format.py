@@ -158,10 +158,12 @@ class QuantizedWeight:
     zero_point: torch.Tensor | None
     codes: torch.Tensor | None = None  # 8 bits
     nibbles: torch.Tensor | None = None  # 4 bits
-    # 4 bits on CPU: the codes in the layout of torch's int4 CPU kernel (made at load, see
-    # lmtool.quantize.linear.prepare), and its per-dtype [groups, out, 2] scales and float zeros.
+    # 4 bits on CPU where lmtool's own kernel cannot run: the codes in the layout of torch's int4
+    # CPU kernel (made at load, see lmtool.quantize.linear.prepare), and its per-dtype
+    # [groups, out, 2] scales and float zeros.
     int4pack: torch.Tensor | None = None
     _row_scales: dict = field(default_factory=dict, repr=False)
+    _group_scale: torch.Tensor | None = field(default=None, repr=False)
     _scale_zeros: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -183,6 +185,16 @@ class QuantizedWeight:
         if cached is None:
             cached = self._row_scales[dtype] = self.scale.reshape(-1).to(dtype).contiguous()
         return cached
+
+    def group_scale(self) -> torch.Tensor:
+        """The scale [out, groups] as lmtool's int4 kernel reads it, bfloat16 or float32 with unit
+        stride along the groups: the stored (mapped) tensor itself where it is one, else a float32
+        copy made once."""
+        if self.scale.dtype in (torch.bfloat16, torch.float32) and self.scale.stride(1) == 1:
+            return self.scale
+        if self._group_scale is None:
+            self._group_scale = self.scale.to(torch.float32).contiguous()
+        return self._group_scale
 
     def scale_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
         """[groups, out, 2]: scale and the float zero of (u - 8) * scale + zero, u the stored

@@ -3,11 +3,15 @@
 When a checkpoint carries compressed-tensors weights, `swap_quantized` replaces each quantized
 nn.Linear by a QuantizedLinear and a quantized input embedding by a QuantizedEmbedding (with a tied
 LM head over the same codes) before the remaining tensors are assigned. Both hold the checkpoint's
-memory-mapped codes and scales: no full-size dequantized copy is ever made. Two copies replace the
-mapping rather than add to it (its pages are dropped): llm-compressor's 8-bit pack-quantized bytes
-become int8 codes, and int4 weights on CPU are repacked into the layout of torch's int4 kernel.
+memory-mapped codes and scales: no full-size dequantized copy is ever made.
 
-Every product goes through `quantized_matmul`, the one place a native kernel plugs in.
+Every product goes through `quantized_matmul`. Decode (up to kernels.MAX_ROWS activation rows)
+runs on lmtool's own kernels (lmtool/kernels/quant.c), which read the stored int8 codes and int4
+nibbles where they lie: a step streams the compressed bytes once, at memory speed. PyTorch's int8
+and int4 CPU kernels remain the fallback (LMTOOL_NATIVE=0, no C compiler, float16 models); for
+them two copies replace the mapping rather than add to it (its pages are dropped):
+llm-compressor's 8-bit pack-quantized bytes become int8 codes (always), and int4 weights are
+repacked into the layout of torch's int4 kernel (only where lmtool's kernel cannot take them).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from .format import QuantizedWeight, quantized_modules, read_weight
@@ -38,10 +43,53 @@ def _int8_rows(weight: QuantizedWeight, x: torch.Tensor) -> bool:
     )
 
 
+def native_kernel(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether lmtool's int8/int4 kernels take this weight with activations of dtype: on CPU,
+    bfloat16 or float32 activations, the kernels built here, and a layout they read (int8: one
+    scale per row and no zero point; int4: groups of an even size, so that no byte straddles two)."""
+    stored = weight.codes if weight.bits == 8 else weight.nibbles
+    if stored is None or stored.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if not (stored.is_contiguous() and kernels.available()):
+        return False
+    if weight.bits == 8:
+        return weight.zero_point is None and weight.groups == 1
+    return weight.group_size % 2 == 0 and (weight.zero_point is None or weight.zero_point.is_contiguous())
+
+
+def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """x [M <= kernels.MAX_ROWS, in] (rows may be strided) @ W.T on lmtool's kernels, reading the
+    stored codes in place; float32 accumulation, the output rounded once to x's dtype."""
+    rows, row_stride = kernels.rows_of(x)
+    out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if weight.bits == 8:
+        scale = weight.row_scale(torch.float32)
+        status = kernels.library().lm_int8_linear(
+            bf16, rows.data_ptr(), row_stride, rows.shape[0], weight.in_features, weight.codes.data_ptr(),
+            scale.data_ptr(), weight.out_features, out.data_ptr(), weight.out_features,
+        )
+    else:
+        scale, zero = weight.group_scale(), weight.zero_point
+        status = kernels.library().lm_int4_linear(
+            bf16, rows.data_ptr(), row_stride, rows.shape[0], weight.in_features, weight.nibbles.data_ptr(),
+            scale.data_ptr(), int(scale.dtype == torch.bfloat16), scale.stride(0),
+            zero.data_ptr() if zero is not None else None, weight.group_size, weight.out_features,
+            out.data_ptr(), weight.out_features,
+        )
+    if status:
+        raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
+    return out
+
+
 def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
-    """4-bit weights on CPU: repack the stored nibbles into the layout of torch's int4 CPU kernel
-    (which depends on the CPU, so it is made here and never stored), a block of rows at a time,
-    then drop the mapped pages: the repacked copy replaces them, it does not add to them."""
+    """4-bit weights on CPU that lmtool's kernel cannot take: repack the stored nibbles into the
+    layout of torch's int4 CPU kernel (which depends on the CPU, so it is made here and never
+    stored), a block of rows at a time, then drop the mapped pages: the repacked copy replaces
+    them, it does not add to them. Where lmtool's kernel runs, nothing is copied: it reads the
+    mapped nibbles, and prefill dequantizes tiles of them."""
+    if native_kernel(weight, dtype):
+        return
     if not (
         weight.bits == 4 and weight.nibbles.device.type == "cpu" and weight.out_features % 16 == 0
         and weight.group_size in (32, 64, 128, 256) and weight.in_features % weight.group_size == 0
@@ -61,12 +109,16 @@ def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype)
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
-    """x [M, in] @ W.T -> [M, out] for a quantized W: the one place a native kernel plugs in.
+    """x [M, in] @ W.T -> [M, out] for a quantized W.
 
-    Symmetric int8 with one scale per row: torch's _weight_int8pack_mm, which reads the int8 codes
-    where they lie. int4 on CPU: torch's _weight_int4pack_mm_for_cpu over the codes repacked at
-    load. Anything else (other devices, zero points on int8, odd shapes): dequantize the weight a
-    tile of rows at a time and multiply densely, so no full-size float copy exists at any moment."""
+    Decode (M <= kernels.MAX_ROWS) where lmtool's kernels take the weight: native_matmul. Else
+    symmetric int8 with one scale per row: torch's _weight_int8pack_mm, which reads the int8 codes
+    where they lie; int4 repacked at load: torch's _weight_int4pack_mm_for_cpu. Anything else
+    (prefill over native int4 weights, other devices, zero points on int8, odd shapes): dequantize
+    the weight a tile of rows at a time and multiply densely, so no full-size float copy exists at
+    any moment."""
+    if x.shape[0] <= kernels.MAX_ROWS and native_kernel(weight, x.dtype) and kernels.usable(x):
+        return native_matmul(x, weight)
     x = x.contiguous()
     if _int8_rows(weight, x):
         return torch._weight_int8pack_mm(x, weight.codes, weight.row_scale(x.dtype))

@@ -1,0 +1,529 @@
+/* lmtool's weight-only int8 and int4 decode kernels: y[M, N] = x[M, K] . W[N, K]^T for M <= 16
+ * activation rows, W stored as compressed-tensors stores it and read where it lies (memory-mapped,
+ * never repacked or copied).
+ *
+ * Why: decoding is bound by the rate at which weights stream from memory, so an int8 weight should
+ * cost half of a bfloat16 one and an int4 weight a quarter. That needs a kernel that reads the
+ * stored bytes once per call for all activation rows and does little work per byte; PyTorch's
+ * int8/int4 CPU kernels run at about bfloat16's speed, and its int4 one needs a copy of the codes
+ * in its own layout.
+ *
+ *   int8 ("naive-quantized"): codes int8 [N, K], one float32 scale per row:
+ *        y[m, n] = scale[n] * sum_k x[m, k] q[n, k]
+ *   int4 ("pack-quantized"): bytes [N, K/2], byte j of a row holding element 2j in its low nibble
+ *        and 2j+1 in its high one, each the code + 8 (u in [0, 15]); a scale (bfloat16 or float32)
+ *        and an int8 zero point (or none) per row and group of `group` inputs:
+ *        w = (u - 8 - zero_point) * scale, exactly as lmtool.quantize.schemes.dequantize computes it
+ *        in float32.
+ *
+ * The activations (bfloat16 or float32) are first widened once per call into a float32 scratch
+ * copy, zero padded (for int4 split into its even and odd elements, the order of the low and high
+ * nibbles), so that every instruction set multiplies float32 by float32 with one rounding per
+ * product-sum and accumulates in float32; the output is rounded once to the activation dtype.
+ * Output rows are shared among torch's OpenMP threads in blocks of 4 (TILE_ROWS); within a block
+ * the activation rows are taken 8, 4, 2 or 1 at a time against 1, 2 or 4 weight rows (tiles whose
+ * accumulators stay in registers), so the weights are read from memory once whatever M is.
+ *
+ * Built into every instruction set's library beside its own source (lmtool.kernels.build), with
+ * that ISA's flags: AVX-512 (nibbles turned into dequantized floats by one 16-entry table lookup,
+ * vpermps, per 16 weights), AVX2 (integer to float conversion and one FMA), and plain C that the
+ * compiler vectorizes (NEON, portable).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if (defined(__AVX512F__) && defined(__AVX512BF16__)) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+enum { TILE_ROWS = 4, MAX_TILE_M = 8 };
+
+static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t bf16_rounded(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* The float32 copy of the activations, reused from call to call (per calling thread). */
+static __thread float* scratch;
+static __thread size_t scratch_size;
+static float* scratch_floats(size_t n) {
+    const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
+    if (scratch_size < bytes) {
+        free(scratch);
+        scratch = aligned_alloc(64, bytes);
+        scratch_size = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+/* Padding after the last scratch row: a tile may read up to 64 bytes past a row's end, where the
+   weights are masked to zero (the padding only has to be finite). */
+enum { SCRATCH_TAIL = 16 };
+
+/* ---- the tiles of each instruction set --------------------------------------------------------
+ * int8_tile(mb, nb, ...): out[i * TILE_ROWS + j] = sum_k xs[i * ldxs + k] w[j * K + k] for mb
+ * activation rows and nb weight rows.
+ * int4_tile(mb, nb, ...): the same over dequantized nibbles; xs rows hold the even elements, then
+ * (at + half) the odd ones; s and z hold each weight row's scale and 8 + zero point per group
+ * (groups apart). mb and nb are constants at every call (the TILE_SHAPES instances below), so the
+ * accumulator arrays become registers. */
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+
+static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t K, const int8_t* w, float* out) {
+    __m512 acc[MAX_TILE_M][TILE_ROWS];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __m512 wv[TILE_ROWS];
+        if (K - k >= 16) /* masked loads cost an extra operation: only for the tail */
+            for (int j = 0; j < nb; j++) wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k))));
+        else
+            for (int j = 0; j < nb; j++)
+                wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << (K - k)) - 1), w + j * K + k)));
+        for (int i = 0; i < mb; i++) {
+            const __m512 xv = _mm512_loadu_ps(xs + i * ldxs + k); /* zero padded to a multiple of 16 */
+            for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* 16 bytes (32 weights) a step: each byte widened into a 32-bit lane, and the lane's low 4 bits
+   (then, shifted, its high 4) index a 16-float table of the group's dequantized values
+   (u - 8 - zero point) * scale: one vpermps gives 16 weights ready for the FMA. Two accumulators
+   per (activation row, weight row), even and odd elements. */
+static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
+                                                             const float* s, const float* z, int64_t groups, float* out) {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t ldw = K / 2, group_bytes = group / 2;
+    __m512 acc[MAX_TILE_M][TILE_ROWS][2];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 table[TILE_ROWS];
+        for (int j = 0; j < nb; j++)
+            table[j] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[j * groups + g])), _mm512_set1_ps(s[j * groups + g]));
+        const int64_t end = (g + 1) * group_bytes;
+        for (int64_t b = g * group_bytes; b < end; b += 16) {
+            __m512 lo[TILE_ROWS], hi[TILE_ROWS];
+            if (end - b >= 16) {
+                for (int j = 0; j < nb; j++) {
+                    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b)));
+                    lo[j] = _mm512_permutexvar_ps(lanes, table[j]);
+                    hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);
+                }
+            } else {
+                const __mmask16 mask = (__mmask16)((1u << (end - b)) - 1);
+                for (int j = 0; j < nb; j++) {
+                    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + b));
+                    lo[j] = _mm512_maskz_permutexvar_ps(mask, lanes, table[j]);
+                    hi[j] = _mm512_maskz_permutexvar_ps(mask, _mm512_srli_epi32(lanes, 4), table[j]);
+                }
+            }
+            for (int i = 0; i < mb; i++) {
+                const __m512 even = _mm512_loadu_ps(xs + i * ldxs + b), odd = _mm512_loadu_ps(xs + i * ldxs + half + b);
+                for (int j = 0; j < nb; j++) {
+                    acc[i][j][0] = _mm512_fmadd_ps(lo[j], even, acc[i][j][0]);
+                    acc[i][j][1] = _mm512_fmadd_ps(hi[j], odd, acc[i][j][1]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]));
+}
+
+/* bfloat16 activations, read as they are: each weight byte widened to a 16-bit lane whose low 5
+   bits index a 32-entry table of bfloat16 values (vpermw), and vdpbf16ps multiplies 32 pairs into
+   16 float32 sums: about half the operations per weight of the float32 tiles. Every table value is
+   an integer of at most 4 significant bits, exact in bfloat16, so each product is exact.
+   NIBBLE[t] = t & 15 (the low nibble, or a high one shifted down); SIGNED_HIGH[t] = 16 times the
+   signed high nibble of a two's complement byte, so an int8 code q = SIGNED_HIGH[q >> 4] + NIBBLE[q]. */
+#define BF16_TILES 1
+static const uint16_t NIBBLE[32] __attribute__((aligned(64))) = {
+    0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
+    0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+static const uint16_t SIGNED_HIGH[32] __attribute__((aligned(64))) = {
+    0x0, 0x4180, 0x4200, 0x4240, 0x4280, 0x42a0, 0x42c0, 0x42e0, 0xc300, 0xc2e0, 0xc2c0, 0xc2a0, 0xc280, 0xc240, 0xc200, 0xc180,
+    0x0, 0x4180, 0x4200, 0x4240, 0x4280, 0x42a0, 0x42c0, 0x42e0, 0xc300, 0xc2e0, 0xc2c0, 0xc2a0, 0xc280, 0xc240, 0xc200, 0xc180};
+
+/* 32 bytes at p widened to 16-bit lanes; only the first n < 32 when fewer are left (the others 0). */
+static inline __m512i widen32(const void* p, int64_t n) {
+    if (n >= 32) return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1u << n) - 1), p));
+}
+
+/* out[i * TILE_ROWS + j] = sum_k x[i][k] q[j][k]: x bf16 rows zero padded to a multiple of 32. */
+static inline __attribute__((always_inline)) void int8_tile_bf16(const int mb, const int nb, const uint16_t* xs,
+                                                                  int64_t ldxs, int64_t K, const int8_t* w, float* out) {
+    const __m512i low = _mm512_load_si512(NIBBLE), high = _mm512_load_si512(SIGNED_HIGH);
+    __m512 acc[MAX_TILE_M][TILE_ROWS][2];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512bh lo[TILE_ROWS], hi[TILE_ROWS];
+        for (int j = 0; j < nb; j++) {
+            const __m512i bytes = widen32(w + j * K + k, K - k);
+            lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, low);
+            hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), high);
+        }
+        for (int i = 0; i < mb; i++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + k);
+            for (int j = 0; j < nb; j++) {
+                acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], lo[j], xv);
+                acc[i][j][1] = _mm512_dpbf16_ps(acc[i][j][1], hi[j], xv);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]));
+}
+
+/* out[i * TILE_ROWS + j] = sum_g s[j][g] sum_(k in g) x[i][k] u[j][k], u the stored nibbles (0..15);
+   the driver takes away sum_g s z xsum (z = 8 + zero point). xs rows: even elements, then (at
+   half) odd ones, bf16. */
+static inline __attribute__((always_inline)) void int4_tile_bf16(const int mb, const int nb, const uint16_t* xs,
+                                                                  int64_t ldxs, int64_t half, int64_t K, const uint8_t* w,
+                                                                  int64_t group, const float* s, int64_t groups, float* out) {
+    const __m512i nibble = _mm512_load_si512(NIBBLE);
+    const int64_t ldw = K / 2, group_bytes = group / 2;
+    __m512 total[MAX_TILE_M][TILE_ROWS];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) total[i][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512 part[MAX_TILE_M][TILE_ROWS];
+        for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) part[i][j] = _mm512_setzero_ps();
+        const int64_t end = (g + 1) * group_bytes;
+        for (int64_t b = g * group_bytes; b < end; b += 32) {
+            __m512bh lo[TILE_ROWS], hi[TILE_ROWS];
+            for (int j = 0; j < nb; j++) {
+                const __m512i bytes = widen32(w + j * ldw + b, end - b);
+                lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);
+                hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);
+            }
+            for (int i = 0; i < mb; i++) {
+                const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + b);
+                const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + b);
+                for (int j = 0; j < nb; j++) part[i][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[i][j], lo[j], even), hi[j], odd);
+            }
+        }
+        for (int j = 0; j < nb; j++) {
+            const __m512 scale = _mm512_set1_ps(s[j * groups + g]);
+            for (int i = 0; i < mb; i++) total[i][j] = _mm512_fmadd_ps(part[i][j], scale, total[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]);
+}
+
+#elif defined(__AVX2__)
+
+static inline float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 8 bytes at p, or the n < 8 that are left followed by zeros (nothing past them is read). */
+static inline __m128i load8(const void* p, int64_t n) {
+    if (n >= 8) return _mm_loadl_epi64((const __m128i*)p);
+    uint64_t v = 0;
+    memcpy(&v, p, (size_t)n);
+    return _mm_cvtsi64_si128((long long)v);
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t K, const int8_t* w, float* out) {
+    __m256 acc[MAX_TILE_M][TILE_ROWS];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        __m256 wv[TILE_ROWS];
+        for (int j = 0; j < nb; j++) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));
+        for (int i = 0; i < mb; i++) {
+            const __m256 xv = _mm256_loadu_ps(xs + i * ldxs + k);
+            for (int j = 0; j < nb; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]);
+}
+
+/* 8 bytes (16 weights) a step: each byte in a 32-bit lane, its nibbles converted to float and
+   dequantized by one FMA, u * scale + (-(8 + zero point) * scale) (within an ulp of the scale's
+   products of (u - 8 - zero point) * scale). Lanes past a group's end are cleared. */
+static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
+                                                             const float* s, const float* z, int64_t groups, float* out) {
+    const int64_t ldw = K / 2, group_bytes = group / 2;
+    const __m256i low4 = _mm256_set1_epi32(15), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[MAX_TILE_M][TILE_ROWS];
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        float scale[TILE_ROWS], offset[TILE_ROWS];
+        for (int j = 0; j < nb; j++) { scale[j] = s[j * groups + g]; offset[j] = -z[j * groups + g] * scale[j]; }
+        const int64_t end = (g + 1) * group_bytes;
+        for (int64_t b = g * group_bytes; b < end; b += 8) {
+            const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(end - b)), lane));
+            for (int j = 0; j < nb; j++) {
+                const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));
+                const __m256 sv = _mm256_set1_ps(scale[j]), ov = _mm256_set1_ps(offset[j]);
+                const __m256 lo = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4)), sv, ov));
+                const __m256 hi = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4)), sv, ov));
+                for (int i = 0; i < mb; i++) {
+                    acc[i][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + i * ldxs + b), acc[i][j]);
+                    acc[i][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + i * ldxs + half + b), acc[i][j]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]);
+}
+
+#else /* plain C: 16 independent lanes a step, which the compiler vectorizes (NEON, portable) */
+
+enum { LANES = 16 };
+
+static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t K, const int8_t* w, float* out) {
+    float acc[MAX_TILE_M][TILE_ROWS][LANES];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < K; k += LANES) {
+        const int64_t n = K - k < LANES ? K - k : LANES;
+        float wv[TILE_ROWS][LANES];
+        for (int j = 0; j < nb; j++)
+            for (int l = 0; l < LANES; l++) wv[j][l] = l < n ? (float)w[j * K + k + l] : 0.0f;
+        for (int i = 0; i < mb; i++)
+            for (int j = 0; j < nb; j++)
+                for (int l = 0; l < LANES; l++) acc[i][j][l] += xs[i * ldxs + k + l] * wv[j][l];
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            float total = 0.0f;
+            for (int l = 0; l < LANES; l++) total += acc[i][j][l];
+            out[i * TILE_ROWS + j] = total;
+        }
+}
+
+static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
+                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
+                                                             const float* s, const float* z, int64_t groups, float* out) {
+    const int64_t ldw = K / 2, group_bytes = group / 2;
+    float acc[MAX_TILE_M][TILE_ROWS][LANES];
+    memset(acc, 0, sizeof acc);
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t end = (g + 1) * group_bytes;
+        for (int64_t b = g * group_bytes; b < end; b += LANES) {
+            const int64_t n = end - b < LANES ? end - b : LANES;
+            float lo[TILE_ROWS][LANES], hi[TILE_ROWS][LANES];
+            for (int j = 0; j < nb; j++) {
+                const float scale = s[j * groups + g], zero = z[j * groups + g];
+                for (int l = 0; l < LANES; l++) {
+                    const uint8_t byte = l < n ? w[j * ldw + b + l] : 0;
+                    lo[j][l] = l < n ? ((float)(byte & 15) - zero) * scale : 0.0f;
+                    hi[j][l] = l < n ? ((float)(byte >> 4) - zero) * scale : 0.0f;
+                }
+            }
+            for (int i = 0; i < mb; i++)
+                for (int j = 0; j < nb; j++)
+                    for (int l = 0; l < LANES; l++)
+                        acc[i][j][l] += lo[j][l] * xs[i * ldxs + b + l] + hi[j][l] * xs[i * ldxs + half + b + l];
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            float total = 0.0f;
+            for (int l = 0; l < LANES; l++) total += acc[i][j][l];
+            out[i * TILE_ROWS + j] = total;
+        }
+}
+
+#endif
+
+/* ---- the drivers, shared by every instruction set ---------------------------------------------- */
+
+#ifndef BF16_TILES
+#define BF16_TILES 0 /* no bfloat16 tiles: bfloat16 activations are widened to float32 */
+#endif
+
+/* (activation rows, weight rows) of the tiles: 8 activation rows against one weight row down to one
+   against four, so that a tile always has at least 4 independent accumulators (at one activation
+   row, 4 weight rows are read side by side). */
+#define TILE_SHAPES(X) X(8, 1) X(4, 2) X(2, 4) X(1, 4) X(4, 1) X(2, 1) X(1, 1)
+#define INSTANCES(MB, NB)                                                                              \
+    static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) { \
+        int8_tile(MB, NB, xs, ldxs, K, w, out);                                                        \
+    }                                                                                                  \
+    static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K, const uint8_t* w, \
+                                      int64_t group, const float* s, const float* z, int64_t groups, float* out) { \
+        int4_tile(MB, NB, xs, ldxs, half, K, w, group, s, z, groups, out);                             \
+    }
+TILE_SHAPES(INSTANCES)
+#if BF16_TILES
+#define BF16_INSTANCES(MB, NB)                                                                         \
+    static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) { \
+        int8_tile_bf16(MB, NB, xs, ldxs, K, w, out);                                                   \
+    }                                                                                                  \
+    static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,  \
+                                           const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out) { \
+        int4_tile_bf16(MB, NB, xs, ldxs, half, K, w, group, s, groups, out);                           \
+    }
+TILE_SHAPES(BF16_INSTANCES)
+#endif
+
+/* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
+   the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. */
+#define BLOCK(M, nb, CALL)                                                                             \
+    {                                                                                                  \
+        int64_t m = 0;                                                                                 \
+        if ((nb) == TILE_ROWS) {                                                                       \
+            for (; M - m >= 8; m += 8) for (int j = 0; j < TILE_ROWS; j++) CALL(8, 1, j, m);           \
+            for (; M - m >= 4; m += 4) for (int j = 0; j < TILE_ROWS; j += 2) CALL(4, 2, j, m);        \
+            for (; M - m >= 2; m += 2) CALL(2, 4, 0, m);                                               \
+            for (; m < M; m++) CALL(1, 4, 0, m);                                                       \
+        } else {                                                                                       \
+            for (int j = 0; j < (nb); j++) {                                                           \
+                for (m = 0; M - m >= 8; m += 8) CALL(8, 1, j, m);                                      \
+                for (; M - m >= 4; m += 4) CALL(4, 1, j, m);                                           \
+                for (; M - m >= 2; m += 2) CALL(2, 1, j, m);                                           \
+                for (; m < M; m++) CALL(1, 1, j, m);                                                   \
+            }                                                                                          \
+        }                                                                                              \
+    }
+
+/* The activations as the tiles read them: M rows of ldxs elements, float32, or bfloat16 where the
+   bfloat16 tiles run (as_bf16); for int4 (split) each row's even elements, then at `half` its odd
+   ones; zero padded to a multiple of 32 elements. xsum: for int4 in bfloat16, each row's sum over
+   each group ([M, groups]), for the zero-point correction. */
+typedef struct { void* rows; int64_t ldxs, half; float* xsum; } activations_t;
+
+static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int split,
+                             int64_t group, activations_t* a) {
+    const int64_t used = split ? K / 2 : K, width = (used + 31) / 32 * 32, groups = K / group;
+    const size_t size = as_bf16 ? 2 : 4;
+    a->half = width;
+    a->ldxs = split ? 2 * width : width;
+    const size_t row_bytes = (size_t)(M * a->ldxs) * size + SCRATCH_TAIL * sizeof(float);
+    const size_t sums = split && as_bf16 ? (size_t)(M * groups) : 0;
+    float* buffer = scratch_floats((row_bytes + 3) / 4 + sums);
+    if (!buffer) return -1;
+    memset(buffer, 0, row_bytes);
+    a->rows = buffer;
+    a->xsum = sums ? buffer + (row_bytes + 3) / 4 : NULL;
+    for (int64_t m = 0; m < M; m++) {
+        const char* row = (const char*)x + m * ldx * (bf16 ? 2 : 4);
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t at = m * a->ldxs + (split ? (k & 1) * width + k / 2 : k);
+            if (as_bf16) ((uint16_t*)a->rows)[at] = ((const uint16_t*)row)[k];
+            else ((float*)a->rows)[at] = bf16 ? bf16_value(((const uint16_t*)row)[k]) : ((const float*)row)[k];
+        }
+        for (int64_t g = 0; a->xsum && g < groups; g++) {
+            float total = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) total += bf16_value(((const uint16_t*)row)[k]);
+            a->xsum[m * groups + g] = total;
+        }
+    }
+    return 0;
+}
+
+static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, int64_t nb, const float* out,
+                        const float* row_scale) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < nb; j++) {
+            const float v = out[m * TILE_ROWS + j] * (row_scale ? row_scale[n0 + j] : 1.0f);
+            if (bf16) ((uint16_t*)y)[m * ldy + n0 + j] = bf16_rounded(v);
+            else ((float*)y)[m * ldy + n0 + j] = v;
+        }
+}
+
+/* y[M, N] (row stride ldy) = x[M, K] (bf16 != 0: bfloat16, else float32; row stride ldx) times the
+   int8 codes [N, K] scaled per row. Returns 0, or -1 when the scratch copy could not be allocated. */
+int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
+                   const float* scale, int64_t N, void* y, int64_t ldy) {
+    const int as_bf16 = BF16_TILES && bf16;
+    activations_t a;
+    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, &a)) return -1;
+    const int64_t ldxs = a.ldxs;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
+        const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
+        const int8_t* w = codes + n0 * K;
+        float out[16 * TILE_ROWS];
+        if (!as_bf16) {
+            const float* xs = a.rows;
+#define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
+            BLOCK(M, nb, INT8_CALL)
+        }
+#if BF16_TILES
+        else {
+            const uint16_t* xs = a.rows;
+#define INT8_BF16_CALL(MB, NB, j, m)                                                                   \
+    int8_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
+            BLOCK(M, nb, INT8_BF16_CALL)
+        }
+#endif
+        store_block(bf16, y, ldy, M, n0, nb, out, scale);
+    }
+    return 0;
+}
+
+/* y[M, N] = x[M, K] times the int4 weight: nibbles [N, K/2]; scale [N, K/group] (scale_bf16:
+   bfloat16, else float32; row stride ld_scale); zero_point int8 [N, K/group] contiguous, or NULL
+   (symmetric). group even, dividing K. Returns 0, or -1 when memory could not be allocated. */
+int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* nibbles,
+                   const void* scale, int scale_bf16, int64_t ld_scale, const int8_t* zero_point, int64_t group,
+                   int64_t N, void* y, int64_t ldy) {
+    const int as_bf16 = BF16_TILES && bf16;
+    activations_t a;
+    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 1, group, &a)) return -1;
+    const int64_t groups = K / group, ldxs = a.ldxs, half = a.half;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        /* Each block's scales and 8 + zero points as float32, TILE_ROWS rows of groups. */
+        float* sz = malloc((size_t)(2 * TILE_ROWS * groups) * sizeof(float));
+        if (!sz) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
+            if (!sz) continue;
+            const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
+            float *s = sz, *z = sz + TILE_ROWS * groups;
+            for (int64_t j = 0; j < nb; j++)
+                for (int64_t g = 0; g < groups; g++) {
+                    const int64_t at = (n0 + j) * ld_scale + g;
+                    s[j * groups + g] = scale_bf16 ? bf16_value(((const uint16_t*)scale)[at]) : ((const float*)scale)[at];
+                    z[j * groups + g] = 8.0f + (zero_point ? (float)zero_point[(n0 + j) * groups + g] : 0.0f);
+                }
+            const uint8_t* w = nibbles + n0 * (K / 2);
+            float out[16 * TILE_ROWS];
+            if (!as_bf16) {
+                const float* xs = a.rows;
+#define INT4_CALL(MB, NB, j, m)                                                                        \
+    int4_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, z + (j) * groups, \
+                          groups, out + (m) * TILE_ROWS + (j))
+                BLOCK(M, nb, INT4_CALL)
+            }
+#if BF16_TILES
+            else {
+                const uint16_t* xs = a.rows;
+#define INT4_BF16_CALL(MB, NB, j, m)                                                                   \
+    int4_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, groups, \
+                               out + (m) * TILE_ROWS + (j))
+                BLOCK(M, nb, INT4_BF16_CALL)
+                /* The tiles summed s x u; w = (u - z) s, so take away sum_g s z xsum. */
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t j = 0; j < nb; j++) {
+                        float correction = 0.0f;
+                        for (int64_t g = 0; g < groups; g++)
+                            correction += s[j * groups + g] * z[j * groups + g] * a.xsum[m * groups + g];
+                        out[m * TILE_ROWS + j] -= correction;
+                    }
+            }
+#endif
+            store_block(bf16, y, ldy, M, n0, nb, out, NULL);
+        }
+        free(sz);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,151 @@
+"""The weight-only int8 and int4 kernels (lmtool/kernels/quant.c) against a float64 product of the
+dequantized weights: odd shapes (input widths off the vector widths, 1..37 output rows, 1..16
+activation rows, groups of 2 to a whole row), bfloat16 and float32 activations and scales, zero
+points or none, strided activation rows; the dispatch of lmtool.quantize.linear around them; on
+every instruction set this CPU runs (a subprocess per lower one)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmtool import kernels
+from lmtool.quantize.format import QuantizedWeight, compressed_tensors
+from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul
+from lmtool.quantize.schemes import quantize_int4_groups, quantize_int8_rows
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
+
+DTYPES = [torch.float32, torch.bfloat16]
+ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16]
+
+
+class NoFile:
+    """prepare() drops a checkpoint's pages through it; these weights are in memory."""
+
+    def release(self, tensor: torch.Tensor) -> None:
+        pass
+
+
+def int8_weight(out_features: int, in_features: int, scale_dtype: torch.dtype) -> QuantizedWeight:
+    q = quantize_int8_rows(torch.randn(out_features, in_features), scale_dtype)
+    stored = compressed_tensors(q, (out_features, in_features))
+    return QuantizedWeight("w", out_features, in_features, 8, stored["weight_scale"], None, codes=stored["weight"])
+
+
+def int4_weight(out_features: int, in_features: int, group: int, scale_dtype: torch.dtype, symmetric: bool) -> QuantizedWeight:
+    """An int4 weight as read from a checkpoint: the packed int32 words seen as bytes; symmetric:
+    no zero point (as read_weight leaves it when every zero point is 0)."""
+    q = quantize_int4_groups(torch.randn(out_features, in_features), group, scale_dtype, search=False)
+    stored = compressed_tensors(q, (out_features, in_features))
+    return QuantizedWeight("w", out_features, in_features, 4, q.scale, None if symmetric else q.zero_point,
+                           nibbles=stored["weight_packed"].view(torch.uint8))
+
+
+def reference(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """x . W^T in float64 from the float32 dequantized weight (what schemes.dequantize gives), and
+    |x| . |W|^T, the scale of float32 accumulation errors."""
+    w = weight.dequantize_rows(slice(None), torch.float32).double()
+    x64 = x.double()
+    return x64 @ w.T, x64.abs() @ w.abs().T
+
+
+def assert_matches(got: torch.Tensor, x: torch.Tensor, weight: QuantizedWeight) -> None:
+    """float32: float32 accumulation apart; bfloat16: that and one rounding of the output."""
+    want, magnitude = reference(x, weight)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    allowed = 1e-5 * magnitude + 1e-30
+    if x.dtype == torch.bfloat16:
+        allowed = allowed + 2**-8 * want.abs()
+    error = (got.double() - want).abs()
+    assert (error <= allowed).all(), f"max error {error.max().item():.3g}, worst excess {(error - allowed).max().item():.3g}"
+
+
+def strided_rows(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, width] rows of a wider buffer, as a fused projection's slice."""
+    return torch.randn(rows, width + 3, dtype=torch.float32).to(dtype)[:, 3:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features,in_features", [(1, 16), (5, 33), (37, 100), (16, 257), (9, 2048)])
+def test_int8_kernel_matches_the_dequantized_product(dtype, out_features, in_features):
+    torch.manual_seed(out_features * in_features)
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        weight = int8_weight(out_features, in_features, scale_dtype)
+        assert native_kernel(weight, dtype)
+        for rows in ROWS:
+            x = torch.randn(rows, in_features).to(dtype)
+            assert_matches(native_matmul(x, weight), x, weight)
+        x = strided_rows(3, in_features, dtype)
+        assert_matches(native_matmul(x, weight), x, weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "out_features,in_features,group",
+    [(1, 8, 8), (5, 24, 2), (37, 96, 32), (16, 128, 64), (7, 200, 40), (9, 256, 128), (3, 72, 72), (6, 2048, 64)],
+)
+def test_int4_kernel_matches_the_dequantized_product(dtype, out_features, in_features, group):
+    torch.manual_seed(out_features * in_features + group)
+    for scale_dtype, symmetric in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)):
+        weight = int4_weight(out_features, in_features, group, scale_dtype, symmetric)
+        assert native_kernel(weight, dtype)
+        for rows in ROWS:
+            x = torch.randn(rows, in_features).to(dtype)
+            assert_matches(native_matmul(x, weight), x, weight)
+        x = strided_rows(3, in_features, dtype)
+        assert_matches(native_matmul(x, weight), x, weight)
+
+
+def test_int4_kernel_reads_one_scale_per_tensor_and_float16_scales():
+    """A scale broadcast over rows (stride 0, one per tensor) and a float16 one (copied to float32)."""
+    torch.manual_seed(1)
+    weight = int4_weight(12, 64, 32, torch.float32, symmetric=False)
+    weight.scale = weight.scale[:1].expand(12, -1)
+    x = torch.randn(4, 64).bfloat16()
+    assert_matches(native_matmul(x, weight), x, weight)
+    weight.scale = weight.scale.to(torch.float16)
+    assert_matches(native_matmul(x, weight), x, weight)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, monkeypatch):
+    """Up to MAX_ROWS rows go to the kernel; more to the fallback path; both agree with the reference."""
+    torch.manual_seed(bits)
+    weight = int8_weight(48, 128, torch.bfloat16) if bits == 8 else int4_weight(48, 128, 32, torch.bfloat16, False)
+    prepare(weight, NoFile(), torch.bfloat16)
+    calls = []
+    monkeypatch.setattr("lmtool.quantize.linear.native_matmul", lambda x, w: calls.append(x.shape[0]) or native_matmul(x, w))
+    for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):
+        x = torch.randn(rows, 128)
+        assert_matches(quantized_matmul(x, weight), x, weight)
+    assert calls == [1, kernels.MAX_ROWS]
+
+
+def test_prepare_keeps_the_mapped_nibbles_where_the_kernel_runs():
+    """No repack into torch's int4 layout (the load-time copy that raised peak memory) when the
+    kernel takes the weight; float16 models, which it does not take, still get the repack."""
+    torch.manual_seed(2)
+    weight = int4_weight(64, 128, 64, torch.bfloat16, False)
+    nibbles = weight.nibbles
+    prepare(weight, NoFile(), torch.bfloat16)
+    assert weight.int4pack is None and weight.nibbles is nibbles
+    prepare(weight, NoFile(), torch.float16)
+    assert weight.int4pack is not None
+
+
+@pytest.mark.parametrize("isa", [isa.name for isa in kernels.ISAS if kernels.runs_here(isa) and isa is not kernels.cpu_isa()])
+def test_every_other_instruction_set_this_cpu_runs_matches_too(isa):
+    """The same tests on the other instruction sets' builds (quant.c is compiled into each)."""
+    env = {**os.environ, "LMTOOL_ISA": isa}
+    code = (
+        "import sys, pytest; from lmtool import kernels; "
+        f"assert kernels.active_isa().name == {isa!r}, kernels.active_isa(); "
+        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not instruction_set']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
