@@ -1,0 +1,161 @@
+"""Batch-1 decode of a random Gemma-2B-shaped checkpoint in bfloat16, int8 and int4 (group 64),
+each quantized by lmtool's own `quantize`: the speed ratios of issue #13 (int8 >= 1.7x and int4 >=
+2.8x bfloat16 decode; prefill >= 0.9x) and a run's peak memory against the checkpoint's bytes.
+
+    python benchmarks/quant_decode.py [--preset gemma-2b] [--repeat 5] [--tokens 32]
+                                      [--prompt-len 128] [--json report.json]
+
+The bfloat16 checkpoint is `lmtool bench`'s (~/.cache/lmtool/bench/<preset>-bfloat16, written once);
+its int8 and int4 quantizations are written once beside it (<preset>-int8, <preset>-int4-g64, no
+verification: random weights have nothing to verify). Each round runs the three models one after
+the other, each in a fresh process (so its peak memory above torch's own is its own: the load's
+copies plus the mapped pages the run touched), and the rounds repeat:
+medians and min-max ranges over the rounds, ratios against bfloat16 within each round. Decode
+GB/s is the bytes a step streams (lmtool.bench.streamed_bytes: codes, scales and zero points for
+the quantized models) times the tokens per second; the machine's read bandwidth is measured once
+for comparison. Run it on a quiet machine: the figures are only as good as the CPU is idle.
+`--layers N` shrinks the model (a quick check that the script works, no meaningful speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {"bf16": None, "int8": ("int8", 64), "int4": ("int4", 64)}
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def worker(folder: str, prompt_len: int, tokens: int) -> None:
+    """One model in this process: load, prefill, decode; a JSON line on stdout."""
+    import torch
+
+    torch_own = peak_gib()
+    import lmtool
+    from lmtool import kernels
+
+    started = time.perf_counter()
+    lm = lmtool.load(folder, task="causal-lm", dtype="bfloat16", tokenizer=False)
+    load_s = time.perf_counter() - started
+    model = lm.model
+    ids = torch.randint(10, lm.config.vocab_size, (1, prompt_len))
+    warmup = 3
+    with torch.inference_mode():
+        model(ids[:, :8], cache=model.make_cache(1, 16), logits_to_keep=1)  # first-call costs (kernel build, pages)
+        cache = model.make_cache(1, prompt_len + warmup + tokens + 1)
+        started = time.perf_counter()
+        token = model(ids, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+        prefill_s = time.perf_counter() - started
+        steps = []
+        for _ in range(warmup + tokens):
+            started = time.perf_counter()
+            token = model(token, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            steps.append(time.perf_counter() - started)
+    print(json.dumps({
+        # the whole run's peak above torch's own: the load's copies, the mapped pages decode touched
+        "load_s": load_s, "peak_gib": peak_gib() - torch_own, "prefill_s": prefill_s,
+        "decode_step_s": statistics.median(steps[warmup:]), "kernels": kernels.describe()["kernels"],
+    }))
+
+
+def checkpoints(preset: str, layers: int | None) -> dict[str, Path]:
+    """The bfloat16 checkpoint and its quantizations, written where missing."""
+    from lmtool.bench import cache_root, preset_config, random_checkpoint
+    from lmtool.quantize.build import Recipe, quantize
+
+    values = preset_config(preset)
+    name = preset
+    if layers:
+        values["num_hidden_layers"] = layers
+        name = f"{preset}-{layers}layers"
+    source = random_checkpoint(name, values, "bfloat16")
+    folders = {"bf16": source}
+    for variant, recipe in VARIANTS.items():
+        if recipe is None:
+            continue
+        scheme, group = recipe
+        out = cache_root() / (f"{name}-{scheme}" + (f"-g{group}" if scheme == "int4" else ""))
+        if not (out / "config.json").is_file():
+            print(f"quantizing {source.name} to {out.name} ...", file=sys.stderr)
+            quantize(str(source), out, Recipe(scheme=scheme, group_size=group), verify=False, force=True)
+        folders[variant] = out
+    return folders
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gemma-2b")
+    parser.add_argument("--layers", type=int, help="fewer layers: a quick check of the script, not a measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds of bf16, int8, int4 (default 5)")
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per run (default 32)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
+    parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.prompt_len, args.tokens)
+        return
+
+    from lmtool.bench import memory_read_bandwidth, streamed_bytes
+
+    folders = checkpoints(args.preset, args.layers)
+    streamed = {v: streamed_bytes(f, "bfloat16", "native") for v, f in folders.items()}
+    stored = {v: sum(p.stat().st_size for p in f.glob("*.safetensors")) for v, f in folders.items()}
+    bandwidth = memory_read_bandwidth()
+    runs: dict[str, list[dict]] = {v: [] for v in folders}
+    for round_ in range(args.repeat):
+        for variant, folder in folders.items():
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", str(folder), "--tokens", str(args.tokens),
+                 "--prompt-len", str(args.prompt_len)],
+                capture_output=True, text=True, check=True,
+            )
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[variant].append(run)
+            print(f"round {round_ + 1}/{args.repeat} {variant}: {1 / run['decode_step_s']:.2f} tok/s, "
+                  f"prefill {run['prefill_s']:.2f} s", file=sys.stderr)
+
+    report = {"preset": args.preset, "layers": args.layers, "tokens": args.tokens, "prompt_len": args.prompt_len,
+              "repeat": args.repeat, "read_bandwidth_gbs": bandwidth, "kernels": runs["bf16"][0]["kernels"],
+              "variants": {}}
+    print(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, kernels {report['kernels']}, "
+          f"machine read bandwidth {bandwidth:.1f} GB/s, {args.repeat} rounds")
+    print(f"{'':6} {'tok/s':>20} {'x bf16':>20} {'GB/s':>7} {'prefill x bf16':>20} {'peak / bytes':>13}")
+    for variant in folders:
+        tok_s = [1 / r["decode_step_s"] for r in runs[variant]]
+        ratios = [b["decode_step_s"] / r["decode_step_s"] for b, r in zip(runs["bf16"], runs[variant])]
+        prefill = [b["prefill_s"] / r["prefill_s"] for b, r in zip(runs["bf16"], runs[variant])]
+        peak = [r["peak_gib"] * 2**30 / stored[variant] for r in runs[variant]]
+        entry = {
+            "folder": str(folders[variant]), "stored_bytes": stored[variant], "streamed_bytes": streamed[variant],
+            "tok_s": spread(tok_s), "decode_x_bf16": spread(ratios), "prefill_x_bf16": spread(prefill),
+            "decode_gbs": statistics.median(tok_s) * streamed[variant] / 1e9, "peak_over_bytes": spread(peak),
+            "runs": runs[variant],
+        }
+        report["variants"][variant] = entry
+
+        def cell(s: dict[str, float], fmt: str) -> str:
+            return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
+
+        print(f"{variant:6} {cell(entry['tok_s'], '.2f'):>20} {cell(entry['decode_x_bf16'], '.2f'):>20} "
+              f"{entry['decode_gbs']:7.1f} {cell(entry['prefill_x_bf16'], '.2f'):>20} "
+              f"{statistics.median(peak):13.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
