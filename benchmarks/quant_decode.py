@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,13 @@ VARIANTS = {"bf16": None, "int8": ("int8", 64), "int4": ("int4", 64)}
 
 
 def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak resident set (file pages included). VmHWM, not getrusage's ru_maxrss:
+    a child inherits that from its parent across fork and exec (the parent's 1 GiB bandwidth
+    buffer would hide every worker's own peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def worker(folder: str, prompt_len: int, tokens: int) -> None:
