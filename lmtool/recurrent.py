@@ -144,6 +144,39 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~causal, float("-inf"))
 
 
+def ssd_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Mamba2 scan over a sequence (arguments and results as ssd_chunk_scan's): one native
+    call that runs the recurrence position by position with each head's state held in cache
+    (kernels/steps.c lm_ssd_scan) when the kernels are built, else ssd_chunk_scan's PyTorch
+    operations. Both are float32 throughout and agree to float32 noise."""
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if (
+        max(N, P) <= step_kernels.MAX_STATE
+        and all(t is None or t.dtype == x.dtype for t in (dt, B, C, D))
+        and step_kernels.usable(x, dt, A, B, C, D, initial_state)
+    ):
+        if initial_state is None:
+            state = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
+        else:  # a copy: the caller's state is the one before this call
+            state = initial_state.to(torch.float32, copy=True).contiguous()
+        y = step_kernels.ssd_scan(
+            state, x.reshape(b, T, H * P), dt, A.float().contiguous(), B.reshape(b, T, G * N),
+            C.reshape(b, T, G * N), D,
+        )
+        return y, state
+    return ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state)
+
+
 def ssd_chunk_scan(
     x: torch.Tensor,
     dt: torch.Tensor,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lmtool import kernels
 from lmtool.kernels import steps
-from lmtool.recurrent import causal_conv1d, linear_scan
+from lmtool.recurrent import causal_conv1d, linear_scan, ssd_chunk_scan, ssd_scan
 
 pytestmark = pytest.mark.skipif(steps.library() is None, reason="no C compiler for the step kernels")
 
@@ -68,6 +68,50 @@ def test_ssd_step_kernel_matches_the_reference(dtype, b, H, G, P, N):
     got_y = steps.ssd_step(got_state, x, dt, A, Bm, Cm, D)
     assert_close(got_y, want_y, dtype)
     assert (got_state - want_state).abs().max() <= 1e-5 * want_state.abs().max()
+
+
+def scan_reference(state, x, dt, A, B, C, D):
+    """The Mamba2 recurrence position by position in float64: y [b,T,H,P], final state."""
+    b, T, H, P = x.shape
+    G = B.shape[2]
+    group = torch.arange(H) // (H // G)
+    x, dt, B, C, D = (t.double() for t in (x, dt, B, C, D))
+    state = state.double()
+    ys = []
+    for t in range(T):
+        decay = torch.exp(dt[:, t] * A.double())[..., None, None]
+        state = state * decay + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, group][:, :, None]
+        ys.append(torch.matmul(state, C[:, t, group][..., None])[..., 0] + D[:, None] * x[:, t])
+    return torch.stack(ys, 1), state
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,T,H,G,P,N,start", [(1, 1, 4, 1, 8, 16, False), (3, 37, 6, 2, 5, 19, True), (2, 130, 8, 4, 3, 64, True)])
+def test_ssd_scan_kernel_matches_the_recurrence_and_the_chunked_scan(dtype, b, T, H, G, P, N, start, monkeypatch):
+    """The prefill scan, float32 throughout, against the recurrence in float64 and against
+    ssd_chunk_scan (its PyTorch fallback); rows strided as views of one projection, with and without
+    a state carried in; the state given is left as it was."""
+    torch.manual_seed(T * 10 + N)
+    proj = strided(b * T, H * P + 2 * G * N + H, dtype).view(b, T, -1)
+    x, Bm, Cm, dt_raw = proj.split([H * P, G * N, G * N, H], dim=-1)
+    dt = F.softplus(dt_raw.float()).to(dtype)
+    A, D = -torch.rand(H) * 2, torch.randn(H, dtype=dtype)
+    initial = torch.randn(b, H, P, N) if start else None
+    given = initial.clone() if start else None
+    args = (x.reshape(b, T, H, P), dt, A, Bm.reshape(b, T, G, N), Cm.reshape(b, T, G, N), 16, D, initial)
+    want_y, want_state = scan_reference(initial if start else torch.zeros(b, H, P, N), *args[:5], D)
+    native = steps.ssd_scan
+    calls = []
+    monkeypatch.setattr(steps, "ssd_scan", lambda *a: calls.append(1) or native(*a))
+    got_y, got_state = ssd_scan(*args)
+    assert calls, "the native scan was not taken"
+    chunked_y, chunked_state = ssd_chunk_scan(*args)
+    assert got_y.dtype == got_state.dtype == torch.float32
+    for y, state in ((got_y, got_state), (chunked_y, chunked_state)):
+        assert (y.double() - want_y).abs().max() <= 1e-5 * (1 + want_y.abs().max())
+        assert (state.double() - want_state).abs().max() <= 1e-5 * (1 + want_state.abs().max())
+    if start:
+        assert torch.equal(initial, given)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

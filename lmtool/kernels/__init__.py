@@ -60,7 +60,8 @@ HEADERS = ("common.h", "plain.h", "fastmath.h")
 # steps (norms, soft-cap, conv, RG-LRU, Mamba2), plain C that the ISA's flags vectorize.
 STEPS_SOURCE = "steps.c"
 # Compiled into every ISA's library as well: the weight-only int8 and int4 decode kernels
-# (lm_int8_linear, lm_int4_linear), which read compressed-tensors codes where they lie.
+# (lm_int8_linear, lm_int4_linear), which read compressed-tensors codes where they lie, and the
+# dequantized tiles of prefill (lm_int8_dequantize, lm_int4_dequantize).
 QUANT_SOURCE = "quant.c"
 # -fno-trapping-math: no kernel reads floating-point exception flags, and without it GCC keeps the
 # selects of plain.h's loops as branches and leaves them scalar. -ffp-contract=off: steps.c rounds
@@ -234,6 +235,8 @@ ARGTYPES = {
     "lm_linear": [_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
     "lm_int8_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64],
     "lm_int4_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _ptr, _i64],
+    "lm_int8_dequantize": [_ptr, _ptr, _i64, _i64, _int, _ptr],
+    "lm_int4_dequantize": [_ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _i64, _int, _ptr],
     "lm_gelu_tanh_mul": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
     "lm_attend_one": [
         _int, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
@@ -245,6 +248,7 @@ ARGTYPES = {
     "lm_gated_rms_norm": [_int, _ptr, _i64, _int, _ptr, _i64, _i64, _i64, _i64, _ptr, _float, _ptr],
     "lm_soft_cap": [_int, _ptr, _i64, _float],
     "lm_ssd_step": [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr],
+    "lm_ssd_scan": [_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr],
     "lm_mamba2_step": [
         _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr,
         _ptr, _i64, _float, _ptr,
@@ -253,7 +257,7 @@ ARGTYPES = {
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
 }
 # Functions that return a status (0 = done); the others return nothing.
-RETURNS_STATUS = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_mamba2_step")
+RETURNS_STATUS = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step")
 
 
 def load_library(path: Path) -> ctypes.CDLL:

@@ -188,6 +188,82 @@ int lm_ssd_step(int bf, float *state, const void *x, int64_t x_stride, const voi
     return 0;
 }
 
+/* --- the Mamba2 scan over a prompt (prefill) ----------------------------------------------------
+ * The recurrence of lm_ssd_step over T positions, in float32 throughout (nothing rounded to the model
+ * dtype: what lmtool.recurrent.ssd_chunk_scan and transformers' chunked form compute):
+ *     S_t = exp(dt_t A_h) S_{t-1} + (dt_t x_t) B_t^T,    y_t = S_t C_t + D_h x_t,
+ * position by position, one (row, head) per thread at a time, so that its state [P, N] stays in the
+ * core's cache for the whole prompt; the chunked form in PyTorch moves chunk-sized intermediates
+ * through memory in some twenty operations per chunk. The same sums in another order (and fused
+ * multiply-adds where the CPU has them): within float32 noise of the chunked form.
+ * Inputs float32 (the caller widens bfloat16 ones once: every head reads its group's B and C rows).
+ * x, dt, B and C have one row per position (b * T + t) with strides; A [H]; D [H] or NULL;
+ * state [Bsz, H, P, N], updated in place; y [Bsz, T, H, P]. Returns 0, -1 for a state size or head
+ * width above MAX_STATE, -2 when memory runs out. */
+
+/* a * b + c in one rounding where the CPU has the instruction (a libm call elsewhere would cost more
+ * than it saves). Only for sums PyTorch does not round step by step, as this scan's. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MUL_ADD(a, b, c) fmaf((a), (b), (c))
+#else
+#define MUL_ADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+int lm_ssd_scan(float *state, const float *x, int64_t x_stride, const float *dt, int64_t dt_stride, const float *A,
+                const float *Bm, int64_t b_stride, const float *Cm, int64_t c_stride, const float *D, int64_t Bsz,
+                int64_t T, int64_t H, int64_t G, int64_t P, int64_t N, float *y) {
+    if (N > MAX_STATE || P > MAX_STATE) return -1;
+    int64_t R = H / G;
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* The head's state transposed, [N, P]: the loops then run along P in vector lanes, and each
+         * lane's output sum over n stays in its lane (in the stored [P, N] layout every position
+         * would end with P horizontal sums, which cost as much as the updates). */
+        float *St = malloc(sizeof(float) * N * P);
+        if (!St) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t bh = 0; bh < Bsz * H; bh++) {
+            if (!St) continue;
+            int64_t b = bh / H, h = bh % H, g = h / R;
+            float d = D ? D[h] : 0.0f;
+            float *S = state + bh * P * N;
+            float dx[MAX_STATE], acc[MAX_STATE];
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t n = 0; n < N; n++) St[n * P + p] = S[p * N + n];
+            for (int64_t t = 0; t < T; t++) {
+                int64_t row = b * T + t;
+                float dtv = dt[row * dt_stride + h];
+                float decay = exp_f32(dtv * A[h]);
+                const float *Bt = Bm + row * b_stride + g * N, *Ct = Cm + row * c_stride + g * N;
+                const float *xv = x + row * x_stride + h * P;
+                for (int64_t p = 0; p < P; p++) {
+                    dx[p] = dtv * xv[p];
+                    acc[p] = 0.0f;
+                }
+                for (int64_t n = 0; n < N; n++) {
+                    const float bn = Bt[n], cn = Ct[n];
+                    float *st = St + n * P;
+                    for (int64_t p = 0; p < P; p++) {
+                        float next = MUL_ADD(st[p], decay, dx[p] * bn);
+                        st[p] = next;
+                        acc[p] = MUL_ADD(next, cn, acc[p]);
+                    }
+                }
+                float *out = y + (row * H + h) * P;
+                for (int64_t p = 0; p < P; p++) out[p] = acc[p] + d * xv[p];
+            }
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t n = 0; n < N; n++) S[p * N + n] = St[n * P + p];
+        }
+        free(St);
+    }
+    return failed ? -2 : 0;
+}
+
 /* --- RMS norms ---------------------------------------------------------------------------------
  * out[r] = x[r] rsqrt(mean(x[r]^2) + eps), in float32, then scaled by `scale` [n] float32:
  * after_cast == 0: rounded once after the product (Gemma: (h * (1 + w)).to(dtype));

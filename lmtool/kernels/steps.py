@@ -115,6 +115,39 @@ def ssd_step(
     return y
 
 
+def ssd_scan(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+) -> torch.Tensor:
+    """The Mamba2 scan over a prompt (lmtool.recurrent.ssd_chunk_scan's arithmetic, float32
+    throughout): state [b,H,P,N] float32 (updated in place), x [b,T,H*P], dt [b,T,H] after softplus
+    and clamp, B and C [b,T,G*N] (rows may be strided views of one projection), A [H], D [H] or
+    None -> y [b,T,H,P] float32. bfloat16 inputs are widened here, once (a few MB at most)."""
+    b, H, P, N = state.shape
+    T = x.shape[1]
+    G = B.shape[-1] // N
+    xs, x_stride = rows_of(x.float())
+    dts, dt_stride = rows_of(dt.float())
+    Bs, b_stride = rows_of(B.float())
+    Cs, c_stride = rows_of(C.float())
+    A, D = A.float().contiguous(), D.float().contiguous() if D is not None else None
+    y = torch.empty(b, T, H, P, dtype=torch.float32)
+    status = library().lm_ssd_scan(
+        state.data_ptr(), xs.data_ptr(), x_stride, dts.data_ptr(), dt_stride, A.data_ptr(), Bs.data_ptr(), b_stride,
+        Cs.data_ptr(), c_stride, D.data_ptr() if D is not None else None, b, T, H, G, P, N, y.data_ptr(),
+    )
+    if status == -2:
+        raise MemoryError("ssd_scan: out of memory")
+    if status != 0:
+        raise ValueError(f"ssd_scan: state size {N} or head width {P} above {MAX_STATE}")
+    return y
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, scale_after_cast: bool) -> torch.Tensor:
     """x [..., n] normalized by its root mean square in float32 and multiplied by scale [n] float32:
     rounded once after the product, or (scale_after_cast) rounded before it and after it, as

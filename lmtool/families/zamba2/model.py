@@ -30,7 +30,7 @@ from torch import nn
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
 from ...kernels import steps as step_kernels
 from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, derived
-from ...recurrent import CausalConv1d, pad_multiplier, ssd_chunk_scan, ssd_step
+from ...recurrent import CausalConv1d, pad_multiplier, ssd_scan, ssd_step
 from .config import Zamba2Config
 
 
@@ -113,7 +113,7 @@ class Mamba2Mixer(nn.Module):
             y = y.view(Bsz, 1, self.d_inner)
         else:
             dt = dt.clamp(min=self.dt_min)
-            y, ssm = ssd_chunk_scan(
+            y, ssm = ssd_scan(
                 x.view(Bsz, T, self.num_heads, self.head_dim), dt, A,
                 B.view(Bsz, T, self.groups, self.state_size), C.view(Bsz, T, self.groups, self.state_size),
                 self.chunk_size, D=self.D, initial_state=ssm,
