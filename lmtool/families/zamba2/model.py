@@ -14,7 +14,8 @@ the SSM scan and its state in float32; the gated norm's input dtype float32 afte
 model dtype after a decode step; left pads zeroed at the mixer input and after the conv, so a
 left-padded row equals the row alone (unless add_bias_linear: a pad then projects to in_proj's
 bias, which the conv reads, as in transformers). Differences that do not change results: the prompt is
-not padded to a multiple of chunk_size, the scan runs in chunks of at most SCAN_CHUNK positions,
+not padded to a multiple of chunk_size, the scan runs position by position in one native call
+(recurrent.ssd_scan; without the kernels, in chunks of at most SCAN_CHUNK positions),
 and the conv state keeps d_conv - 1 inputs (transformers keeps d_conv, of which the first is never
 read).
 """
