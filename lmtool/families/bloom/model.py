@@ -8,6 +8,7 @@ alpha = 1/sqrt(head_dim), and the softmax runs in float32.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from ...cache import KVCache, ModelCache, Step, begin_step, kv_cache
 from ...kernels import steps as step_kernels
 from ...layers import causal_mask
 from .config import BloomConfig
+from .decode import DecodePlan
 
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
@@ -194,6 +196,10 @@ class BloomModel(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(D, eps=config.layer_norm_epsilon)
         self._slopes: dict[torch.device, torch.Tensor] = {}
+        # The captured decode step of the cache last decoded with (decode.py), or None where it
+        # cannot run there; keyed by a weak reference, so the cache is still only an argument.
+        self._plan_key: tuple | None = None
+        self._plan: DecodePlan | None = None
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -210,11 +216,26 @@ class BloomModel(nn.Module):
         c = self.config
         return kv_cache(len(self.h), batch, c.n_head, max_len, c.head_dim, dtype, device)
 
+    def decode_plan(self, cache: ModelCache | None, embedded: torch.Tensor) -> DecodePlan | None:
+        """The captured one-token step over this cache (made at its first step), or None."""
+        if cache is None or torch.is_grad_enabled():
+            return None
+        held = self._plan_key
+        if held is None or held[0]() is not cache or held[1:] != (embedded.shape[0], embedded.dtype):
+            possible = DecodePlan.possible(self, cache, embedded)
+            self._plan = DecodePlan(self, cache, embedded.shape[0], embedded.dtype) if possible else None
+            self._plan_key = (weakref.ref(cache), embedded.shape[0], embedded.dtype)
+        return self._plan
+
     def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
         step = begin_step(input_ids, attention_mask, cache)
-        _, x = add_and_norm(self.word_embeddings(input_ids), None, self.word_embeddings_layernorm)
-        alibi = alibi_bias(self.slopes(x.device), step, x.dtype)
+        embedded = self.word_embeddings(input_ids)
+        alibi = alibi_bias(self.slopes(embedded.device), step, embedded.dtype)
         mask = eager_mask(step)
+        plan = self.decode_plan(cache, embedded) if step.length == 1 else None
+        if plan is not None:
+            return plan.run(embedded, self.word_embeddings_layernorm, alibi, mask, step)
+        _, x = add_and_norm(embedded, None, self.word_embeddings_layernorm)
         pending = None  # the last block's MLP output, added to x in the pass of the next LayerNorm
         for i, block in enumerate(self.h):
             x, pending = block(x, pending, alibi, mask, step, cache[i] if cache is not None else None)
