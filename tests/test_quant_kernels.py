@@ -15,7 +15,8 @@ import torch
 
 from lmtool import kernels
 from lmtool.quantize.format import QuantizedWeight, compressed_tensors
-from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul
+from lmtool.quantize import linear
+from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul, tiled_matmul
 from lmtool.quantize.schemes import quantize_int4_groups, quantize_int8_rows
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
@@ -124,6 +125,23 @@ def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, monk
         x = torch.randn(rows, 128)
         assert_matches(quantized_matmul(x, weight), x, weight)
     assert calls == [1, kernels.MAX_ROWS]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,out_features,in_features,group", [(8, 37, 100, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2)])
+def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_features, in_features, group, monkeypatch):
+    """Prefill's tiles (lm_int8_dequantize / lm_int4_dequantize) are bit for bit what
+    schemes.dequantize gives, rounded once to the model dtype: the identity times the weight
+    returns them through the dense matmul unchanged. Small tiles: several per weight."""
+    torch.manual_seed(out_features + in_features)
+    monkeypatch.setattr(linear, "TILE_ELEMENTS", 7 * in_features)
+    weight = int8_weight(out_features, in_features, torch.bfloat16) if bits == 8 else int4_weight(
+        out_features, in_features, group, torch.bfloat16, symmetric=False)
+    identity = torch.eye(in_features, dtype=dtype)
+    assert torch.equal(tiled_matmul(identity, weight).T, weight.dequantize_rows(slice(None), dtype))
+    x = torch.randn(kernels.MAX_ROWS + 3, in_features).to(dtype)
+    want = x.float() @ weight.dequantize_rows(slice(None), dtype).float().T
+    assert (quantized_matmul(x, weight).float() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
 
 
 def test_prepare_keeps_the_mapped_nibbles_where_the_kernel_runs():

@@ -527,3 +527,63 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
     }
     return failed ? -1 : 0;
 }
+
+/* ---- prefill: dequantized tiles for the dense GEMM ---------------------------------------------
+ * Beyond MAX_ROWS activation rows the product is compute-bound and goes to the dense matmul
+ * (oneDNN), over the weight dequantized a tile of rows at a time into a small reused buffer. These
+ * write such a tile in one pass, as lmtool.quantize.schemes.dequantize computes it (float32
+ * (code - zero point) * scale, rounded once to the output dtype). */
+
+/* f32 -> bf16 to nearest even without a branch (NaN by a select), so that loops over it vectorize. */
+static inline uint16_t bf16_rounded_lanes(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : (uint16_t)rounded;
+}
+
+/* out[n] (bf16 or f32) = values[n]: the one rounding. */
+static inline void store_values(void* out, int out_bf16, const float* values, int64_t n) {
+    if (out_bf16) for (int64_t i = 0; i < n; i++) ((uint16_t*)out)[i] = bf16_rounded_lanes(values[i]);
+    else memcpy(out, values, (size_t)n * sizeof(float));
+}
+
+enum { DEQUANT_CHUNK = 256 }; /* elements dequantized into float32 before the rounding pass */
+
+/* out[rows, K] = rows [0, rows) of the int8 codes [., K] times their float32 row scales. */
+void lm_int8_dequantize(const int8_t* codes, const float* scale, int64_t K, int64_t rows, int out_bf16, void* out) {
+    const size_t size = out_bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = 0; k < K; k += DEQUANT_CHUNK) {
+            const int64_t n = K - k < DEQUANT_CHUNK ? K - k : DEQUANT_CHUNK;
+            float values[DEQUANT_CHUNK];
+            for (int64_t i = 0; i < n; i++) values[i] = (float)codes[r * K + k + i] * scale[r];
+            store_values((char*)out + (r * K + k) * size, out_bf16, values, n);
+        }
+}
+
+/* out[rows, K] = rows [0, rows) of an int4 weight (lm_int4_linear's arguments, pointers at the
+   first row). A group at a time: its scale and zero point are constants of the inner loop. */
+void lm_int4_dequantize(const uint8_t* nibbles, const void* scale, int scale_bf16, int64_t ld_scale,
+                        const int8_t* zero_point, int64_t group, int64_t K, int64_t rows, int out_bf16, void* out) {
+    const int64_t groups = K / group;
+    const size_t size = out_bf16 ? 2 : 4;
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = r * ld_scale + g;
+            const float s = scale_bf16 ? bf16_value(((const uint16_t*)scale)[at]) : ((const float*)scale)[at];
+            const float z = 8.0f + (zero_point ? (float)zero_point[r * groups + g] : 0.0f);
+            const uint8_t* bytes = nibbles + r * (K / 2) + g * (group / 2);
+            for (int64_t k = 0; k < group; k += DEQUANT_CHUNK) {
+                const int64_t n = group - k < DEQUANT_CHUNK ? group - k : DEQUANT_CHUNK; /* even */
+                float values[DEQUANT_CHUNK];
+                for (int64_t i = 0; i < n / 2; i++) {
+                    values[2 * i] = ((float)(bytes[k / 2 + i] & 15) - z) * s;
+                    values[2 * i + 1] = ((float)(bytes[k / 2 + i] >> 4) - z) * s;
+                }
+                store_values((char*)out + (r * K + g * group + k) * size, out_bf16, values, n);
+            }
+        }
+}

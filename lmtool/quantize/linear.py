@@ -111,14 +111,17 @@ def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype)
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """x [M, in] @ W.T -> [M, out] for a quantized W.
 
-    Decode (M <= kernels.MAX_ROWS) where lmtool's kernels take the weight: native_matmul. Else
-    symmetric int8 with one scale per row: torch's _weight_int8pack_mm, which reads the int8 codes
-    where they lie; int4 repacked at load: torch's _weight_int4pack_mm_for_cpu. Anything else
-    (prefill over native int4 weights, other devices, zero points on int8, odd shapes): dequantize
-    the weight a tile of rows at a time and multiply densely, so no full-size float copy exists at
-    any moment."""
-    if x.shape[0] <= kernels.MAX_ROWS and native_kernel(weight, x.dtype) and kernels.usable(x):
+    Where lmtool's kernels take the weight: decode (M <= kernels.MAX_ROWS) on native_matmul,
+    prefill on tiled_matmul. Else symmetric int8 with one scale per row: torch's
+    _weight_int8pack_mm, which reads the int8 codes where they lie; int4 repacked at load: torch's
+    _weight_int4pack_mm_for_cpu. Anything else (other devices, zero points on int8, odd shapes):
+    dequantize the weight a tile of rows at a time and multiply densely, so no full-size float copy
+    exists at any moment."""
+    native = native_kernel(weight, x.dtype) and kernels.usable(x)
+    if native and x.shape[0] <= kernels.MAX_ROWS:
         return native_matmul(x, weight)
+    if native:
+        return tiled_matmul(x, weight)
     x = x.contiguous()
     if _int8_rows(weight, x):
         return torch._weight_int8pack_mm(x, weight.codes, weight.row_scale(x.dtype))
@@ -132,6 +135,38 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
         stop = min(start + rows, weight.out_features)
         out[:, start:stop] = F.linear(x, weight.dequantize_rows(slice(start, stop), x.dtype))
     return out
+
+
+def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+    """Prefill over a weight lmtool's kernels take: each tile of rows dequantized natively (one
+    pass, into one reused buffer) and multiplied by the dense matmul. bfloat16 where the CPU
+    multiplies it natively, else float32 (PyTorch emulates bfloat16 products there), rounded once."""
+    dtype = x.dtype
+    compute = torch.float32 if dtype == torch.bfloat16 and not kernels.fast_bf16_matmul() else dtype
+    x = x.to(compute).contiguous()
+    out = x.new_empty(x.shape[0], weight.out_features)
+    rows = max(1, TILE_ELEMENTS // weight.in_features)
+    tile = torch.empty(min(rows, weight.out_features), weight.in_features, dtype=compute)
+    to_bf16 = int(compute == torch.bfloat16)
+    lib = kernels.library()
+    if weight.bits == 8:
+        scale = weight.row_scale(torch.float32)
+    else:
+        scale, zero = weight.group_scale(), weight.zero_point
+    for start in range(0, weight.out_features, rows):
+        stop = min(start + rows, weight.out_features)
+        dense = tile[: stop - start]
+        if weight.bits == 8:
+            lib.lm_int8_dequantize(weight.codes[start].data_ptr(), scale[start:].data_ptr(), weight.in_features,
+                                   stop - start, to_bf16, dense.data_ptr())
+        else:
+            lib.lm_int4_dequantize(
+                weight.nibbles[start].data_ptr(), scale[start:].data_ptr(), int(scale.dtype == torch.bfloat16),
+                scale.stride(0), zero[start].data_ptr() if zero is not None else None, weight.group_size,
+                weight.in_features, stop - start, to_bf16, dense.data_ptr(),
+            )
+        out[:, start:stop] = F.linear(x, dense)
+    return out.to(dtype)
 
 
 class QuantizedLinear(nn.Module):
