@@ -36,7 +36,7 @@
 #include <immintrin.h>
 #endif
 
-enum { TILE_ROWS = 4, MAX_TILE_M = 8 };
+enum { TILE_ROWS = 4 };
 
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t bf16_rounded(float f) {
@@ -63,157 +63,156 @@ static float* scratch_floats(size_t n) {
 enum { SCRATCH_TAIL = 16 };
 
 /* ---- the tiles of each instruction set --------------------------------------------------------
- * int8_tile(mb, nb, ...): out[i * TILE_ROWS + j] = sum_k xs[i * ldxs + k] w[j * K + k] for mb
- * activation rows and nb weight rows.
- * int4_tile(mb, nb, ...): the same over dequantized nibbles; xs rows hold the even elements, then
- * (at + half) the odd ones; s and z hold each weight row's scale and 8 + zero point per group
- * (groups apart). mb and nb are constants at every call (the TILE_SHAPES instances below), so the
- * accumulator arrays become registers. */
+ * INT8_TILE(MB, NB) defines int8_tile_MB_NB(...): out[i * TILE_ROWS + j] = sum_k xs[i * ldxs + k]
+ * w[j * K + k] for MB activation rows and NB weight rows.
+ * INT4_TILE(MB, NB): the same over dequantized nibbles; xs rows hold the even elements, then (at
+ * + half) the odd ones; s and z hold each weight row's scale and 8 + zero point per group (groups
+ * apart). Macros, as common.h's tiles, so that the accumulator arrays have their exact sizes and
+ * live in registers (sized for the largest tile, GCC keeps them in memory). Each also prefetches
+ * the next block's rows (right after its own: a thread's rows are one contiguous stream) into L1:
+ * the hardware prefetcher alone left a single core at half its bandwidth. */
+
+/* Loops over a tile's rows, unrolled before GCC decides where the accumulators live (left to its
+   later unrolling, it keeps the 8 x 1 tiles' accumulators in memory and stores them every step). */
+#define UNROLLED _Pragma("GCC unroll 16")
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 
-static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t K, const int8_t* w, float* out) {
-    __m512 acc[MAX_TILE_M][TILE_ROWS];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __m512 wv[TILE_ROWS];
-        if (K - k >= 16) /* masked loads cost an extra operation: only for the tail */
-            for (int j = 0; j < nb; j++) wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k))));
-        else
-            for (int j = 0; j < nb; j++)
-                wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << (K - k)) - 1), w + j * K + k)));
-        for (int i = 0; i < mb; i++) {
-            const __m512 xv = _mm512_loadu_ps(xs + i * ldxs + k); /* zero padded to a multiple of 16 */
-            for (int j = 0; j < nb; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]);
+#define INT8_TILE(MB, NB)                                                                                      \
+static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out)       \
+{                                                                                                              \
+    __m512 acc[MB][NB];                                                                                        \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();        \
+    /* One path through the loop (the masked tail after it): a branch inside keeps GCC from                    \
+       holding the accumulators in registers. */                                                               \
+    int64_t k = 0;                                                                                             \
+    for (; k + 16 <= K; k += 16) {                                                                             \
+        __m512 wv[NB];                                                                                         \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k)))); \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512 xv = _mm512_loadu_ps(xs + i * ldxs + k);                                              \
+            UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);           \
+        }                                                                                                      \
+    }                                                                                                          \
+    if (k < K) {                                                                                               \
+        const __mmask16 mask = (__mmask16)((1u << (K - k)) - 1);                                               \
+        __m512 wv[NB];                                                                                         \
+        UNROLLED for (int j = 0; j < NB; j++) wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + j * K + k))); \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512 xv = _mm512_loadu_ps(xs + i * ldxs + k); /* zero padded to a multiple of 32 */        \
+            UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);           \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 
 /* 16 bytes (32 weights) a step: each byte widened into a 32-bit lane, and the lane's low 4 bits
    (then, shifted, its high 4) index a 16-float table of the group's dequantized values
    (u - 8 - zero point) * scale: one vpermps gives 16 weights ready for the FMA. Two accumulators
    per (activation row, weight row), even and odd elements. */
-static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
-                                                             const float* s, const float* z, int64_t groups, float* out) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t ldw = K / 2, group_bytes = group / 2;
-    __m512 acc[MAX_TILE_M][TILE_ROWS][2];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 table[TILE_ROWS];
-        for (int j = 0; j < nb; j++)
-            table[j] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[j * groups + g])), _mm512_set1_ps(s[j * groups + g]));
-        const int64_t end = (g + 1) * group_bytes;
-        for (int64_t b = g * group_bytes; b < end; b += 16) {
-            __m512 lo[TILE_ROWS], hi[TILE_ROWS];
-            if (end - b >= 16) {
-                for (int j = 0; j < nb; j++) {
-                    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b)));
-                    lo[j] = _mm512_permutexvar_ps(lanes, table[j]);
-                    hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);
-                }
-            } else {
-                const __mmask16 mask = (__mmask16)((1u << (end - b)) - 1);
-                for (int j = 0; j < nb; j++) {
-                    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + b));
-                    lo[j] = _mm512_maskz_permutexvar_ps(mask, lanes, table[j]);
-                    hi[j] = _mm512_maskz_permutexvar_ps(mask, _mm512_srli_epi32(lanes, 4), table[j]);
-                }
-            }
-            for (int i = 0; i < mb; i++) {
-                const __m512 even = _mm512_loadu_ps(xs + i * ldxs + b), odd = _mm512_loadu_ps(xs + i * ldxs + half + b);
-                for (int j = 0; j < nb; j++) {
-                    acc[i][j][0] = _mm512_fmadd_ps(lo[j], even, acc[i][j][0]);
-                    acc[i][j][1] = _mm512_fmadd_ps(hi[j], odd, acc[i][j][1]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]));
+#define INT4_TILE(MB, NB)                                                                                      \
+static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
+    const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
+{                                                                                                              \
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);                  \
+    const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
+    __m512 acc[MB][NB][2];                                                                                     \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps(); \
+    for (int64_t g = 0; g < groups; g++) {                                                                     \
+        __m512 table[NB];                                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++)                                                                  \
+            table[j] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[j * groups + g])), _mm512_set1_ps(s[j * groups + g])); \
+        const int64_t end = (g + 1) * group_bytes;                                                             \
+        int64_t b = g * group_bytes;                                                                           \
+        for (; b + 16 <= end; b += 16) { /* one path through the loop: the tail after it */                    \
+            __m512 lo[NB], hi[NB];                                                                             \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block */         \
+                const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))); \
+                lo[j] = _mm512_permutexvar_ps(lanes, table[j]);                                                \
+                hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);                          \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
+                const __m512 even = _mm512_loadu_ps(xs + i * ldxs + b), odd = _mm512_loadu_ps(xs + i * ldxs + half + b); \
+                UNROLLED for (int j = 0; j < NB; j++) {                                                        \
+                    acc[i][j][0] = _mm512_fmadd_ps(lo[j], even, acc[i][j][0]);                                 \
+                    acc[i][j][1] = _mm512_fmadd_ps(hi[j], odd, acc[i][j][1]);                                  \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        if (b < end) {                                                                                         \
+            __m512 lo[NB], hi[NB];                                                                             \
+            {                                                                                                  \
+                const __mmask16 mask = (__mmask16)((1u << (end - b)) - 1);                                     \
+                UNROLLED for (int j = 0; j < NB; j++) {                                                        \
+                    const __m512i lanes = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, w + j * ldw + b));   \
+                    lo[j] = _mm512_maskz_permutexvar_ps(mask, lanes, table[j]);                                \
+                    hi[j] = _mm512_maskz_permutexvar_ps(mask, _mm512_srli_epi32(lanes, 4), table[j]);          \
+                }                                                                                              \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
+                const __m512 even = _mm512_loadu_ps(xs + i * ldxs + b), odd = _mm512_loadu_ps(xs + i * ldxs + half + b); \
+                UNROLLED for (int j = 0; j < NB; j++) {                                                        \
+                    acc[i][j][0] = _mm512_fmadd_ps(lo[j], even, acc[i][j][0]);                                 \
+                    acc[i][j][1] = _mm512_fmadd_ps(hi[j], odd, acc[i][j][1]);                                  \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++)                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1])); \
 }
 
-/* bfloat16 activations, read as they are: each weight byte widened to a 16-bit lane whose low 5
-   bits index a 32-entry table of bfloat16 values (vpermw), and vdpbf16ps multiplies 32 pairs into
-   16 float32 sums: about half the operations per weight of the float32 tiles. Every table value is
-   an integer of at most 4 significant bits, exact in bfloat16, so each product is exact.
-   NIBBLE[t] = t & 15 (the low nibble, or a high one shifted down); SIGNED_HIGH[t] = 16 times the
-   signed high nibble of a two's complement byte, so an int8 code q = SIGNED_HIGH[q >> 4] + NIBBLE[q]. */
+/* bfloat16 activations with int4 weights, read as they are: each nibble byte widened to a 16-bit
+   lane whose low 4 bits (then, shifted, its high 4) index a 32-entry table of bfloat16 values
+   (vpermw), and vdpbf16ps multiplies 32 pairs into 16 float32 sums, each product exact (the table
+   holds the nibble values 0..15). The scale is applied per group and the zero point's share
+   (8 + zero point) * scale * sum(x) is taken away by the driver: about half the operations per
+   weight of the float32 tiles. (For int8, the float32 tiles are faster on Zen 4: vpermw there
+   costs more than the conversion to float.) */
 #define BF16_TILES 1
 static const uint16_t NIBBLE[32] __attribute__((aligned(64))) = {
     0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
     0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
-static const uint16_t SIGNED_HIGH[32] __attribute__((aligned(64))) = {
-    0x0, 0x4180, 0x4200, 0x4240, 0x4280, 0x42a0, 0x42c0, 0x42e0, 0xc300, 0xc2e0, 0xc2c0, 0xc2a0, 0xc280, 0xc240, 0xc200, 0xc180,
-    0x0, 0x4180, 0x4200, 0x4240, 0x4280, 0x42a0, 0x42c0, 0x42e0, 0xc300, 0xc2e0, 0xc2c0, 0xc2a0, 0xc280, 0xc240, 0xc200, 0xc180};
-
-/* 32 bytes at p widened to 16-bit lanes; only the first n < 32 when fewer are left (the others 0). */
-static inline __m512i widen32(const void* p, int64_t n) {
-    if (n >= 32) return _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-    return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8((__mmask32)((1u << n) - 1), p));
-}
-
-/* out[i * TILE_ROWS + j] = sum_k x[i][k] q[j][k]: x bf16 rows zero padded to a multiple of 32. */
-static inline __attribute__((always_inline)) void int8_tile_bf16(const int mb, const int nb, const uint16_t* xs,
-                                                                  int64_t ldxs, int64_t K, const int8_t* w, float* out) {
-    const __m512i low = _mm512_load_si512(NIBBLE), high = _mm512_load_si512(SIGNED_HIGH);
-    __m512 acc[MAX_TILE_M][TILE_ROWS][2];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j][0] = acc[i][j][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512bh lo[TILE_ROWS], hi[TILE_ROWS];
-        for (int j = 0; j < nb; j++) {
-            const __m512i bytes = widen32(w + j * K + k, K - k);
-            lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, low);
-            hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), high);
-        }
-        for (int i = 0; i < mb; i++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + k);
-            for (int j = 0; j < nb; j++) {
-                acc[i][j][0] = _mm512_dpbf16_ps(acc[i][j][0], lo[j], xv);
-                acc[i][j][1] = _mm512_dpbf16_ps(acc[i][j][1], hi[j], xv);
-            }
-        }
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1]));
-}
-
-/* out[i * TILE_ROWS + j] = sum_g s[j][g] sum_(k in g) x[i][k] u[j][k], u the stored nibbles (0..15);
-   the driver takes away sum_g s z xsum (z = 8 + zero point). xs rows: even elements, then (at
-   half) odd ones, bf16. */
-static inline __attribute__((always_inline)) void int4_tile_bf16(const int mb, const int nb, const uint16_t* xs,
-                                                                  int64_t ldxs, int64_t half, int64_t K, const uint8_t* w,
-                                                                  int64_t group, const float* s, int64_t groups, float* out) {
-    const __m512i nibble = _mm512_load_si512(NIBBLE);
-    const int64_t ldw = K / 2, group_bytes = group / 2;
-    __m512 total[MAX_TILE_M][TILE_ROWS];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) total[i][j] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 part[MAX_TILE_M][TILE_ROWS];
-        for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) part[i][j] = _mm512_setzero_ps();
-        const int64_t end = (g + 1) * group_bytes;
-        for (int64_t b = g * group_bytes; b < end; b += 32) {
-            __m512bh lo[TILE_ROWS], hi[TILE_ROWS];
-            for (int j = 0; j < nb; j++) {
-                const __m512i bytes = widen32(w + j * ldw + b, end - b);
-                lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);
-                hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);
-            }
-            for (int i = 0; i < mb; i++) {
-                const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + b);
-                const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + b);
-                for (int j = 0; j < nb; j++) part[i][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[i][j], lo[j], even), hi[j], odd);
-            }
-        }
-        for (int j = 0; j < nb; j++) {
-            const __m512 scale = _mm512_set1_ps(s[j * groups + g]);
-            for (int i = 0; i < mb; i++) total[i][j] = _mm512_fmadd_ps(part[i][j], scale, total[i][j]);
-        }
-    }
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]);
+#define INT4_BF16_TILE(MB, NB)                                                                                 \
+static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,              \
+    const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)                               \
+{                                                                                                              \
+    const __m512i nibble = _mm512_load_si512(NIBBLE);                                                          \
+    const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
+    __m512 total[MB][NB];                                                                                      \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps();      \
+    for (int64_t g = 0; g < groups; g++) {                                                                     \
+        __m512 part[MB][NB];                                                                                   \
+        UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) part[i][j] = _mm512_setzero_ps();   \
+        const int64_t end = (g + 1) * group_bytes;                                                             \
+        for (int64_t b = g * group_bytes; b < end; b += 32) {                                                  \
+            /* a masked load chosen without a branch (a branch in the loop keeps GCC from holding              \
+               the accumulators in registers) */                                                               \
+            const uint32_t left = end - b < 32 ? (uint32_t)(end - b) : 32;                                     \
+            const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
+            __m512bh lo[NB], hi[NB];                                                                           \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block's rows */  \
+                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * ldw + b));    \
+                lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);                                     \
+                hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);               \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
+                const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + b);                         \
+                const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + b);                   \
+                UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[i][j], lo[j], even), hi[j], odd); \
+            }                                                                                                  \
+        }                                                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            const __m512 scale = _mm512_set1_ps(s[j * groups + g]);                                            \
+            UNROLLED for (int i = 0; i < MB; i++) total[i][j] = _mm512_fmadd_ps(part[i][j], scale, total[i][j]); \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
 }
 
 #elif defined(__AVX2__)
@@ -232,108 +231,112 @@ static inline __m128i load8(const void* p, int64_t n) {
     return _mm_cvtsi64_si128((long long)v);
 }
 
-static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t K, const int8_t* w, float* out) {
-    __m256 acc[MAX_TILE_M][TILE_ROWS];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-        __m256 wv[TILE_ROWS];
-        for (int j = 0; j < nb; j++) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));
-        for (int i = 0; i < mb; i++) {
-            const __m256 xv = _mm256_loadu_ps(xs + i * ldxs + k);
-            for (int j = 0; j < nb; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]);
+#define INT8_TILE(MB, NB)                                                                                      \
+static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out)       \
+{                                                                                                              \
+    __m256 acc[MB][NB];                                                                                        \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();        \
+    for (int64_t k = 0; k < K; k += 8) {                                                                       \
+        __m256 wv[NB];                                                                                         \
+        UNROLLED for (int j = 0; j < NB; j++) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k))); \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m256 xv = _mm256_loadu_ps(xs + i * ldxs + k);                                              \
+            UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);           \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
 }
 
 /* 8 bytes (16 weights) a step: each byte in a 32-bit lane, its nibbles converted to float and
    dequantized by one FMA, u * scale + (-(8 + zero point) * scale) (within an ulp of the scale's
    products of (u - 8 - zero point) * scale). Lanes past a group's end are cleared. */
-static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
-                                                             const float* s, const float* z, int64_t groups, float* out) {
-    const int64_t ldw = K / 2, group_bytes = group / 2;
-    const __m256i low4 = _mm256_set1_epi32(15), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256 acc[MAX_TILE_M][TILE_ROWS];
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        float scale[TILE_ROWS], offset[TILE_ROWS];
-        for (int j = 0; j < nb; j++) { scale[j] = s[j * groups + g]; offset[j] = -z[j * groups + g] * scale[j]; }
-        const int64_t end = (g + 1) * group_bytes;
-        for (int64_t b = g * group_bytes; b < end; b += 8) {
-            const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(end - b)), lane));
-            for (int j = 0; j < nb; j++) {
-                const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));
-                const __m256 sv = _mm256_set1_ps(scale[j]), ov = _mm256_set1_ps(offset[j]);
-                const __m256 lo = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4)), sv, ov));
-                const __m256 hi = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4)), sv, ov));
-                for (int i = 0; i < mb; i++) {
-                    acc[i][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + i * ldxs + b), acc[i][j]);
-                    acc[i][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + i * ldxs + half + b), acc[i][j]);
-                }
-            }
-        }
-    }
-    for (int i = 0; i < mb; i++) for (int j = 0; j < nb; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]);
+#define INT4_TILE(MB, NB)                                                                                      \
+static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
+    const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
+{                                                                                                              \
+    const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
+    const __m256i low4 = _mm256_set1_epi32(15), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);              \
+    __m256 acc[MB][NB];                                                                                        \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();        \
+    for (int64_t g = 0; g < groups; g++) {                                                                     \
+        float scale[NB], offset[NB];                                                                           \
+        UNROLLED for (int j = 0; j < NB; j++) { scale[j] = s[j * groups + g]; offset[j] = -z[j * groups + g] * scale[j]; } \
+        const int64_t end = (g + 1) * group_bytes;                                                             \
+        for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
+            const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(end - b)), lane)); \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
+                const __m256 sv = _mm256_set1_ps(scale[j]), ov = _mm256_set1_ps(offset[j]);                    \
+                const __m256 lo = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4)), sv, ov)); \
+                const __m256 hi = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4)), sv, ov)); \
+                UNROLLED for (int i = 0; i < MB; i++) {                                                        \
+                    acc[i][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + i * ldxs + b), acc[i][j]);            \
+                    acc[i][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + i * ldxs + half + b), acc[i][j]);     \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
 }
 
 #else /* plain C: 16 independent lanes a step, which the compiler vectorizes (NEON, portable) */
 
 enum { LANES = 16 };
 
-static inline __attribute__((always_inline)) void int8_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t K, const int8_t* w, float* out) {
-    float acc[MAX_TILE_M][TILE_ROWS][LANES];
-    memset(acc, 0, sizeof acc);
-    for (int64_t k = 0; k < K; k += LANES) {
-        const int64_t n = K - k < LANES ? K - k : LANES;
-        float wv[TILE_ROWS][LANES];
-        for (int j = 0; j < nb; j++)
-            for (int l = 0; l < LANES; l++) wv[j][l] = l < n ? (float)w[j * K + k + l] : 0.0f;
-        for (int i = 0; i < mb; i++)
-            for (int j = 0; j < nb; j++)
-                for (int l = 0; l < LANES; l++) acc[i][j][l] += xs[i * ldxs + k + l] * wv[j][l];
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) {
-            float total = 0.0f;
-            for (int l = 0; l < LANES; l++) total += acc[i][j][l];
-            out[i * TILE_ROWS + j] = total;
-        }
+#define INT8_TILE(MB, NB)                                                                                      \
+static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out)       \
+{                                                                                                              \
+    float acc[MB][NB][LANES];                                                                                  \
+    memset(acc, 0, sizeof acc);                                                                                \
+    for (int64_t k = 0; k < K; k += LANES) {                                                                   \
+        const int64_t n = K - k < LANES ? K - k : LANES;                                                       \
+        float wv[NB][LANES];                                                                                   \
+        UNROLLED for (int j = 0; j < NB; j++)                                                                  \
+            for (int l = 0; l < LANES; l++) wv[j][l] = l < n ? (float)w[j * K + k + l] : 0.0f;                 \
+        UNROLLED for (int i = 0; i < MB; i++)                                                                  \
+            UNROLLED for (int j = 0; j < NB; j++)                                                              \
+                for (int l = 0; l < LANES; l++) acc[i][j][l] += xs[i * ldxs + k + l] * wv[j][l];               \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++)                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            float total = 0.0f;                                                                                \
+            for (int l = 0; l < LANES; l++) total += acc[i][j][l];                                             \
+            out[i * TILE_ROWS + j] = total;                                                                    \
+        }                                                                                                      \
 }
 
-static inline __attribute__((always_inline)) void int4_tile(const int mb, const int nb, const float* xs, int64_t ldxs,
-                                                             int64_t half, int64_t K, const uint8_t* w, int64_t group,
-                                                             const float* s, const float* z, int64_t groups, float* out) {
-    const int64_t ldw = K / 2, group_bytes = group / 2;
-    float acc[MAX_TILE_M][TILE_ROWS][LANES];
-    memset(acc, 0, sizeof acc);
-    for (int64_t g = 0; g < groups; g++) {
-        const int64_t end = (g + 1) * group_bytes;
-        for (int64_t b = g * group_bytes; b < end; b += LANES) {
-            const int64_t n = end - b < LANES ? end - b : LANES;
-            float lo[TILE_ROWS][LANES], hi[TILE_ROWS][LANES];
-            for (int j = 0; j < nb; j++) {
-                const float scale = s[j * groups + g], zero = z[j * groups + g];
-                for (int l = 0; l < LANES; l++) {
-                    const uint8_t byte = l < n ? w[j * ldw + b + l] : 0;
-                    lo[j][l] = l < n ? ((float)(byte & 15) - zero) * scale : 0.0f;
-                    hi[j][l] = l < n ? ((float)(byte >> 4) - zero) * scale : 0.0f;
-                }
-            }
-            for (int i = 0; i < mb; i++)
-                for (int j = 0; j < nb; j++)
-                    for (int l = 0; l < LANES; l++)
-                        acc[i][j][l] += lo[j][l] * xs[i * ldxs + b + l] + hi[j][l] * xs[i * ldxs + half + b + l];
-        }
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) {
-            float total = 0.0f;
-            for (int l = 0; l < LANES; l++) total += acc[i][j][l];
-            out[i * TILE_ROWS + j] = total;
-        }
+#define INT4_TILE(MB, NB)                                                                                      \
+static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
+    const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
+{                                                                                                              \
+    const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
+    float acc[MB][NB][LANES];                                                                                  \
+    memset(acc, 0, sizeof acc);                                                                                \
+    for (int64_t g = 0; g < groups; g++) {                                                                     \
+        const int64_t end = (g + 1) * group_bytes;                                                             \
+        for (int64_t b = g * group_bytes; b < end; b += LANES) {                                               \
+            const int64_t n = end - b < LANES ? end - b : LANES;                                               \
+            float lo[NB][LANES], hi[NB][LANES];                                                                \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                const float scale = s[j * groups + g], zero = z[j * groups + g];                               \
+                for (int l = 0; l < LANES; l++) {                                                              \
+                    const uint8_t byte = l < n ? w[j * ldw + b + l] : 0;                                       \
+                    lo[j][l] = l < n ? ((float)(byte & 15) - zero) * scale : 0.0f;                             \
+                    hi[j][l] = l < n ? ((float)(byte >> 4) - zero) * scale : 0.0f;                             \
+                }                                                                                              \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++)                                                              \
+                UNROLLED for (int j = 0; j < NB; j++)                                                          \
+                    for (int l = 0; l < LANES; l++)                                                            \
+                        acc[i][j][l] += lo[j][l] * xs[i * ldxs + b + l] + hi[j][l] * xs[i * ldxs + half + b + l]; \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++)                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            float total = 0.0f;                                                                                \
+            for (int l = 0; l < LANES; l++) total += acc[i][j][l];                                             \
+            out[i * TILE_ROWS + j] = total;                                                                    \
+        }                                                                                                      \
 }
 
 #endif
@@ -348,25 +351,10 @@ static inline __attribute__((always_inline)) void int4_tile(const int mb, const 
    against four, so that a tile always has at least 4 independent accumulators (at one activation
    row, 4 weight rows are read side by side). */
 #define TILE_SHAPES(X) X(8, 1) X(4, 2) X(2, 4) X(1, 4) X(4, 1) X(2, 1) X(1, 1)
-#define INSTANCES(MB, NB)                                                                              \
-    static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) { \
-        int8_tile(MB, NB, xs, ldxs, K, w, out);                                                        \
-    }                                                                                                  \
-    static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K, const uint8_t* w, \
-                                      int64_t group, const float* s, const float* z, int64_t groups, float* out) { \
-        int4_tile(MB, NB, xs, ldxs, half, K, w, group, s, z, groups, out);                             \
-    }
-TILE_SHAPES(INSTANCES)
+TILE_SHAPES(INT8_TILE)
+TILE_SHAPES(INT4_TILE)
 #if BF16_TILES
-#define BF16_INSTANCES(MB, NB)                                                                         \
-    static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) { \
-        int8_tile_bf16(MB, NB, xs, ldxs, K, w, out);                                                   \
-    }                                                                                                  \
-    static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,  \
-                                           const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out) { \
-        int4_tile_bf16(MB, NB, xs, ldxs, half, K, w, group, s, groups, out);                           \
-    }
-TILE_SHAPES(BF16_INSTANCES)
+TILE_SHAPES(INT4_BF16_TILE)
 #endif
 
 /* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
@@ -438,28 +426,17 @@ static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, i
    int8 codes [N, K] scaled per row. Returns 0, or -1 when the scratch copy could not be allocated. */
 int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
                    const float* scale, int64_t N, void* y, int64_t ldy) {
-    const int as_bf16 = BF16_TILES && bf16;
-    activations_t a;
-    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, &a)) return -1;
+    activations_t a; /* float32 activations: the int8 tiles are float32 tiles on every instruction set */
+    if (widen_activations(bf16, 0, x, ldx, M, K, 0, K, &a)) return -1;
     const int64_t ldxs = a.ldxs;
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
         const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
         const int8_t* w = codes + n0 * K;
         float out[16 * TILE_ROWS];
-        if (!as_bf16) {
-            const float* xs = a.rows;
+        const float* xs = a.rows;
 #define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_CALL)
-        }
-#if BF16_TILES
-        else {
-            const uint16_t* xs = a.rows;
-#define INT8_BF16_CALL(MB, NB, j, m)                                                                   \
-    int8_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_BF16_CALL)
-        }
-#endif
+        BLOCK(M, nb, INT8_CALL)
         store_block(bf16, y, ldy, M, n0, nb, out, scale);
     }
     return 0;
