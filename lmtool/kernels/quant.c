@@ -225,7 +225,7 @@ static inline float reduce8(__m256 v) {
 }
 /* 8 bytes at p, or the n < 8 that are left followed by zeros (nothing past them is read). */
 static inline __m128i load8(const void* p, int64_t n) {
-    if (n >= 8) return _mm_loadl_epi64((const __m128i*)p);
+    if (__builtin_expect(n >= 8, 1)) return _mm_loadl_epi64((const __m128i*)p);
     uint64_t v = 0;
     memcpy(&v, p, (size_t)n);
     return _mm_cvtsi64_si128((long long)v);
@@ -236,9 +236,12 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
 {                                                                                                              \
     __m256 acc[MB][NB];                                                                                        \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();        \
-    for (int64_t k = 0; k < K; k += 8) {                                                                       \
+    for (int64_t k = 0; k < K; k += 8) { /* load8's branch is taken only at the tail: kept out of line */      \
         __m256 wv[NB];                                                                                         \
-        UNROLLED for (int j = 0; j < NB; j++) wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k))); \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));                     \
+        }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m256 xv = _mm256_loadu_ps(xs + i * ldxs + k);                                              \
             UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);           \
@@ -248,35 +251,40 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
 }
 
 /* 8 bytes (16 weights) a step: each byte in a 32-bit lane, its nibbles converted to float and
-   dequantized by one FMA, u * scale + (-(8 + zero point) * scale) (within an ulp of the scale's
-   products of (u - 8 - zero point) * scale). Lanes past a group's end are cleared. */
+   multiplied as they are (u, 0..15); a group's sums are scaled once, and the driver takes away the
+   zero point's share (INT4_SUMS_CODES). Bytes past a group's end load as 0, which adds nothing. */
+#define INT4_SUMS_CODES 1
 #define INT4_TILE(MB, NB)                                                                                      \
 static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
     const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
 {                                                                                                              \
+    (void)z;                                                                                                   \
     const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
-    const __m256i low4 = _mm256_set1_epi32(15), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);              \
+    const __m256i low4 = _mm256_set1_epi32(15);                                                                \
     __m256 acc[MB][NB];                                                                                        \
-    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps();        \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm256_setzero_ps(); \
     for (int64_t g = 0; g < groups; g++) {                                                                     \
-        float scale[NB], offset[NB];                                                                           \
-        UNROLLED for (int j = 0; j < NB; j++) { scale[j] = s[j * groups + g]; offset[j] = -z[j * groups + g] * scale[j]; } \
+        __m256 part[MB][NB];                                                                                   \
+        UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm256_setzero_ps(); \
         const int64_t end = (g + 1) * group_bytes;                                                             \
         for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
-            const __m256 kept = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(end - b)), lane)); \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block */         \
                 const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
-                const __m256 sv = _mm256_set1_ps(scale[j]), ov = _mm256_set1_ps(offset[j]);                    \
-                const __m256 lo = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4)), sv, ov)); \
-                const __m256 hi = _mm256_and_ps(kept, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4)), sv, ov)); \
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4));                           \
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));                             \
                 UNROLLED for (int i = 0; i < MB; i++) {                                                        \
-                    acc[i][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + i * ldxs + b), acc[i][j]);            \
-                    acc[i][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + i * ldxs + half + b), acc[i][j]);     \
+                    part[i][j] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs + i * ldxs + b), part[i][j]);          \
+                    part[i][j] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs + i * ldxs + half + b), part[i][j]);   \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            const __m256 scale = _mm256_set1_ps(s[j * groups + g]);                                            \
+            UNROLLED for (int i = 0; i < MB; i++) acc[i][j] = _mm256_fmadd_ps(part[i][j], scale, acc[i][j]);   \
+        }                                                                                                      \
     }                                                                                                          \
-    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
 }
 
 #else /* plain C: 16 independent lanes a step, which the compiler vectorizes (NEON, portable) */
@@ -346,6 +354,9 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #ifndef BF16_TILES
 #define BF16_TILES 0 /* no bfloat16 tiles: bfloat16 activations are widened to float32 */
 #endif
+#ifndef INT4_SUMS_CODES
+#define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
+#endif
 
 /* (activation rows, weight rows) of the tiles: 8 activation rows against one weight row down to one
    against four, so that a tile always has at least 4 independent accumulators (at one activation
@@ -379,18 +390,18 @@ TILE_SHAPES(INT4_BF16_TILE)
 
 /* The activations as the tiles read them: M rows of ldxs elements, float32, or bfloat16 where the
    bfloat16 tiles run (as_bf16); for int4 (split) each row's even elements, then at `half` its odd
-   ones; zero padded to a multiple of 32 elements. xsum: for int4 in bfloat16, each row's sum over
-   each group ([M, groups]), for the zero-point correction. */
+   ones; zero padded to a multiple of 32 elements. xsum (with `sums`): each row's sum over each
+   group ([M, groups]), for the zero-point correction of tiles that sum the stored codes. */
 typedef struct { void* rows; int64_t ldxs, half; float* xsum; } activations_t;
 
 static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int split,
-                             int64_t group, activations_t* a) {
+                             int64_t group, int with_sums, activations_t* a) {
     const int64_t used = split ? K / 2 : K, width = (used + 31) / 32 * 32, groups = K / group;
     const size_t size = as_bf16 ? 2 : 4;
     a->half = width;
     a->ldxs = split ? 2 * width : width;
     const size_t row_bytes = (size_t)(M * a->ldxs) * size + SCRATCH_TAIL * sizeof(float);
-    const size_t sums = split && as_bf16 ? (size_t)(M * groups) : 0;
+    const size_t sums = with_sums ? (size_t)(M * groups) : 0;
     float* buffer = scratch_floats((row_bytes + 3) / 4 + sums);
     if (!buffer) return -1;
     memset(buffer, 0, row_bytes);
@@ -405,7 +416,8 @@ static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, 
         }
         for (int64_t g = 0; a->xsum && g < groups; g++) {
             float total = 0.0f;
-            for (int64_t k = g * group; k < (g + 1) * group; k++) total += bf16_value(((const uint16_t*)row)[k]);
+            for (int64_t k = g * group; k < (g + 1) * group; k++)
+                total += bf16 ? bf16_value(((const uint16_t*)row)[k]) : ((const float*)row)[k];
             a->xsum[m * groups + g] = total;
         }
     }
@@ -427,7 +439,7 @@ static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, i
 int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
                    const float* scale, int64_t N, void* y, int64_t ldy) {
     activations_t a; /* float32 activations: the int8 tiles are float32 tiles on every instruction set */
-    if (widen_activations(bf16, 0, x, ldx, M, K, 0, K, &a)) return -1;
+    if (widen_activations(bf16, 0, x, ldx, M, K, 0, K, 0, &a)) return -1;
     const int64_t ldxs = a.ldxs;
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
@@ -448,9 +460,9 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* nibbles,
                    const void* scale, int scale_bf16, int64_t ld_scale, const int8_t* zero_point, int64_t group,
                    int64_t N, void* y, int64_t ldy) {
-    const int as_bf16 = BF16_TILES && bf16;
+    const int as_bf16 = BF16_TILES && bf16, sums_codes = as_bf16 || INT4_SUMS_CODES;
     activations_t a;
-    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 1, group, &a)) return -1;
+    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 1, group, sums_codes, &a)) return -1;
     const int64_t groups = K / group, ldxs = a.ldxs, half = a.half;
     int failed = 0;
     #pragma omp parallel
@@ -488,7 +500,9 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
     int4_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, groups, \
                                out + (m) * TILE_ROWS + (j))
                 BLOCK(M, nb, INT4_BF16_CALL)
-                /* The tiles summed s x u; w = (u - z) s, so take away sum_g s z xsum. */
+            }
+#endif
+            if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t j = 0; j < nb; j++) {
                         float correction = 0.0f;
@@ -496,8 +510,6 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
                             correction += s[j * groups + g] * z[j * groups + g] * a.xsum[m * groups + g];
                         out[m * TILE_ROWS + j] -= correction;
                     }
-            }
-#endif
             store_block(bf16, y, ldy, M, n0, nb, out, NULL);
         }
         free(sz);
