@@ -2,13 +2,16 @@
 dequantized weights: odd shapes (input widths off the vector widths, 1..37 output rows, 1..16
 activation rows, groups of 2 to a whole row), bfloat16 and float32 activations and scales, zero
 points or none, strided activation rows; the dispatch of lmtool.quantize.linear around them; on
-every instruction set this CPU runs (a subprocess per lower one)."""
+every instruction set this CPU runs (a subprocess per lower one), and the NEON builds under
+qemu-user where an aarch64 cross compiler and qemu are installed."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +170,92 @@ def test_every_other_instruction_set_this_cpu_runs_matches_too(isa):
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+# --- the NEON builds, under qemu-user --------------------------------------------------------------
+
+DRIVER = r"""
+#include <stdio.h>
+#include "quant.c"
+/* Reads cases from stdin, one a line: "int8 BF16 M K N X W SCALE OUT" or
+   "int4 BF16 M K N GROUP SCALE_BF16 X W SCALE ZERO|- OUT"; files hold the raw tensors. */
+static void* slurp(const char* path) {
+    FILE* f = fopen(path, "rb");
+    if (!f) { perror(path); exit(2); }
+    fseek(f, 0, SEEK_END);
+    const long n = ftell(f);
+    rewind(f);
+    void* p = malloc((size_t)n + 64);
+    if (fread(p, 1, (size_t)n, f) != (size_t)n) exit(3);
+    fclose(f);
+    return p;
+}
+int main(void) {
+    char kind[8], x[4096], w[4096], s[4096], z[4096], o[4096];
+    long bf16, M, K, N, group, scale_bf16;
+    while (scanf("%7s", kind) == 1) {
+        int status;
+        void* y;
+        if (!strcmp(kind, "int8")) {
+            if (scanf("%ld %ld %ld %ld %4095s %4095s %4095s %4095s", &bf16, &M, &K, &N, x, w, s, o) != 8) return 4;
+            y = malloc((size_t)(M * N * 4));
+            status = lm_int8_linear((int)bf16, slurp(x), K, M, K, slurp(w), slurp(s), N, y, N);
+        } else {
+            if (scanf("%ld %ld %ld %ld %ld %ld %4095s %4095s %4095s %4095s %4095s", &bf16, &M, &K, &N, &group, &scale_bf16,
+                      x, w, s, z, o) != 11) return 4;
+            y = malloc((size_t)(M * N * 4));
+            status = lm_int4_linear((int)bf16, slurp(x), K, M, K, slurp(w), slurp(s), (int)scale_bf16, K / group,
+                                    strcmp(z, "-") ? slurp(z) : NULL, group, N, y, N);
+        }
+        if (status) return 5;
+        FILE* f = fopen(o, "wb");
+        fwrite(y, bf16 ? 2 : 4, (size_t)(M * N), f);
+        fclose(f);
+    }
+    return 0;
+}
+"""
+CROSS, QEMU = "aarch64-linux-gnu-gcc", "qemu-aarch64"
+
+
+@pytest.mark.parametrize("isa", ["neon", "neon-bf16"])
+def test_neon_builds_match_under_qemu(isa, tmp_path):
+    """quant.c as the NEON builds compile it, run under qemu-user on the same cases' files."""
+    missing = [tool for tool in (CROSS, QEMU) if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)} (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    (tmp_path / "driver.c").write_text(DRIVER)
+    binary = tmp_path / "driver"
+    flags = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")]
+    done = subprocess.run([CROSS, *flags, *kernels.BY_NAME[isa].cflags, "-I", str(kernels.SOURCE_DIR), str(tmp_path / "driver.c"),
+                           "-o", str(binary), "-static"], capture_output=True, text=True)
+    assert done.returncode == 0, kernels.first_error(done.stderr)
+    torch.manual_seed(5)
+    lines, checks = [], []
+
+    def save(tensor: torch.Tensor) -> str:
+        path = tmp_path / f"in{len(list(tmp_path.iterdir()))}.bin"
+        path.write_bytes(tensor.contiguous().view(torch.uint8).numpy().tobytes())
+        return str(path)
+
+    for dtype in DTYPES:
+        bf16 = int(dtype == torch.bfloat16)
+        for rows in (1, 3, 9, 16):
+            weight = int8_weight(37, 100, torch.bfloat16)
+            x = torch.randn(rows, 100).to(dtype)
+            out = str(tmp_path / f"out{len(checks)}.bin")
+            lines.append(f"int8 {bf16} {rows} 100 37 {save(x)} {save(weight.codes)} {save(weight.row_scale(torch.float32))} {out}")
+            checks.append((out, x, weight))
+            for group, symmetric in ((32, False), (40, True)):
+                weight = int4_weight(13, 160, group, torch.bfloat16, symmetric)
+                x = torch.randn(rows, 160).to(dtype)
+                out = str(tmp_path / f"out{len(checks)}.bin")
+                zero = save(weight.zero_point) if weight.zero_point is not None else "-"
+                lines.append(f"int4 {bf16} {rows} 160 13 {group} 1 {save(x)} {save(weight.nibbles)} {save(weight.scale)} {zero} {out}")
+                checks.append((out, x, weight))
+    done = subprocess.run([QEMU, "-cpu", "max", str(binary)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    for out, x, weight in checks:
+        got = torch.frombuffer(bytearray(Path(out).read_bytes()), dtype=x.dtype).view(x.shape[0], weight.out_features)
+        assert_matches(got, x, weight)
