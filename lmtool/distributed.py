@@ -15,6 +15,7 @@ The process group is gloo even for CUDA ranks: the ranks only exchange small Pyt
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -114,6 +115,10 @@ def start(world: World) -> None:
         )
         store = dist.PrefixStore(f"lmtool/attempt-{world.restart}", store)
         dist.init_process_group("gloo", store=store, rank=world.rank, world_size=world.size, timeout=timeout)
+    # Taken down before the interpreter's own teardown: a gloo group left to it aborted a worker
+    # at exit now and then ("terminate called without an active exception", SIGABRT), which
+    # failed a finished job and left the other node's agent waiting at its exit barrier.
+    atexit.register(dist.destroy_process_group)
 
 
 def barrier(world: World) -> None:

@@ -90,11 +90,23 @@ def test_two_agents_as_two_nodes(job, tmp_path):
         port = probe.getsockname()[1]
     launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
-    command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "lmtool",
-               "tag", model, "--files-from", str(listing), "-o", str(output)]
-    agents = [subprocess.Popen(command, env=worker_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE) for _ in range(2)]
-    results = [agent.communicate(timeout=TIMEOUT_S) for agent in agents]
+
+    def command(is_host: bool) -> list[str]:
+        # Which agent hosts the rendezvous store is said, not left to both agents' guess from the
+        # endpoint's address (both on this machine would race to bind the port).
+        conf = ["--rdzv-conf", f"is_host={str(is_host).lower()}"]
+        return [sys.executable, "-m", "torch.distributed.run", *launch, *conf, "-m", "lmtool",
+                "tag", model, "--files-from", str(listing), "-o", str(output)]
+
+    agents = [subprocess.Popen(command(is_host), env=worker_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE) for is_host in (True, False)]
+    try:
+        results = [agent.communicate(timeout=TIMEOUT_S) for agent in agents]
+    except subprocess.TimeoutExpired:
+        for agent in agents:
+            agent.kill()
+        results = [agent.communicate() for agent in agents]
+        pytest.fail(f"an agent ran past {TIMEOUT_S} s: " + " | ".join(r[1].decode()[-3000:] for r in results))
     assert [agent.returncode for agent in agents] == [0, 0], [r[1].decode()[-2000:] for r in results]
     assert_same_records(output, reference)
 
