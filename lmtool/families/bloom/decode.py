@@ -10,7 +10,8 @@ The calls are the ones the layers make (NativeLinear's lm_linear, kv_append, att
 add_layer_norm, gelu_tanh_mul) on the same values in the same order, so a planned step gives
 exactly what the modules give. Where any part is not on the kernels (autograd, float16, linear
 layers on another backend, slow_but_exact, a cache that is not the plain KV cache, more rows than
-the kernels take) there is no plan and the modules run.
+the kernels take) there is no plan and the modules run. The activation buffers are the plan's
+own, reused every step: a model runs one forward at a time, as everywhere in lmtool.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class DecodePlan:
             return False
         if config.tp_slices != 1 or x.dtype not in (torch.bfloat16, torch.float32):
             return False
-        norms = [model.ln_f] + [n for b in model.h for n in (b.input_layernorm, b.post_attention_layernorm)]
+        norms = [model.word_embeddings_layernorm, model.ln_f]
+        norms += [n for b in model.h for n in (b.input_layernorm, b.post_attention_layernorm)]
         if any(n.weight.dtype != x.dtype or n.bias is None or n.bias.dtype != x.dtype for n in norms):
             return False
         for block, layer_cache in zip(model.h, cache.layers):
@@ -77,7 +79,7 @@ class DecodePlan:
                 return False
             attention, mlp = block.self_attention, block.mlp
             linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-            if any(native_parts(l) is None or native_parts(l).kind != native_parts(linears[0]).kind for l in linears):
+            if any(native_parts(linear) is None for linear in linears):
                 return False
         return True
 
