@@ -166,6 +166,34 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1])); \
 }
 
+/* bfloat16 activations with int8 weights: 32 codes widened to float32 and packed into bfloat16
+   (vcvtne2ps2bf16: exact, an int8 has 8 significant bits), then one vdpbf16ps per activation row
+   multiplies 32 pairs. At one row this costs as much as the float32 tile; from two rows on it does
+   twice the products per operation (the float32 tiles are bound by their FMAs there). */
+#define INT8_BF16_TILE(MB, NB)                                                                                 \
+static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) \
+{                                                                                                              \
+    __m512 acc[MB][NB];                                                                                        \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps(); \
+    for (int64_t k = 0; k < K; k += 32) {                                                                      \
+        /* a masked load chosen without a branch (one path through the loop) */                                \
+        const uint32_t left = K - k < 32 ? (uint32_t)(K - k) : 32;                                             \
+        const uint32_t mask = 0xffffffffu >> (32 - left);                                                      \
+        __m512bh wv[NB];                                                                                       \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)mask, w + j * K + k))); \
+            const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)(mask >> 16), w + j * K + k + 16))); \
+            wv[j] = _mm512_cvtne2ps_pbh(second, first);                                                        \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + k);                               \
+            UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);          \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]); \
+}
+
 /* bfloat16 activations with int4 weights, read as they are: each nibble byte widened to a 16-bit
    lane whose low 4 bits (then, shifted, its high 4) index a 32-entry table of bfloat16 values
    (vpermw), and vdpbf16ps multiplies 32 pairs into 16 float32 sums, each product exact (the table
@@ -183,6 +211,7 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
 {                                                                                                              \
     const __m512i nibble = _mm512_load_si512(NIBBLE);                                                          \
     const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
+    const int whole = group_bytes % 32 == 0; /* no partial steps (groups of 64, 128...): no mask to compute */ \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps();      \
     for (int64_t g = 0; g < groups; g++) {                                                                     \
@@ -192,7 +221,7 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
         for (int64_t b = g * group_bytes; b < end; b += 32) {                                                  \
             /* a masked load chosen without a branch (a branch in the loop keeps GCC from holding              \
                the accumulators in registers) */                                                               \
-            const uint32_t left = end - b < 32 ? (uint32_t)(end - b) : 32;                                     \
+            const uint32_t left = whole || end - b >= 32 ? 32 : (uint32_t)(end - b);                           \
             const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
             __m512bh lo[NB], hi[NB];                                                                           \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
@@ -365,6 +394,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 TILE_SHAPES(INT8_TILE)
 TILE_SHAPES(INT4_TILE)
 #if BF16_TILES
+TILE_SHAPES(INT8_BF16_TILE)
 TILE_SHAPES(INT4_BF16_TILE)
 #endif
 
@@ -424,6 +454,18 @@ static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, 
     return 0;
 }
 
+/* sum_i a[i] b[i] in independent lanes, which the compiler vectorizes (a plain float sum it may not
+   reorder: this runs groups x M x N times a call, as much as the tiles' own work at 8 rows). */
+static float dot_lanes(const float* a, const float* b, int64_t n) {
+    float lanes[16] = {0}, total = 0.0f;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lanes[l] += a[i + l] * b[i + l];
+    for (; i < n; i++) total += a[i] * b[i];
+    for (int l = 0; l < 16; l++) total += lanes[l];
+    return total;
+}
+
 static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, int64_t nb, const float* out,
                         const float* row_scale) {
     for (int64_t m = 0; m < M; m++)
@@ -438,17 +480,30 @@ static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, i
    int8 codes [N, K] scaled per row. Returns 0, or -1 when the scratch copy could not be allocated. */
 int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
                    const float* scale, int64_t N, void* y, int64_t ldy) {
-    activations_t a; /* float32 activations: the int8 tiles are float32 tiles on every instruction set */
-    if (widen_activations(bf16, 0, x, ldx, M, K, 0, K, 0, &a)) return -1;
+    /* One activation row: the float32 tiles (as many operations, and faster on Zen 4); more: the
+       bfloat16 tiles, twice the products per operation. */
+    const int as_bf16 = BF16_TILES && bf16 && M > 1;
+    activations_t a;
+    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, 0, &a)) return -1;
     const int64_t ldxs = a.ldxs;
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
         const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
         const int8_t* w = codes + n0 * K;
         float out[16 * TILE_ROWS];
-        const float* xs = a.rows;
+        if (!as_bf16) {
+            const float* xs = a.rows;
 #define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-        BLOCK(M, nb, INT8_CALL)
+            BLOCK(M, nb, INT8_CALL)
+        }
+#if BF16_TILES
+        else {
+            const uint16_t* xs = a.rows;
+#define INT8_BF16_CALL(MB, NB, j, m)                                                                   \
+    int8_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
+            BLOCK(M, nb, INT8_BF16_CALL)
+        }
+#endif
         store_block(bf16, y, ldy, M, n0, nb, out, scale);
     }
     return 0;
@@ -467,8 +522,8 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
     int failed = 0;
     #pragma omp parallel
     {
-        /* Each block's scales and 8 + zero points as float32, TILE_ROWS rows of groups. */
-        float* sz = malloc((size_t)(2 * TILE_ROWS * groups) * sizeof(float));
+        /* Each block's scales, 8 + zero points and their products as float32, TILE_ROWS rows of groups. */
+        float* sz = malloc((size_t)(3 * TILE_ROWS * groups) * sizeof(float));
         if (!sz) {
             #pragma omp atomic write
             failed = 1;
@@ -477,12 +532,13 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
         for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
             if (!sz) continue;
             const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
-            float *s = sz, *z = sz + TILE_ROWS * groups;
+            float *s = sz, *z = sz + TILE_ROWS * groups, *shift = sz + 2 * TILE_ROWS * groups;
             for (int64_t j = 0; j < nb; j++)
                 for (int64_t g = 0; g < groups; g++) {
                     const int64_t at = (n0 + j) * ld_scale + g;
                     s[j * groups + g] = scale_bf16 ? bf16_value(((const uint16_t*)scale)[at]) : ((const float*)scale)[at];
                     z[j * groups + g] = 8.0f + (zero_point ? (float)zero_point[(n0 + j) * groups + g] : 0.0f);
+                    shift[j * groups + g] = s[j * groups + g] * z[j * groups + g];
                 }
             const uint8_t* w = nibbles + n0 * (K / 2);
             float out[16 * TILE_ROWS];
@@ -504,12 +560,8 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
                 for (int64_t m = 0; m < M; m++)
-                    for (int64_t j = 0; j < nb; j++) {
-                        float correction = 0.0f;
-                        for (int64_t g = 0; g < groups; g++)
-                            correction += s[j * groups + g] * z[j * groups + g] * a.xsum[m * groups + g];
-                        out[m * TILE_ROWS + j] -= correction;
-                    }
+                    for (int64_t j = 0; j < nb; j++)
+                        out[m * TILE_ROWS + j] -= dot_lanes(shift + j * groups, a.xsum + m * groups, groups);
             store_block(bf16, y, ldy, M, n0, nb, out, NULL);
         }
         free(sz);
