@@ -37,6 +37,11 @@
 #endif
 
 enum { TILE_ROWS = 4 };
+/* How far ahead of its loads a tile prefetches its weight stream, in bytes (a thread's rows are one
+   contiguous stream). Without it a single core streamed int8 codes at ~10 GB/s where bf16 reached
+   20-24 (Zen 4): the hardware prefetcher alone keeps too few lines in flight for the shorter rows.
+   One block ahead (4 rows) was ~15, 8 KB ~19-23, 4 KB (a 4K alias of the load) ~10, 16-64 KB ~17. */
+#define PREFETCH_AHEAD 8192
 
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t bf16_rounded(float f) {
@@ -69,8 +74,7 @@ enum { SCRATCH_TAIL = 16 };
  * + half) the odd ones; s and z hold each weight row's scale and 8 + zero point per group (groups
  * apart). Macros, as common.h's tiles, so that the accumulator arrays have their exact sizes and
  * live in registers (sized for the largest tile, GCC keeps them in memory). Each also prefetches
- * the next block's rows (right after its own: a thread's rows are one contiguous stream) into L1:
- * the hardware prefetcher alone left a single core at half its bandwidth. */
+ * its weight rows PREFETCH_AHEAD bytes ahead into L1. */
 
 /* Loops over a tile's rows, unrolled before GCC decides where the accumulators live (left to its
    later unrolling, it keeps the 8 x 1 tiles' accumulators in memory and stores them every step). */
@@ -89,7 +93,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (; k + 16 <= K; k += 16) {                                                                             \
         __m512 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
             wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k)))); \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -130,7 +134,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         for (; b + 16 <= end; b += 16) { /* one path through the loop: the tail after it */                    \
             __m512 lo[NB], hi[NB];                                                                             \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block */         \
+                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);         \
                 const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))); \
                 lo[j] = _mm512_permutexvar_ps(lanes, table[j]);                                                \
                 hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);                          \
@@ -181,7 +185,7 @@ static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
         const uint32_t mask = 0xffffffffu >> (32 - left);                                                      \
         __m512bh wv[NB];                                                                                       \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
             const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)mask, w + j * K + k))); \
             const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)(mask >> 16), w + j * K + k + 16))); \
             wv[j] = _mm512_cvtne2ps_pbh(second, first);                                                        \
@@ -225,7 +229,7 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
             const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
             __m512bh lo[NB], hi[NB];                                                                           \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block's rows */  \
+                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);  \
                 const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * ldw + b));    \
                 lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);                                     \
                 hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);               \
@@ -268,7 +272,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (int64_t k = 0; k < K; k += 8) { /* load8's branch is taken only at the tail: kept out of line */      \
         __m256 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + (j + NB) * K + k), _MM_HINT_T0); /* the next block */               \
+            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
             wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));                     \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -298,7 +302,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         const int64_t end = (g + 1) * group_bytes;                                                             \
         for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + (j + NB) * ldw + b), _MM_HINT_T0); /* the next block */         \
+                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);         \
                 const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
                 const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4));                           \
                 const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));                             \
