@@ -156,10 +156,11 @@ def quantize_gguf(bf16: Path, llama_type: str, threads: int) -> Path:
 
 def quantize_lmtool(model: Path, llama_type: str, quantized_dir: Path) -> Path:
     """The model quantized by `lmtool quantize` to the scheme that matches llama_type, once per
-    model files (no verification run: this script measures speed, and a random bench checkpoint
-    has no text to verify on)."""
+    (model files, lmtool's quantizer source) (no verification run: this script measures speed,
+    and a random bench checkpoint has no text to verify on)."""
     scheme = QUANTIZED[llama_type][1]
-    target = quantized_dir / f"{model.name}-{scheme}-g{GROUP_SIZE}-{files_stamp(model)}"
+    quantizer = [path.read_bytes() for path in sorted((ROOT / "lmtool" / "quantize").glob("*.py"))]
+    target = quantized_dir / f"{model.name}-{scheme}-g{GROUP_SIZE}-{files_stamp(model, *quantizer)}"
     if (target / "config.json").is_file():
         return target
     quantized_dir.mkdir(parents=True, exist_ok=True)
