@@ -16,18 +16,22 @@
  *        w = (u - 8 - zero_point) * scale, exactly as lmtool.quantize.schemes.dequantize computes it
  *        in float32.
  *
- * The activations (bfloat16 or float32) are first widened once per call into a float32 scratch
- * copy, zero padded (for int4 split into its even and odd elements, the order of the low and high
- * nibbles), so that every instruction set multiplies float32 by float32 with one rounding per
- * product-sum and accumulates in float32; the output is rounded once to the activation dtype.
- * Output rows are shared among torch's OpenMP threads in blocks of 4 (TILE_ROWS); within a block
- * the activation rows are taken 8, 4, 2 or 1 at a time against 1, 2 or 4 weight rows (tiles whose
- * accumulators stay in registers), so the weights are read from memory once whatever M is.
+ * The activations are first copied once per call into a scratch buffer, zero padded (for int4
+ * split into their even and odd elements, the order of the low and high nibbles): widened to
+ * float32 for the float32 tiles, kept in bfloat16 for the bfloat16 tiles (AVX512-BF16, bfloat16
+ * activations: int4 always, int8 from 2 rows). Every product is exact and sums are float32; the
+ * output is rounded once to the activation dtype. Output rows are shared among torch's OpenMP
+ * threads in blocks of 4 (TILE_ROWS); within a block the activation rows are taken 8, 4, 2 or 1 at
+ * a time against 1, 2 or 4 weight rows (tiles whose accumulators stay in registers), so the
+ * weights are read from memory once whatever M is.
  *
- * Built into every instruction set's library beside its own source (lmtool.kernels.build), with
- * that ISA's flags: AVX-512 (nibbles turned into dequantized floats by one 16-entry table lookup,
- * vpermps, per 16 weights), AVX2 (integer to float conversion and one FMA), and plain C that the
- * compiler vectorizes (NEON, portable).
+ * Per instruction set: AVX-512 int8 widens codes to float32 and FMAs (one row) or packs them into
+ * bfloat16 for vdpbf16ps (more rows); int4 looks the nibbles up in a bfloat16 table (vpermw) for
+ * vdpbf16ps, or, for float32 activations, in a table of the group's dequantized floats (vpermps).
+ * AVX2 converts to float32 and FMAs. NEON and portable builds use plain C the compiler vectorizes.
+ * Tiles that multiply the stored nibbles u rather than the dequantized weights (AVX-512 bfloat16,
+ * AVX2) scale each group's sums once; the driver then takes away the zero point's share,
+ * sum_g scale_g (8 + zero_point_g) sum_(k in g) x_k.
  */
 #include <stdint.h>
 #include <stdlib.h>
