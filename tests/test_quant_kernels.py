@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from lmtool import kernels
-from lmtool.quantize.format import QuantizedWeight, compressed_tensors
 from lmtool.quantize import linear
+from lmtool.quantize.format import QuantizedWeight, compressed_tensors
 from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul, tiled_matmul
 from lmtool.quantize.schemes import quantize_int4_groups, quantize_int8_rows
 
