@@ -291,11 +291,28 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
    multiplied as they are (u, 0..15); a group's sums are scaled once, and the driver takes away the
    zero point's share (INT4_SUMS_CODES). Bytes past a group's end load as 0, which adds nothing. */
 #define INT4_SUMS_CODES 1
+#define INT4_TILE_ARGUMENTS const float* xs, int64_t ldxs, int64_t half, int64_t K, const uint8_t* w, int64_t group, \
+    const float* s, const float* z, int64_t groups, float* out
+static void int4_tile_4_1(INT4_TILE_ARGUMENTS);
+static void int4_tile_1_4(INT4_TILE_ARGUMENTS);
 #define INT4_TILE(MB, NB)                                                                                      \
 static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
     const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
 {                                                                                                              \
     (void)z;                                                                                                   \
+    if (MB * NB > 4) { /* 16 registers hold at most 4 x 2 accumulators: two smaller tiles instead */           \
+        if (NB == 1) { /* 8 x 1 */                                                                             \
+            int4_tile_4_1(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
+            int4_tile_4_1(xs + 4 * ldxs, ldxs, half, K, w, group, s, z, groups, out + 4 * TILE_ROWS);          \
+        } else if (NB == 2) { /* 4 x 2 */                                                                      \
+            int4_tile_4_1(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
+            int4_tile_4_1(xs, ldxs, half, K, w + K / 2, group, s + groups, z + groups, groups, out + 1);       \
+        } else { /* 2 x 4 */                                                                                   \
+            int4_tile_1_4(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
+            int4_tile_1_4(xs + ldxs, ldxs, half, K, w, group, s, z, groups, out + TILE_ROWS);                  \
+        }                                                                                                      \
+        return;                                                                                                \
+    }                                                                                                          \
     const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
     const __m256i low4 = _mm256_set1_epi32(15);                                                                \
     __m256 acc[MB][NB];                                                                                        \
@@ -398,7 +415,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 /* (activation rows, weight rows) of the tiles: 8 activation rows against one weight row down to one
    against four, so that a tile always has at least 4 independent accumulators (at one activation
    row, 4 weight rows are read side by side). */
-#define TILE_SHAPES(X) X(8, 1) X(4, 2) X(2, 4) X(1, 4) X(4, 1) X(2, 1) X(1, 1)
+#define TILE_SHAPES(X) X(1, 1) X(2, 1) X(4, 1) X(1, 4) X(2, 4) X(4, 2) X(8, 1)
 TILE_SHAPES(INT8_TILE)
 TILE_SHAPES(INT4_TILE)
 #if BF16_TILES
