@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -163,3 +166,22 @@ def kernel_tolerance(dtype: torch.dtype, expected: torch.Tensor) -> float:
     float32 arithmetic; bfloat16, about one bfloat16 rounding of the output."""
     scale = expected.abs().max().item() + 1
     return 1e-5 * scale if dtype == torch.float32 else 1e-2 * scale
+
+
+def other_instruction_sets() -> list[str]:
+    """The kernel builds this CPU runs besides the one it picks (LMTOOL_ISA caps the choice)."""
+    from lmtool import kernels
+
+    return [isa.name for isa in kernels.ISAS if kernels.runs_here(isa) and isa is not kernels.cpu_isa()]
+
+
+def rerun_tests_on_instruction_set(test_file: str, isa: str) -> None:
+    """Run test_file's other tests again in a process capped to isa's kernel build."""
+    env = {**os.environ, "LMTOOL_ISA": isa}
+    code = (
+        "import sys, pytest; from lmtool import kernels; "
+        f"assert kernels.active_isa().name == {isa!r}, kernels.active_isa(); "
+        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', {test_file!r}, '-k', 'not instruction_set']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

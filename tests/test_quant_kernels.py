@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,8 @@ from lmtool.quantize import linear
 from lmtool.quantize.format import QuantizedWeight, compressed_tensors
 from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul, tiled_matmul
 from lmtool.quantize.schemes import quantize_int4_groups, quantize_int8_rows
+
+from helpers import other_instruction_sets, rerun_tests_on_instruction_set
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C compiler for the kernels")
 
@@ -159,17 +160,10 @@ def test_prepare_keeps_the_mapped_nibbles_where_the_kernel_runs():
     assert weight.int4pack is not None
 
 
-@pytest.mark.parametrize("isa", [isa.name for isa in kernels.ISAS if kernels.runs_here(isa) and isa is not kernels.cpu_isa()])
+@pytest.mark.parametrize("isa", other_instruction_sets())
 def test_every_other_instruction_set_this_cpu_runs_matches_too(isa):
     """The same tests on the other instruction sets' builds (quant.c is compiled into each)."""
-    env = {**os.environ, "LMTOOL_ISA": isa}
-    code = (
-        "import sys, pytest; from lmtool import kernels; "
-        f"assert kernels.active_isa().name == {isa!r}, kernels.active_isa(); "
-        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not instruction_set']))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rerun_tests_on_instruction_set(__file__, isa)
 
 
 # --- the NEON builds, under qemu-user --------------------------------------------------------------

@@ -5,10 +5,6 @@ sequence starts; on every instruction set this CPU runs (a subprocess per lower 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +12,8 @@ import torch.nn.functional as F
 from lmtool import kernels
 from lmtool.kernels import steps
 from lmtool.recurrent import causal_conv1d, linear_scan, ssd_chunk_scan, ssd_scan
+
+from helpers import other_instruction_sets, rerun_tests_on_instruction_set
 
 pytestmark = pytest.mark.skipif(steps.library() is None, reason="no C compiler for the step kernels")
 
@@ -151,17 +149,10 @@ def test_rglru_step_kernel_matches_the_reference_and_resets_at_position_0(dtype,
     assert torch.equal(again[0], got[0]) and torch.equal(other[0], h[0])
 
 
-@pytest.mark.parametrize("isa", [isa.name for isa in kernels.ISAS if kernels.runs_here(isa) and isa is not kernels.cpu_isa()])
+@pytest.mark.parametrize("isa", other_instruction_sets())
 def test_every_other_instruction_set_this_cpu_runs_matches_too(isa):
     """The same tests on the other instruction sets' builds (steps.c is compiled into each)."""
-    env = {**os.environ, "LMTOOL_ISA": isa}
-    code = (
-        "import sys, pytest; from lmtool import kernels; "
-        f"assert kernels.active_isa().name == {isa!r}, kernels.active_isa(); "
-        f"sys.exit(pytest.main(['-q', '-x', '-p', 'no:cacheprovider', '{__file__}', '-k', 'not instruction_set']))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rerun_tests_on_instruction_set(__file__, isa)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
