@@ -144,6 +144,16 @@ def segment_sum(a: torch.Tensor) -> torch.Tensor:
     return sums.masked_fill(~causal, float("-inf"))
 
 
+def ssd_kernels_take(x: torch.Tensor, size: int, dt, B, C, D, *others: torch.Tensor | None) -> bool:
+    """Whether the native Mamba2 kernels (scan and step) take these tensors: a state size (and head
+    width) they hold, dt/B/C/D in x's dtype, and the kernels usable for all of them."""
+    return (
+        size <= step_kernels.MAX_STATE
+        and all(t is None or t.dtype == x.dtype for t in (dt, B, C, D))
+        and step_kernels.usable(x, dt, B, C, D, *others)
+    )
+
+
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -160,19 +170,12 @@ def ssd_scan(
     operations. Both are float32 throughout and agree to float32 noise."""
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    if (
-        max(N, P) <= step_kernels.MAX_STATE
-        and all(t is None or t.dtype == x.dtype for t in (dt, B, C, D))
-        and step_kernels.usable(x, dt, A, B, C, D, initial_state)
-    ):
+    if ssd_kernels_take(x, max(N, P), dt, B, C, D, A, initial_state):
         if initial_state is None:
             state = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
         else:  # a copy: the caller's state is the one before this call
             state = initial_state.to(torch.float32, copy=True).contiguous()
-        y = step_kernels.ssd_scan(
-            state, x.reshape(b, T, H * P), dt, A.float().contiguous(), B.reshape(b, T, G * N),
-            C.reshape(b, T, G * N), D,
-        )
+        y = step_kernels.ssd_scan(state, x.reshape(b, T, H * P), dt, A, B.reshape(b, T, G * N), C.reshape(b, T, G * N), D)
         return y, state
     return ssd_chunk_scan(x, dt, A, B, C, chunk_size, D, initial_state)
 
@@ -257,13 +260,7 @@ def ssd_step(
     """
     b, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    if (
-        state.dtype == torch.float32
-        and state.is_contiguous()
-        and N <= step_kernels.MAX_STATE
-        and all(t is None or t.dtype == x.dtype for t in (dt, B, C, D))
-        and step_kernels.usable(x, state, dt, A, B, C, D)
-    ):
+    if state.dtype == torch.float32 and state.is_contiguous() and ssd_kernels_take(x, N, dt, B, C, D, A, state):
         y = step_kernels.ssd_step(
             state, x.reshape(b, H * P), dt, A.float().contiguous(), B.reshape(b, G * N), C.reshape(b, G * N), D
         )
