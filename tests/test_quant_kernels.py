@@ -89,6 +89,31 @@ def test_int8_kernel_matches_the_dequantized_product(dtype, out_features, in_fea
         assert_matches(native_matmul(x, weight), x, weight)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int8_kernel_keeps_small_activations_beside_a_large_one_in_another_block(rows):
+    """Where bfloat16 activations go to int16 for the integer products (AVX-512), each block of 128
+    has its own scale: a block of values around 1e-3 after a block holding 1000 keeps its precision.
+    The weights are zero over the first block, so the output is the small block's alone (with one
+    scale per row it would round to 0)."""
+    torch.manual_seed(rows)
+    dense = torch.randn(6, 256)
+    dense[:, :128] = 0
+    stored = compressed_tensors(quantize_int8_rows(dense, torch.float32), (6, 256))
+    weight = QuantizedWeight("w", 6, 256, 8, stored["weight_scale"], None, codes=stored["weight"])
+    x = (torch.randn(rows, 256) * 1e-3).to(torch.bfloat16)
+    x[:, 5] = 1000.0
+    assert_matches(native_matmul(x, weight), x, weight)
+
+
+def test_int8_kernel_gives_nan_for_an_infinite_or_nan_activation():
+    weight = int8_weight(5, 300, torch.float32)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 300).to(torch.bfloat16)
+        x[0, 7] = bad
+        got = native_matmul(x, weight).float()
+        assert not got[0].isfinite().any() and got[1].isfinite().all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "out_features,in_features,group",

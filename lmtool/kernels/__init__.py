@@ -85,8 +85,8 @@ class Isa:
 
 # Best first within each machine; the first one the CPU has is used (LMTOOL_ISA caps it).
 ISAS = (
-    Isa("avx512", "avx512.c", X86, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"), True),
+    Isa("avx512", "avx512.c", X86, ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma"), True),
     Isa("avx2", "avx2.c", X86, ("avx2", "fma"), ("-mavx2", "-mfma"), False),
     Isa("neon-bf16", "neon.c", ARM, ("asimd", "bf16"), ("-march=armv8.2-a+bf16",), True),
     Isa("neon", "neon.c", ARM, ("asimd",), ("-march=armv8-a",), False),

@@ -39,6 +39,7 @@ static inline float reduce_ps(__m256 v) {
     PADDED_TILE(NAME, XT, WT, XV, WV, __m256, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 2, 4)       \
     PADDED_TILE(NAME, XT, WT, XV, WV, __m256, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 4)       \
     PADDED_TILE(NAME, XT, WT, XV, WV, __m256, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 1)       \
+    PADDED_ROW(NAME, XT, WT, __m256, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, _mm256_add_ps)      \
     static inline void tile_##NAME##_2_8(const XT* x, int64_t ldx, const WT* w, int64_t ldw, int64_t span, \
                                          float* out, int64_t ldo) {                                    \
         tile_##NAME##_2_4(x, ldx, w, ldw, span, out, ldo);                                             \

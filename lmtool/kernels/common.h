@@ -186,14 +186,35 @@ static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(    
     for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * ldo + j] = REDUCE(acc[i][j]);    \
 }
 
+/* One activation row times one weight row through four accumulators (ADD joins them), the rest
+ * after the last whole group of four steps by the 1 x 1 tile: what block() runs at one activation
+ * row, weight rows one after another (see avx512.c's row_* for why). */
+#define PADDED_ROW(NAME, XT, WT, ACC, STEP, XLOAD, WLOAD, MAC, ZERO, REDUCE, ADD)                      \
+static inline __attribute__((always_inline)) float row_##NAME(const XT* x, const WT* w, int64_t span) { \
+    ACC a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                            \
+    int64_t k = 0;                                                                                     \
+    for (; k + 4 * STEP <= span; k += 4 * STEP) {                                                      \
+        a0 = MAC(a0, XLOAD(x + k), WLOAD(w + k));                                                      \
+        a1 = MAC(a1, XLOAD(x + k + STEP), WLOAD(w + k + STEP));                                        \
+        a2 = MAC(a2, XLOAD(x + k + 2 * STEP), WLOAD(w + k + 2 * STEP));                                \
+        a3 = MAC(a3, XLOAD(x + k + 3 * STEP), WLOAD(w + k + 3 * STEP));                                \
+    }                                                                                                  \
+    float rest;                                                                                        \
+    tile_##NAME##_1_1(x + k, 0, w + k, 0, span - k, &rest, 1);                                         \
+    return REDUCE(ADD(ADD(a0, a1), ADD(a2, a3))) + rest;                                               \
+}
+
 /* aligned_step() and block() for instruction sets whose tiles are PADDED_TILEs named tile_bb_*,
- * tile_fb_* and tile_ff_* (one per kind) of sizes 2x8, 1x8, 1x4 and 1x1: pairs of activation rows
- * over 8 weight rows, then single rows; 4- and 1-row blocks one activation row at a time. */
+ * tile_fb_* and tile_ff_* (one per kind) of sizes 2x8, 1x8, 1x4 and 1x1, with PADDED_ROWs row_bb,
+ * row_fb and row_ff: one activation row by rows; more, pairs of activation rows over 8 weight rows,
+ * then single rows; 4- and 1-row blocks one activation row at a time. */
 #define PADDED_RUN(NAME, XT, WT)                                                                       \
     {                                                                                                  \
         const XT* xx = (const XT*)x; const WT* ww = (const WT*)w;                                      \
         int64_t m = 0;                                                                                 \
-        if (nb == 8) {                                                                                 \
+        if (M == 1) {                                                                                  \
+            for (int64_t j = 0; j < nb; j++) out[j] = row_##NAME(xx, ww + j * ldw, span);              \
+        } else if (nb == 8) {                                                                          \
             for (; m + 2 <= M; m += 2) tile_##NAME##_2_8(xx + m * ldx, ldx, ww, ldw, span, out + m * 8, 8); \
             for (; m < M; m++) tile_##NAME##_1_8(xx + m * ldx, ldx, ww, ldw, span, out + m * 8, 8);    \
         } else if (nb == 4) {                                                                          \

@@ -34,7 +34,8 @@ static inline float32x4_t mac_bf16(float32x4_t acc, bf16_vec x, bf16_vec w) {
     PADDED_TILE(NAME, XT, WT, XV, WV, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 8)  \
     PADDED_TILE(NAME, XT, WT, XV, WV, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 2, 8)  \
     PADDED_TILE(NAME, XT, WT, XV, WV, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 4)  \
-    PADDED_TILE(NAME, XT, WT, XV, WV, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 1)
+    PADDED_TILE(NAME, XT, WT, XV, WV, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, 1, 1)  \
+    PADDED_ROW(NAME, XT, WT, float32x4_t, STEP, XLOAD, WLOAD, MAC, zero_ps, reduce_ps, vaddq_f32)
 TILES(bb, uint16_t, uint16_t, bf16_vec, bf16_vec, 8, load_bf16, load_bf16, mac_bf16)
 TILES(fb, float, uint16_t, float32x4_t, float32x4_t, 4, load_ps, load_bf16_as_ps, mac_ps)
 TILES(ff, float, float, float32x4_t, float32x4_t, 4, load_ps, load_ps, mac_ps)

@@ -26,7 +26,13 @@ static inline float reduce_lanes(lanes_t a) {
     PADDED_TILE(NAME, XT, WT, lanes_t, lanes_t, lanes_t, LANES, XLOAD, WLOAD, mac_lanes, zero_lanes, reduce_lanes, 1, 8) \
     PADDED_TILE(NAME, XT, WT, lanes_t, lanes_t, lanes_t, LANES, XLOAD, WLOAD, mac_lanes, zero_lanes, reduce_lanes, 2, 8) \
     PADDED_TILE(NAME, XT, WT, lanes_t, lanes_t, lanes_t, LANES, XLOAD, WLOAD, mac_lanes, zero_lanes, reduce_lanes, 1, 4) \
-    PADDED_TILE(NAME, XT, WT, lanes_t, lanes_t, lanes_t, LANES, XLOAD, WLOAD, mac_lanes, zero_lanes, reduce_lanes, 1, 1)
+    PADDED_TILE(NAME, XT, WT, lanes_t, lanes_t, lanes_t, LANES, XLOAD, WLOAD, mac_lanes, zero_lanes, reduce_lanes, 1, 1) \
+    /* one accumulator of 16 lanes is already 4 independent vectors at 128 bits: 4 of them spill */  \
+    static inline float row_##NAME(const XT* x, const WT* w, int64_t span) {                          \
+        float out;                                                                                     \
+        tile_##NAME##_1_1(x, 0, w, 0, span, &out, 1);                                                  \
+        return out;                                                                                    \
+    }
 TILES(bb, uint16_t, uint16_t, load_bf16_lanes, load_bf16_lanes)
 TILES(fb, float, uint16_t, load_f32_lanes, load_bf16_lanes)
 TILES(ff, float, float, load_f32_lanes, load_f32_lanes)

@@ -33,6 +33,7 @@
  * AVX2) scale each group's sums once; the driver then takes away the zero point's share,
  * sum_g scale_g (8 + zero_point_g) sum_(k in g) x_k.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,9 @@
 #endif
 
 enum { TILE_ROWS = 4 };
+/* Activation elements per int16 block (I16_TILES): 4 steps of 32. Each int32 lane then sums at most
+   8 products of |code| <= 127 and |x| <= 2^15, far from overflowing. */
+enum { I16_BLOCK = 128 };
 /* How far ahead of its loads a tile prefetches its weight stream, in bytes (a thread's rows are one
    contiguous stream). Without it a single core streamed int8 codes at ~10 GB/s where bf16 reached
    20-24 (Zen 4): the hardware prefetcher alone keeps too few lines in flight for the shorter rows.
@@ -202,6 +206,53 @@ static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]); \
 }
 
+/* bfloat16 activations with int8 weights as integers: the activations are first rounded to int16
+   in blocks of I16_BLOCK elements, each with its own power-of-two scale (block floating point,
+   see quantize_activations), and vpdpwssd (AVX512-VNNI) multiplies 32 int16 pairs a step into 16
+   int32 lanes, exactly; each block's sums are scaled once into float32. Per 32 weights that is one
+   widening of the codes (vpmovsxbw) and one vpdpwssd per activation row, where the float32 tile
+   needs two widenings, two conversions and two FMAs: the difference between a kernel bound by its
+   arithmetic and one that streams at the memory's rate. The rounding of the activations adds at
+   most 2^-15 of each block's largest |x| per element, far below the bfloat16 rounding of the
+   output (a bfloat16 activation with an exponent within 8 of the block's largest is exact). */
+#define I16_TILES 1
+/* One activation row: weight rows one at a time (1 x 1 tiles), each thread reading one sequential
+   stream, as lm_linear's bfloat16 rows do: Gemma-sized int8 rows 24.8 -> 34.9 GB/s, int4 19.0 ->
+   27.0 at 2 threads (Zen 4), though the 1 x 4 tiles compute faster from cache. Where the tiles are
+   bound by their arithmetic (AVX2) the 1 x 4 tiles stay. */
+#define ROW_BY_ROW 1
+#define INT8_I16_TILE(MB, NB)                                                                                  \
+static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
+    int64_t K, const int8_t* w, float* out)                                                                    \
+{                                                                                                              \
+    __m512 total[MB][NB];                                                                                      \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
+    for (int64_t b = 0; b * I16_BLOCK < K; b++) {                                                              \
+        __m512i part[MB][NB];                                                                                  \
+        UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_setzero_si512(); \
+        const int64_t end = (b + 1) * I16_BLOCK < K ? (b + 1) * I16_BLOCK : K;                                 \
+        for (int64_t k = b * I16_BLOCK; k < end; k += 32) {                                                    \
+            /* a masked load chosen without a branch (one path through the loop) */                            \
+            const uint32_t left = end - k < 32 ? (uint32_t)(end - k) : 32;                                     \
+            const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
+            __m512i wv[NB];                                                                                    \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
+                wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + k));                    \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
+                const __m512i xv = _mm512_loadu_si512(xs + i * ldxs + k);                                      \
+                UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_dpwssd_epi32(part[i][j], xv, wv[j]); \
+            }                                                                                                  \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512 scale = _mm512_set1_ps(xscale[i * ldscale + b]);                                      \
+            UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[i][j]), scale, total[i][j]); \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
+}
+
 /* bfloat16 activations with int4 weights, read as they are: each nibble byte widened to a 16-bit
    lane whose low 4 bits (then, shifted, its high 4) index a 32-entry table of bfloat16 values
    (vpermw), and vdpbf16ps multiplies 32 pairs into 16 float32 sums, each product exact (the table
@@ -213,6 +264,36 @@ static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
 static const uint16_t NIBBLE[32] __attribute__((aligned(64))) = {
     0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
     0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+/* The pieces of INT4_BF16_TILE: a group's sums start at zero, each 32-byte step (64 nibbles, BYTES the
+   load of row j's) adds its products, the group's end scales them into the totals. Even and odd
+   products go to separate sums: two dependency chains, not one twice as long. */
+#define INT4_BF16_GROUP_START(MB, NB)                                                                                \
+    __m512 part[MB][NB][2];                                                                                    \
+    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) part[i][j][0] = part[i][j][1] = _mm512_setzero_ps();
+#define INT4_BF16_STEP(MB, NB, b, BYTES)                                                                             \
+    {                                                                                                          \
+        __m512bh lo[NB], hi[NB];                                                                               \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            _mm_prefetch((const char*)(w + j * ldw + (b)) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
+            const __m512i bytes = _mm512_cvtepu8_epi16(BYTES);                                                 \
+            lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);                                         \
+            hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);                   \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + (b));                           \
+            const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + (b));                     \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                part[i][j][0] = _mm512_dpbf16_ps(part[i][j][0], lo[j], even);                                  \
+                part[i][j][1] = _mm512_dpbf16_ps(part[i][j][1], hi[j], odd);                                   \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+#define INT4_BF16_GROUP_END(MB, NB)                                                                                \
+    UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
+        const __m512 scale = _mm512_set1_ps(s[j * groups + g]);                                                \
+        UNROLLED for (int i = 0; i < MB; i++)                                                                  \
+            total[i][j] = _mm512_fmadd_ps(_mm512_add_ps(part[i][j][0], part[i][j][1]), scale, total[i][j]);   \
+    }
 #define INT4_BF16_TILE(MB, NB)                                                                                 \
 static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,              \
     const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)                               \
@@ -222,31 +303,26 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
     const int whole = group_bytes % 32 == 0; /* no partial steps (groups of 64, 128...): no mask to compute */ \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps();      \
-    for (int64_t g = 0; g < groups; g++) {                                                                     \
-        __m512 part[MB][NB];                                                                                   \
-        UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) part[i][j] = _mm512_setzero_ps();   \
-        const int64_t end = (g + 1) * group_bytes;                                                             \
-        for (int64_t b = g * group_bytes; b < end; b += 32) {                                                  \
-            /* a masked load chosen without a branch (a branch in the loop keeps GCC from holding              \
-               the accumulators in registers) */                                                               \
-            const uint32_t left = whole || end - b >= 32 ? 32 : (uint32_t)(end - b);                           \
-            const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
-            __m512bh lo[NB], hi[NB];                                                                           \
-            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);  \
-                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * ldw + b));    \
-                lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);                                     \
-                hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);               \
-            }                                                                                                  \
-            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
-                const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + b);                         \
-                const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + b);                   \
-                UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(part[i][j], lo[j], even), hi[j], odd); \
-            }                                                                                                  \
+    /* Groups of 64 (one 32-byte step each, the default): a flat loop over groups, no masks; the general   \
+       loop's bookkeeping per group cost as much as the group's arithmetic. */                                 \
+    if (group_bytes == 32) {                                                                                   \
+        for (int64_t g = 0; g < groups; g++) {                                                                 \
+            INT4_BF16_GROUP_START(MB, NB)                                                                      \
+            INT4_BF16_STEP(MB, NB, g * 32, _mm256_loadu_si256((const __m256i*)(w + j * ldw + g * 32)))                 \
+            INT4_BF16_GROUP_END(MB, NB)                                                                        \
         }                                                                                                      \
-        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            const __m512 scale = _mm512_set1_ps(s[j * groups + g]);                                            \
-            UNROLLED for (int i = 0; i < MB; i++) total[i][j] = _mm512_fmadd_ps(part[i][j], scale, total[i][j]); \
+    } else {                                                                                                   \
+        for (int64_t g = 0; g < groups; g++) {                                                                 \
+            INT4_BF16_GROUP_START(MB, NB)                                                                      \
+            const int64_t end = (g + 1) * group_bytes;                                                         \
+            for (int64_t b = g * group_bytes; b < end; b += 32) {                                              \
+                /* a masked load chosen without a branch (a branch in the loop keeps GCC from holding          \
+                   the accumulators in registers) */                                                           \
+                const uint32_t left = whole || end - b >= 32 ? 32 : (uint32_t)(end - b);                       \
+                const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                \
+                INT4_BF16_STEP(MB, NB, b, _mm256_maskz_loadu_epi8(mask, w + j * ldw + b))                              \
+            }                                                                                                  \
+            INT4_BF16_GROUP_END(MB, NB)                                                                        \
         }                                                                                                      \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
@@ -408,6 +484,12 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #ifndef BF16_TILES
 #define BF16_TILES 0 /* no bfloat16 tiles: bfloat16 activations are widened to float32 */
 #endif
+#ifndef ROW_BY_ROW
+#define ROW_BY_ROW 0 /* one activation row: 1 x 4 tiles */
+#endif
+#ifndef I16_TILES
+#define I16_TILES 0 /* no int16 tiles: int8 weights take the float32 or bfloat16 tiles */
+#endif
 #ifndef INT4_SUMS_CODES
 #define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
 #endif
@@ -422,6 +504,9 @@ TILE_SHAPES(INT4_TILE)
 TILE_SHAPES(INT8_BF16_TILE)
 TILE_SHAPES(INT4_BF16_TILE)
 #endif
+#if I16_TILES
+TILE_SHAPES(INT8_I16_TILE)
+#endif
 
 /* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
    the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. */
@@ -432,7 +517,8 @@ TILE_SHAPES(INT4_BF16_TILE)
             for (; M - m >= 8; m += 8) for (int j = 0; j < TILE_ROWS; j++) CALL(8, 1, j, m);           \
             for (; M - m >= 4; m += 4) for (int j = 0; j < TILE_ROWS; j += 2) CALL(4, 2, j, m);        \
             for (; M - m >= 2; m += 2) CALL(2, 4, 0, m);                                               \
-            for (; m < M; m++) CALL(1, 4, 0, m);                                                       \
+            if (M == 1 && ROW_BY_ROW) for (int j = 0; j < TILE_ROWS; j++) CALL(1, 1, j, 0);            \
+            else for (; m < M; m++) CALL(1, 4, 0, m);                                                  \
         } else {                                                                                       \
             for (int j = 0; j < (nb); j++) {                                                           \
                 for (m = 0; M - m >= 8; m += 8) CALL(8, 1, j, m);                                      \
@@ -479,6 +565,56 @@ static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, 
     return 0;
 }
 
+/* The activations as int16 for the int16 tiles: x[m, k] ~ q[m, k] * scale[m, k / I16_BLOCK], each
+   block's scale the power of two 2^(e - 15) with 2^e just above the block's largest |x|, q rounded
+   to nearest (an exact multiple where x has no bits below the scale: every bfloat16 within 2^8 of
+   the block's largest). Rows of ldxs (K padded to 32) int16, then the scales [M, blocks]. */
+typedef struct { int16_t* rows; int64_t ldxs; float* scale; int64_t blocks; } int16_activations_t;
+
+static int quantize_activations(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int16_activations_t* a) {
+    a->ldxs = (K + 31) / 32 * 32;
+    a->blocks = (K + I16_BLOCK - 1) / I16_BLOCK;
+    const size_t row_bytes = ((size_t)(M * a->ldxs) * sizeof(int16_t) + 63) / 64 * 64;
+    float* buffer = scratch_floats(row_bytes / 4 + (size_t)(M * a->blocks));
+    if (!buffer) return -1;
+    a->rows = (int16_t*)buffer;
+    a->scale = buffer + row_bytes / 4;
+    memset(a->rows, 0, row_bytes);
+    for (int64_t m = 0; m < M; m++) {
+        const char* row = (const char*)x + m * ldx * (bf16 ? 2 : 4);
+        for (int64_t b = 0; b < a->blocks; b++) {
+            const int64_t begin = b * I16_BLOCK, n = begin + I16_BLOCK < K ? I16_BLOCK : K - begin;
+            /* loops without branches or libm calls, which the compiler vectorizes */
+            float v[I16_BLOCK], largest = 0.0f;
+            if (bf16) {
+                const uint16_t* h = (const uint16_t*)row + begin;
+                for (int64_t k = 0; k < n; k++) { const uint32_t u = (uint32_t)h[k] << 16; memcpy(v + k, &u, 4); }
+            } else {
+                memcpy(v, (const float*)row + begin, (size_t)n * sizeof(float));
+            }
+            int nans = 0;
+            for (int64_t k = 0; k < n; k++) {
+                const float mag = v[k] < 0.0f ? -v[k] : v[k];
+                largest = mag > largest ? mag : largest;
+                nans |= v[k] != v[k];
+            }
+            int e = 0;
+            if (largest > 0.0f) frexpf(largest, &e); /* largest < 2^e */
+            const float up = ldexpf(1.0f, 15 - e);
+            /* an infinite or NaN activation makes its block's sums NaN, as a float product would */
+            a->scale[m * a->blocks + b] = isfinite(largest) && !nans ? ldexpf(1.0f, e - 15) : NAN;
+            int16_t* q = a->rows + m * a->ldxs + begin;
+            for (int64_t k = 0; k < n; k++) {
+                /* to nearest even by the 1.5 * 2^23 trick (|v up| < 2^15) */
+                float r = (v[k] * up + 12582912.0f) - 12582912.0f;
+                r = r > 32767.0f ? 32767.0f : r < -32767.0f ? -32767.0f : r;
+                q[k] = (int16_t)r;
+            }
+        }
+    }
+    return 0;
+}
+
 /* sum_i a[i] b[i] in independent lanes, which the compiler vectorizes (a plain float sum it may not
    reorder: this runs groups x M x N times a call, as much as the tiles' own work at 8 rows). */
 static float dot_lanes(const float* a, const float* b, int64_t n) {
@@ -507,16 +643,27 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
                    const float* scale, int64_t N, void* y, int64_t ldy) {
     /* One activation row: the float32 tiles (as many operations, and faster on Zen 4); more: the
        bfloat16 tiles, twice the products per operation. */
-    const int as_bf16 = BF16_TILES && bf16 && M > 1;
-    activations_t a;
-    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, 0, &a)) return -1;
-    const int64_t ldxs = a.ldxs;
+    const int as_i16 = I16_TILES && bf16;
+    const int as_bf16 = !as_i16 && BF16_TILES && bf16 && M > 1;
+    activations_t a = {0};
+    int16_activations_t q = {0};
+    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, 0, &a))
+        return -1;
+    const int64_t ldxs = as_i16 ? q.ldxs : a.ldxs;
     #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < (N + TILE_ROWS - 1) / TILE_ROWS; t++) {
         const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
         const int8_t* w = codes + n0 * K;
         float out[16 * TILE_ROWS];
-        if (!as_bf16) {
+        if (as_i16) {
+#if I16_TILES
+            const int16_t* xs = q.rows;
+#define INT8_I16_CALL(MB, NB, j, m)                                                                    \
+    int8_tile_i16_##MB##_##NB(xs + (m) * ldxs, ldxs, q.scale + (m) * q.blocks, q.blocks, K, w + (j) * K,  \
+                              out + (m) * TILE_ROWS + (j))
+            BLOCK(M, nb, INT8_I16_CALL)
+#endif
+        } else if (!as_bf16) {
             const float* xs = a.rows;
 #define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
             BLOCK(M, nb, INT8_CALL)
