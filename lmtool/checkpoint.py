@@ -123,12 +123,6 @@ class SafetensorsFile:
                 # Copy-on-write: the pages stay shared with the page cache unless a tensor is
                 # modified in place, and nothing we do can write to the file.
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                # Pages read in from disk through this mapping then arrive as 2 MB folios, mapped
-                # with one TLB entry each instead of 512: decoding streams every weight once per
-                # token, and with 4 KB mappings the TLB misses cost a quarter of the bandwidth
-                # (Gemma-2B bf16 at 2 threads, Zen 4). Pages already cached keep their size.
-                self._map.madvise(mmap.MADV_HUGEPAGE)
         return self._map
 
     def keys(self) -> list[str]:

@@ -18,20 +18,24 @@
  *
  * The activations are first copied once per call into a scratch buffer, zero padded (for int4
  * split into their even and odd elements, the order of the low and high nibbles): widened to
- * float32 for the float32 tiles, kept in bfloat16 for the bfloat16 tiles (AVX512-BF16, bfloat16
- * activations: int4 always, int8 from 2 rows). Every product is exact and sums are float32; the
- * output is rounded once to the activation dtype. Output rows are shared among torch's OpenMP
+ * float32 for the float32 tiles, kept in bfloat16 for the int4 bfloat16 tiles (AVX512-BF16,
+ * bfloat16 activations), rounded to int16 per block for the int8 integer tiles (AVX512-VNNI,
+ * bfloat16 activations: the one rounding besides the output's). Every other product is exact and
+ * sums are float32 (int32 within a block); the output is rounded once to the activation dtype. Output rows are shared among torch's OpenMP
  * threads in blocks of 4 (TILE_ROWS); within a block the activation rows are taken 8, 4, 2 or 1 at
  * a time against 1, 2 or 4 weight rows (tiles whose accumulators stay in registers), so the
  * weights are read from memory once whatever M is.
  *
- * Per instruction set: AVX-512 int8 widens codes to float32 and FMAs (one row) or packs them into
- * bfloat16 for vdpbf16ps (more rows); int4 looks the nibbles up in a bfloat16 table (vpermw) for
- * vdpbf16ps, or, for float32 activations, in a table of the group's dequantized floats (vpermps).
+ * Per instruction set: AVX-512 int8 with bfloat16 activations multiplies in integers (the
+ * activations rounded to int16 per block of 128, vpdpwssd), with float32 activations it widens the
+ * codes to float32 and FMAs; int4 turns the nibbles into bfloat16 128 + u by a logic operation for
+ * vdpbf16ps, or, for float32 activations, looks them up in a table of the group's dequantized
+ * floats (vpermps). At one activation row AVX-512 reads the weight rows one after another.
  * AVX2 converts to float32 and FMAs. NEON and portable builds use plain C the compiler vectorizes.
- * Tiles that multiply the stored nibbles u rather than the dequantized weights (AVX-512 bfloat16,
- * AVX2) scale each group's sums once; the driver then takes away the zero point's share,
- * sum_g scale_g (8 + zero_point_g) sum_(k in g) x_k.
+ * Tiles that multiply the stored nibbles u (or 128 + u) rather than the dequantized weights
+ * (AVX-512 bfloat16, AVX2) scale each group's sums once; the driver then takes away the offset's
+ * and the zero point's share,
+ * sum_g scale_g (NIBBLE_OFFSET + 8 + zero_point_g) sum_(k in g) x_k.
  */
 #include <math.h>
 #include <stdint.h>
@@ -178,34 +182,6 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][j][0], acc[i][j][1])); \
 }
 
-/* bfloat16 activations with int8 weights: 32 codes widened to float32 and packed into bfloat16
-   (vcvtne2ps2bf16: exact, an int8 has 8 significant bits), then one vdpbf16ps per activation row
-   multiplies 32 pairs. At one row this costs as much as the float32 tile; from two rows on it does
-   twice the products per operation (the float32 tiles are bound by their FMAs there). */
-#define INT8_BF16_TILE(MB, NB)                                                                                 \
-static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t K, const int8_t* w, float* out) \
-{                                                                                                              \
-    __m512 acc[MB][NB];                                                                                        \
-    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps(); \
-    for (int64_t k = 0; k < K; k += 32) {                                                                      \
-        /* a masked load chosen without a branch (one path through the loop) */                                \
-        const uint32_t left = K - k < 32 ? (uint32_t)(K - k) : 32;                                             \
-        const uint32_t mask = 0xffffffffu >> (32 - left);                                                      \
-        __m512bh wv[NB];                                                                                       \
-        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
-            const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)mask, w + j * K + k))); \
-            const __m512 second = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((__mmask16)(mask >> 16), w + j * K + k + 16))); \
-            wv[j] = _mm512_cvtne2ps_pbh(second, first);                                                        \
-        }                                                                                                      \
-        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + k);                               \
-            UNROLLED for (int j = 0; j < NB; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);          \
-        }                                                                                                      \
-    }                                                                                                          \
-    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(acc[i][j]); \
-}
-
 /* bfloat16 activations with int8 weights as integers: the activations are first rounded to int16
    in blocks of I16_BLOCK elements, each with its own power-of-two scale (block floating point,
    see quantize_activations), and vpdpwssd (AVX512-VNNI) multiplies 32 int16 pairs a step into 16
@@ -218,9 +194,10 @@ static void int8_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
 #define I16_TILES 1
 /* One activation row: weight rows one at a time (1 x 1 tiles), each thread reading one sequential
    stream, as lm_linear's bfloat16 rows do: Gemma-sized int8 rows 24.8 -> 34.9 GB/s, int4 19.0 ->
-   27.0 at 2 threads (Zen 4), though the 1 x 4 tiles compute faster from cache. Where the tiles are
-   bound by their arithmetic (AVX2) the 1 x 4 tiles stay. */
-#define ROW_BY_ROW 1
+   27.0 at 2 threads (Zen 4), though the 1 x 4 tiles compute faster from cache. Where a tile is
+   bound by its arithmetic (AVX2's float32 int4 tile) the 1 x 4 tiles stay. */
+#define INT8_ROW_BY_ROW 1
+#define INT4_ROW_BY_ROW 1
 #define INT8_I16_TILE(MB, NB)                                                                                  \
 static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
     int64_t K, const int8_t* w, float* out)                                                                    \
@@ -254,30 +231,29 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
 }
 
 /* bfloat16 activations with int4 weights, read as they are: each nibble byte widened to a 16-bit
-   lane whose low 4 bits (then, shifted, its high 4) index a 32-entry table of bfloat16 values
-   (vpermw), and vdpbf16ps multiplies 32 pairs into 16 float32 sums, each product exact (the table
-   holds the nibble values 0..15). The scale is applied per group and the zero point's share
-   (8 + zero point) * scale * sum(x) is taken away by the driver: about half the operations per
-   weight of the float32 tiles. (For int8, the float32 tiles are faster on Zen 4: vpermw there
-   costs more than the conversion to float.) */
+   lane, whose low 4 bits (then, shifted, its high 4) become the bfloat16 number 128 + u by setting
+   the bits of 128.0 above them (0x4300 | u: at exponent 7 the mantissa's last bit is 1, so this is
+   exact), one logic operation instead of a table lookup (vpermw, a shuffle, of which Zen 4 has
+   few: 19 -> 22+ G weights/s per core). vdpbf16ps multiplies 32 pairs into 16 float32 sums, each
+   product exact; the scale is applied per group and the driver takes away the offset's and the
+   zero point's share, (128 + 8 + zero point) * scale * sum(x) (NIBBLE_OFFSET). */
 #define BF16_TILES 1
-static const uint16_t NIBBLE[32] __attribute__((aligned(64))) = {
-    0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170,
-    0x0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+#define NIBBLE_OFFSET 128
 /* The pieces of INT4_BF16_TILE: a group's sums start at zero, each 32-byte step (64 nibbles, BYTES the
    load of row j's) adds its products, the group's end scales them into the totals. Even and odd
    products go to separate sums: two dependency chains, not one twice as long. */
 #define INT4_BF16_GROUP_START(MB, NB)                                                                                \
     __m512 part[MB][NB][2];                                                                                    \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) part[i][j][0] = part[i][j][1] = _mm512_setzero_ps();
-#define INT4_BF16_STEP(MB, NB, b, BYTES)                                                                             \
+#define INT4_BF16_STEP(MB, NB, b, BYTES, MASK)                                                                             \
     {                                                                                                          \
         __m512bh lo[NB], hi[NB];                                                                               \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
             _mm_prefetch((const char*)(w + j * ldw + (b)) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
             const __m512i bytes = _mm512_cvtepu8_epi16(BYTES);                                                 \
-            lo[j] = (__m512bh)_mm512_permutexvar_epi16(bytes, nibble);                                         \
-            hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), nibble);                   \
+            /* (bytes & low4) | bits128, and past a group's end (MASK) zeros, not 128s */                       \
+            lo[j] = (__m512bh)_mm512_maskz_mov_epi16(MASK, _mm512_ternarylogic_epi32(bytes, low4, bits128, 0xEA)); \
+            hi[j] = (__m512bh)_mm512_maskz_mov_epi16(MASK, _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bits128)); \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + (b));                           \
@@ -298,7 +274,7 @@ static const uint16_t NIBBLE[32] __attribute__((aligned(64))) = {
 static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,              \
     const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)                               \
 {                                                                                                              \
-    const __m512i nibble = _mm512_load_si512(NIBBLE);                                                          \
+    const __m512i low4 = _mm512_set1_epi16(0x000f), bits128 = _mm512_set1_epi16(0x4300);                      \
     const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
     const int whole = group_bytes % 32 == 0; /* no partial steps (groups of 64, 128...): no mask to compute */ \
     __m512 total[MB][NB];                                                                                      \
@@ -308,7 +284,7 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
     if (group_bytes == 32) {                                                                                   \
         for (int64_t g = 0; g < groups; g++) {                                                                 \
             INT4_BF16_GROUP_START(MB, NB)                                                                      \
-            INT4_BF16_STEP(MB, NB, g * 32, _mm256_loadu_si256((const __m256i*)(w + j * ldw + g * 32)))                 \
+            INT4_BF16_STEP(MB, NB, g * 32, _mm256_loadu_si256((const __m256i*)(w + j * ldw + g * 32)), (__mmask32)~0u)                 \
             INT4_BF16_GROUP_END(MB, NB)                                                                        \
         }                                                                                                      \
     } else {                                                                                                   \
@@ -320,7 +296,7 @@ static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t
                    the accumulators in registers) */                                                           \
                 const uint32_t left = whole || end - b >= 32 ? 32 : (uint32_t)(end - b);                       \
                 const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                \
-                INT4_BF16_STEP(MB, NB, b, _mm256_maskz_loadu_epi8(mask, w + j * ldw + b))                              \
+                INT4_BF16_STEP(MB, NB, b, _mm256_maskz_loadu_epi8(mask, w + j * ldw + b), mask)                              \
             }                                                                                                  \
             INT4_BF16_GROUP_END(MB, NB)                                                                        \
         }                                                                                                      \
@@ -361,6 +337,65 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
         }                                                                                                      \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
+}
+
+/* 16 bytes at p, or the n < 16 that are left followed by zeros. */
+static inline __m128i load16(const void* p, int64_t n) {
+    if (__builtin_expect(n >= 16, 1)) return _mm_loadu_si128((const __m128i*)p);
+    uint8_t v[16] = {0};
+    memcpy(v, p, (size_t)n);
+    return _mm_loadu_si128((const __m128i*)v);
+}
+
+/* bfloat16 activations with int8 weights as integers, as AVX-512's INT8_I16_TILE (see there) but
+   with vpmaddwd and an add (no VNNI on most AVX2 CPUs): 16 weights a step, one widening and two
+   integer operations per activation row where the float32 tile needs two steps of three. */
+#define I16_TILES 1
+#define INT8_ROW_BY_ROW 1
+#define INT8_I16_TILE_ARGUMENTS const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale, int64_t K, \
+    const int8_t* w, float* out
+static void int8_tile_i16_4_1(INT8_I16_TILE_ARGUMENTS);
+static void int8_tile_i16_1_4(INT8_I16_TILE_ARGUMENTS);
+#define INT8_I16_TILE(MB, NB)                                                                                  \
+static void int8_tile_i16_##MB##_##NB(INT8_I16_TILE_ARGUMENTS)                                                 \
+{                                                                                                              \
+    if (MB * NB > 4) { /* 16 registers hold at most 4 x 2 accumulators: two smaller tiles instead */           \
+        if (NB == 1) { /* 8 x 1 */                                                                             \
+            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w, out);                                           \
+            int8_tile_i16_4_1(xs + 4 * ldxs, ldxs, xscale + 4 * ldscale, ldscale, K, w, out + 4 * TILE_ROWS);  \
+        } else if (NB == 2) { /* 4 x 2 */                                                                      \
+            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w, out);                                           \
+            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w + K, out + 1);                                   \
+        } else { /* 2 x 4 */                                                                                   \
+            int8_tile_i16_1_4(xs, ldxs, xscale, ldscale, K, w, out);                                           \
+            int8_tile_i16_1_4(xs + ldxs, ldxs, xscale + ldscale, ldscale, K, w, out + TILE_ROWS);              \
+        }                                                                                                      \
+        return;                                                                                                \
+    }                                                                                                          \
+    __m256 total[MB][NB];                                                                                      \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
+    for (int64_t b = 0; b * I16_BLOCK < K; b++) {                                                              \
+        __m256i part[MB][NB];                                                                                  \
+        UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm256_setzero_si256(); \
+        const int64_t end = (b + 1) * I16_BLOCK < K ? (b + 1) * I16_BLOCK : K;                                 \
+        for (int64_t k = b * I16_BLOCK; k < end; k += 16) { /* load16's branch: only at the tail */            \
+            __m256i wv[NB];                                                                                    \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
+                wv[j] = _mm256_cvtepi8_epi16(load16(w + j * K + k, end - k));                                  \
+            }                                                                                                  \
+            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
+                const __m256i xv = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + k));                    \
+                UNROLLED for (int j = 0; j < NB; j++)                                                          \
+                    part[i][j] = _mm256_add_epi32(part[i][j], _mm256_madd_epi16(xv, wv[j]));                   \
+            }                                                                                                  \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m256 scale = _mm256_set1_ps(xscale[i * ldscale + b]);                                      \
+            UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(part[i][j]), scale, total[i][j]); \
+        }                                                                                                      \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(total[i][j]); \
 }
 
 /* 8 bytes (16 weights) a step: each byte in a 32-bit lane, its nibbles converted to float and
@@ -484,11 +519,17 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #ifndef BF16_TILES
 #define BF16_TILES 0 /* no bfloat16 tiles: bfloat16 activations are widened to float32 */
 #endif
-#ifndef ROW_BY_ROW
-#define ROW_BY_ROW 0 /* one activation row: 1 x 4 tiles */
+#ifndef INT8_ROW_BY_ROW
+#define INT8_ROW_BY_ROW 0 /* one activation row: 1 x 4 tiles */
+#endif
+#ifndef INT4_ROW_BY_ROW
+#define INT4_ROW_BY_ROW 0
 #endif
 #ifndef I16_TILES
 #define I16_TILES 0 /* no int16 tiles: int8 weights take the float32 or bfloat16 tiles */
+#endif
+#ifndef NIBBLE_OFFSET
+#define NIBBLE_OFFSET 0
 #endif
 #ifndef INT4_SUMS_CODES
 #define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
@@ -501,7 +542,6 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 TILE_SHAPES(INT8_TILE)
 TILE_SHAPES(INT4_TILE)
 #if BF16_TILES
-TILE_SHAPES(INT8_BF16_TILE)
 TILE_SHAPES(INT4_BF16_TILE)
 #endif
 #if I16_TILES
@@ -509,15 +549,16 @@ TILE_SHAPES(INT8_I16_TILE)
 #endif
 
 /* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
-   the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. */
-#define BLOCK(M, nb, CALL)                                                                             \
+   the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. BY_ROW: one
+   activation row goes through the weight rows one at a time (INT8_ROW_BY_ROW, INT4_ROW_BY_ROW). */
+#define BLOCK(M, nb, CALL, BY_ROW)                                                                           \
     {                                                                                                  \
         int64_t m = 0;                                                                                 \
         if ((nb) == TILE_ROWS) {                                                                       \
             for (; M - m >= 8; m += 8) for (int j = 0; j < TILE_ROWS; j++) CALL(8, 1, j, m);           \
             for (; M - m >= 4; m += 4) for (int j = 0; j < TILE_ROWS; j += 2) CALL(4, 2, j, m);        \
             for (; M - m >= 2; m += 2) CALL(2, 4, 0, m);                                               \
-            if (M == 1 && ROW_BY_ROW) for (int j = 0; j < TILE_ROWS; j++) CALL(1, 1, j, 0);            \
+            if (M == 1 && (BY_ROW)) for (int j = 0; j < TILE_ROWS; j++) CALL(1, 1, j, 0);            \
             else for (; m < M; m++) CALL(1, 4, 0, m);                                                  \
         } else {                                                                                       \
             for (int j = 0; j < (nb); j++) {                                                           \
@@ -641,13 +682,10 @@ static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, i
    int8 codes [N, K] scaled per row. Returns 0, or -1 when the scratch copy could not be allocated. */
 int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
                    const float* scale, int64_t N, void* y, int64_t ldy) {
-    /* One activation row: the float32 tiles (as many operations, and faster on Zen 4); more: the
-       bfloat16 tiles, twice the products per operation. */
     const int as_i16 = I16_TILES && bf16;
-    const int as_bf16 = !as_i16 && BF16_TILES && bf16 && M > 1;
     activations_t a = {0};
     int16_activations_t q = {0};
-    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, as_bf16, x, ldx, M, K, 0, K, 0, &a))
+    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, 0, x, ldx, M, K, 0, K, 0, &a))
         return -1;
     const int64_t ldxs = as_i16 ? q.ldxs : a.ldxs;
     #pragma omp parallel for schedule(static)
@@ -661,21 +699,13 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT8_I16_CALL(MB, NB, j, m)                                                                    \
     int8_tile_i16_##MB##_##NB(xs + (m) * ldxs, ldxs, q.scale + (m) * q.blocks, q.blocks, K, w + (j) * K,  \
                               out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_I16_CALL)
+            BLOCK(M, nb, INT8_I16_CALL, INT8_ROW_BY_ROW)
 #endif
-        } else if (!as_bf16) {
+        } else {
             const float* xs = a.rows;
 #define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_CALL)
+            BLOCK(M, nb, INT8_CALL, 0)
         }
-#if BF16_TILES
-        else {
-            const uint16_t* xs = a.rows;
-#define INT8_BF16_CALL(MB, NB, j, m)                                                                   \
-    int8_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_BF16_CALL)
-        }
-#endif
         store_block(bf16, y, ldy, M, n0, nb, out, scale);
     }
     return 0;
@@ -709,7 +739,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
                 for (int64_t g = 0; g < groups; g++) {
                     const int64_t at = (n0 + j) * ld_scale + g;
                     s[j * groups + g] = scale_bf16 ? bf16_value(((const uint16_t*)scale)[at]) : ((const float*)scale)[at];
-                    z[j * groups + g] = 8.0f + (zero_point ? (float)zero_point[(n0 + j) * groups + g] : 0.0f);
+                    z[j * groups + g] = (as_bf16 ? 8.0f + NIBBLE_OFFSET : 8.0f) + (zero_point ? (float)zero_point[(n0 + j) * groups + g] : 0.0f);
                     shift[j * groups + g] = s[j * groups + g] * z[j * groups + g];
                 }
             const uint8_t* w = nibbles + n0 * (K / 2);
@@ -719,7 +749,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_CALL(MB, NB, j, m)                                                                        \
     int4_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, z + (j) * groups, \
                           groups, out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_CALL)
+                BLOCK(M, nb, INT4_CALL, 0)
             }
 #if BF16_TILES
             else {
@@ -727,7 +757,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_BF16_CALL(MB, NB, j, m)                                                                   \
     int4_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, groups, \
                                out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_BF16_CALL)
+                BLOCK(M, nb, INT4_BF16_CALL, INT4_ROW_BY_ROW)
             }
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
