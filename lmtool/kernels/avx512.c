@@ -88,23 +88,21 @@ static int64_t aligned_step(int kind) { return kind == BF16_BF16 ? 32 : 16; }
    A thread's rows lie end to end, so it reads one sequential stream, which the hardware prefetchers
    follow further ahead than the eight interleaved streams of a 1 x 8 tile (Gemma-2B's mapped
    weights at 2 threads, alternating: 1.04-1.18x the 1 x 8 tile; llama.cpp reads this way too).
-   Float32 activations keep the 1 x 8 tile: there the row was 0.93x. */
-#define ROW(NAME, XT, WT, STEP, XLOAD, XLOADR, WLOAD, WLOADR, MAC)                                  \
-static inline __attribute__((always_inline)) float row_##NAME(const XT* x, const WT* w, int64_t span, int64_t lead) { \
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()}; \
-    int64_t k = 0;                                                                                 \
-    if (lead || span < STEP) { /* first step: lanes [lead, min(span, STEP)) */                      \
-        const int64_t hi = span < STEP ? span : STEP;                                              \
-        acc[0] = MAC(acc[0], XLOADR(x, lead, hi), WLOADR(w, lead, hi));                            \
-        k = STEP;                                                                                  \
-    }                                                                                              \
-    for (; k + 4 * STEP <= span; k += 4 * STEP)                                                    \
-        for (int u = 0; u < 4; u++) acc[u] = MAC(acc[u], XLOAD(x + k + u * STEP), WLOAD(w + k + u * STEP)); \
-    for (; k + STEP <= span; k += STEP) acc[0] = MAC(acc[0], XLOAD(x + k), WLOAD(w + k));           \
-    if (k < span) acc[0] = MAC(acc[0], XLOADR(x + k, 0, span - k), WLOADR(w + k, 0, span - k));    \
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))); \
+   Float32 activations keep the 1 x 8 tile: there the row was 0.93x. Rows that start `lead`
+   elements past a vector boundary are read from it, as the tiles read them (see lm_linear). */
+static inline __attribute__((always_inline)) float row_bb(const uint16_t* x, const uint16_t* w, int64_t span, int64_t lead) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    int64_t k = 0;
+    if (lead || span < 32) { /* first step: lanes [lead, min(span, 32)) */
+        acc[0] = mac_bh(acc[0], ld_bh_r(x, lead, span < 32 ? span : 32), ld_bh_r(w, lead, span < 32 ? span : 32));
+        k = 32;
+    }
+    for (; k + 128 <= span; k += 128)
+        for (int u = 0; u < 4; u++) acc[u] = mac_bh(acc[u], ld_bh_full(x + k + 32 * u), ld_bh_full(w + k + 32 * u));
+    for (; k + 32 <= span; k += 32) acc[0] = mac_bh(acc[0], ld_bh_full(x + k), ld_bh_full(w + k));
+    if (k < span) acc[0] = mac_bh(acc[0], ld_bh_r(x + k, 0, span - k), ld_bh_r(w + k, 0, span - k));
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
-ROW(bb, uint16_t, uint16_t, 32, ld_bh_full, ld_bh_r, ld_bh_full, ld_bh_r, mac_bh)
 
 /* With M >= 4 the 8-row block is read in several passes while the first comes from DRAM and the
    others from cache, so each pass prefetches a share of the next block's rows (`next`, or NULL)

@@ -205,9 +205,10 @@ static inline __attribute__((always_inline)) float row_##NAME(const XT* x, const
 }
 
 /* aligned_step() and block() for instruction sets whose tiles are PADDED_TILEs named tile_bb_*,
- * tile_fb_* and tile_ff_* (one per kind) of sizes 2x8, 1x8, 1x4 and 1x1, with PADDED_ROWs row_bb,
- * row_fb and row_ff: one activation row by rows; more, pairs of activation rows over 8 weight rows,
- * then single rows; 4- and 1-row blocks one activation row at a time. */
+ * tile_fb_* and tile_ff_* (one per kind) of sizes 2x8, 1x8, 1x4 and 1x1, and row_bb, row_fb and
+ * row_ff (PADDED_ROW, or a 1x1 tile where one accumulator is already wide): one activation row goes
+ * through the weight rows one at a time; more, pairs of activation rows over 8 weight rows, then
+ * single rows; 4- and 1-row blocks one activation row at a time. */
 #define PADDED_RUN(NAME, XT, WT)                                                                       \
     {                                                                                                  \
         const XT* xx = (const XT*)x; const WT* ww = (const WT*)w;                                      \

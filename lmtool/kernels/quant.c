@@ -19,19 +19,20 @@
  * The activations are first copied once per call into a scratch buffer, zero padded (for int4
  * split into their even and odd elements, the order of the low and high nibbles): widened to
  * float32 for the float32 tiles, kept in bfloat16 for the int4 bfloat16 tiles (AVX512-BF16,
- * bfloat16 activations), rounded to int16 per block for the int8 integer tiles (AVX512-VNNI,
+ * bfloat16 activations), rounded to int16 per block for the int8 integer tiles (AVX-512 and AVX2,
  * bfloat16 activations: the one rounding besides the output's). Every other product is exact and
- * sums are float32 (int32 within a block); the output is rounded once to the activation dtype. Output rows are shared among torch's OpenMP
- * threads in blocks of 4 (TILE_ROWS); within a block the activation rows are taken 8, 4, 2 or 1 at
- * a time against 1, 2 or 4 weight rows (tiles whose accumulators stay in registers), so the
- * weights are read from memory once whatever M is.
+ * sums are float32 (int32 within a block); the output is rounded once to the activation dtype.
+ * Output rows are shared among torch's OpenMP threads in blocks of 4 (TILE_ROWS); within a block
+ * the activation rows are taken 8, 4, 2 or 1 at a time against 1, 2 or 4 weight rows (tiles whose
+ * accumulators stay in registers), so the weights are read from memory once whatever M is.
  *
  * Per instruction set: AVX-512 int8 with bfloat16 activations multiplies in integers (the
  * activations rounded to int16 per block of 128, vpdpwssd), with float32 activations it widens the
  * codes to float32 and FMAs; int4 turns the nibbles into bfloat16 128 + u by a logic operation for
  * vdpbf16ps, or, for float32 activations, looks them up in a table of the group's dequantized
  * floats (vpermps). At one activation row AVX-512 reads the weight rows one after another.
- * AVX2 converts to float32 and FMAs. NEON and portable builds use plain C the compiler vectorizes.
+ * AVX2 multiplies int8 in integers too (vpmaddwd) and converts int4 to float32 for FMAs. NEON and
+ * portable builds use plain C the compiler vectorizes.
  * Tiles that multiply the stored nibbles u (or 128 + u) rather than the dequantized weights
  * (AVX-512 bfloat16, AVX2) scale each group's sums once; the driver then takes away the offset's
  * and the zero point's share,
@@ -381,26 +382,11 @@ static inline __m128i load16(const void* p, int64_t n) {
    integer operations per activation row where the float32 tile needs two steps of three. */
 #define I16_TILES 1
 #define INT8_ROW_BY_ROW 1
-#define INT8_I16_TILE_ARGUMENTS const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale, int64_t K, \
-    const int8_t* w, float* out
-static void int8_tile_i16_4_1(INT8_I16_TILE_ARGUMENTS);
-static void int8_tile_i16_1_4(INT8_I16_TILE_ARGUMENTS);
+#define I16_NARROW 1 /* partial sums and totals: see BLOCK */
 #define INT8_I16_TILE(MB, NB)                                                                                  \
-static void int8_tile_i16_##MB##_##NB(INT8_I16_TILE_ARGUMENTS)                                                 \
+static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
+    int64_t K, const int8_t* w, float* out)                                                                    \
 {                                                                                                              \
-    if (MB * NB > 4) { /* 16 registers hold at most 4 x 2 accumulators: two smaller tiles instead */           \
-        if (NB == 1) { /* 8 x 1 */                                                                             \
-            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w, out);                                           \
-            int8_tile_i16_4_1(xs + 4 * ldxs, ldxs, xscale + 4 * ldscale, ldscale, K, w, out + 4 * TILE_ROWS);  \
-        } else if (NB == 2) { /* 4 x 2 */                                                                      \
-            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w, out);                                           \
-            int8_tile_i16_4_1(xs, ldxs, xscale, ldscale, K, w + K, out + 1);                                   \
-        } else { /* 2 x 4 */                                                                                   \
-            int8_tile_i16_1_4(xs, ldxs, xscale, ldscale, K, w, out);                                           \
-            int8_tile_i16_1_4(xs + ldxs, ldxs, xscale + ldscale, ldscale, K, w, out + TILE_ROWS);              \
-        }                                                                                                      \
-        return;                                                                                                \
-    }                                                                                                          \
     __m256 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
     for (int64_t b = 0; b * I16_BLOCK < K; b++) {                                                              \
@@ -431,28 +417,12 @@ static void int8_tile_i16_##MB##_##NB(INT8_I16_TILE_ARGUMENTS)                  
    multiplied as they are (u, 0..15); a group's sums are scaled once, and the driver takes away the
    zero point's share (INT4_SUMS_CODES). Bytes past a group's end load as 0, which adds nothing. */
 #define INT4_SUMS_CODES 1
-#define INT4_TILE_ARGUMENTS const float* xs, int64_t ldxs, int64_t half, int64_t K, const uint8_t* w, int64_t group, \
-    const float* s, const float* z, int64_t groups, float* out
-static void int4_tile_4_1(INT4_TILE_ARGUMENTS);
-static void int4_tile_1_4(INT4_TILE_ARGUMENTS);
+#define INT4_NARROW 1 /* partial sums and totals: see BLOCK */
 #define INT4_TILE(MB, NB)                                                                                      \
 static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, int64_t K,                      \
     const uint8_t* w, int64_t group, const float* s, const float* z, int64_t groups, float* out)               \
 {                                                                                                              \
     (void)z;                                                                                                   \
-    if (MB * NB > 4) { /* 16 registers hold at most 4 x 2 accumulators: two smaller tiles instead */           \
-        if (NB == 1) { /* 8 x 1 */                                                                             \
-            int4_tile_4_1(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
-            int4_tile_4_1(xs + 4 * ldxs, ldxs, half, K, w, group, s, z, groups, out + 4 * TILE_ROWS);          \
-        } else if (NB == 2) { /* 4 x 2 */                                                                      \
-            int4_tile_4_1(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
-            int4_tile_4_1(xs, ldxs, half, K, w + K / 2, group, s + groups, z + groups, groups, out + 1);       \
-        } else { /* 2 x 4 */                                                                                   \
-            int4_tile_1_4(xs, ldxs, half, K, w, group, s, z, groups, out);                                     \
-            int4_tile_1_4(xs + ldxs, ldxs, half, K, w, group, s, z, groups, out + TILE_ROWS);                  \
-        }                                                                                                      \
-        return;                                                                                                \
-    }                                                                                                          \
     const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
     const __m256i low4 = _mm256_set1_epi32(15);                                                                \
     __m256 acc[MB][NB];                                                                                        \
@@ -554,6 +524,12 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #ifndef INT4_ROW_BY_ROW
 #define INT4_ROW_BY_ROW 0
 #endif
+#ifndef INT4_NARROW
+#define INT4_NARROW 0
+#endif
+#ifndef I16_NARROW
+#define I16_NARROW 0
+#endif
 #ifndef I16_TILES
 #define I16_TILES 0 /* no int16 tiles: int8 weights take the float32 or bfloat16 tiles */
 #endif
@@ -582,19 +558,25 @@ TILE_SHAPES(INT8_I16_TILE)
 
 /* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
    the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. BY_ROW: one
-   activation row goes through the weight rows one at a time (INT8_ROW_BY_ROW, INT4_ROW_BY_ROW). */
-#define BLOCK(M, nb, CALL, BY_ROW)                                                                           \
+   activation row goes through the weight rows one at a time (INT8_ROW_BY_ROW, INT4_ROW_BY_ROW).
+   NARROW: tiles that hold a group's partial sums beside their totals need two registers per
+   (activation row, weight row), and 16 registers (AVX2) hold at most 4 x 2 of them without
+   spilling: there the 8 x 1, 4 x 2 and 2 x 4 tiles run as two tiles of 4 x 1, 4 x 1 and 1 x 4. */
+#define TILE_8_1(CALL, NARROW, j, m) if (NARROW) { CALL(4, 1, j, m); CALL(4, 1, j, (m) + 4); } else CALL(8, 1, j, m);
+#define TILE_4_2(CALL, NARROW, j, m) if (NARROW) { CALL(4, 1, j, m); CALL(4, 1, (j) + 1, m); } else CALL(4, 2, j, m);
+#define TILE_2_4(CALL, NARROW, j, m) if (NARROW) { CALL(1, 4, j, m); CALL(1, 4, j, (m) + 1); } else CALL(2, 4, j, m);
+#define BLOCK(M, nb, CALL, BY_ROW, NARROW)                                                             \
     {                                                                                                  \
         int64_t m = 0;                                                                                 \
         if ((nb) == TILE_ROWS) {                                                                       \
-            for (; M - m >= 8; m += 8) for (int j = 0; j < TILE_ROWS; j++) CALL(8, 1, j, m);           \
-            for (; M - m >= 4; m += 4) for (int j = 0; j < TILE_ROWS; j += 2) CALL(4, 2, j, m);        \
-            for (; M - m >= 2; m += 2) CALL(2, 4, 0, m);                                               \
+            for (; M - m >= 8; m += 8) for (int j = 0; j < TILE_ROWS; j++) { TILE_8_1(CALL, NARROW, j, m) } \
+            for (; M - m >= 4; m += 4) for (int j = 0; j < TILE_ROWS; j += 2) { TILE_4_2(CALL, NARROW, j, m) } \
+            for (; M - m >= 2; m += 2) { TILE_2_4(CALL, NARROW, 0, m) }                                \
             if (M == 1 && (BY_ROW)) for (int j = 0; j < TILE_ROWS; j++) CALL(1, 1, j, 0);            \
             else for (; m < M; m++) CALL(1, 4, 0, m);                                                  \
         } else {                                                                                       \
             for (int j = 0; j < (nb); j++) {                                                           \
-                for (m = 0; M - m >= 8; m += 8) CALL(8, 1, j, m);                                      \
+                for (m = 0; M - m >= 8; m += 8) { TILE_8_1(CALL, NARROW, j, m) }                       \
                 for (; M - m >= 4; m += 4) CALL(4, 1, j, m);                                           \
                 for (; M - m >= 2; m += 2) CALL(2, 1, j, m);                                           \
                 for (; m < M; m++) CALL(1, 1, j, m);                                                   \
@@ -731,12 +713,12 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT8_I16_CALL(MB, NB, j, m)                                                                    \
     int8_tile_i16_##MB##_##NB(xs + (m) * ldxs, ldxs, q.scale + (m) * q.blocks, q.blocks, K, w + (j) * K,  \
                               out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_I16_CALL, INT8_ROW_BY_ROW)
+            BLOCK(M, nb, INT8_I16_CALL, INT8_ROW_BY_ROW, I16_NARROW)
 #endif
         } else {
             const float* xs = a.rows;
 #define INT8_CALL(MB, NB, j, m) int8_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, K, w + (j) * K, out + (m) * TILE_ROWS + (j))
-            BLOCK(M, nb, INT8_CALL, 0)
+            BLOCK(M, nb, INT8_CALL, 0, 0)
         }
         store_block(bf16, y, ldy, M, n0, nb, out, scale);
     }
@@ -781,7 +763,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_CALL(MB, NB, j, m)                                                                        \
     int4_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, z + (j) * groups, \
                           groups, out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_CALL, 0)
+                BLOCK(M, nb, INT4_CALL, 0, INT4_NARROW)
             }
 #if BF16_TILES
             else {
@@ -789,7 +771,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_BF16_CALL(MB, NB, j, m)                                                                   \
     int4_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, groups, \
                                out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_BF16_CALL, INT4_ROW_BY_ROW)
+                BLOCK(M, nb, INT4_BF16_CALL, INT4_ROW_BY_ROW, 0)
             }
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
