@@ -51,17 +51,53 @@ def int4_weight(out_features: int, in_features: int, group: int, scale_dtype: to
                            nibbles=stored["weight_packed"].view(torch.uint8))
 
 
-def reference(x: torch.Tensor, weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """x . W^T in float64 from the float32 dequantized weight (what schemes.dequantize gives), and
-    |x| . |W|^T, the scale of float32 accumulation errors."""
+def rounded_to_int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """x as llama.cpp's Q8_0 rounds activations, in float64: per block of 32 elements of a row
+    d = max|x| / 127 and q = round-half-even(x * (1 / d)) in float32, giving q d."""
+    rows, width = x.shape
+    blocks = torch.nn.functional.pad(x.float(), (0, -width % block)).view(rows, -1, block)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(blocks * torch.where(d > 0, 1 / d, torch.zeros_like(d))).clamp(-127, 127)
+    return (q.double() * d.double()).view(rows, -1)[:, :width]
+
+
+def kernel_activations(x: torch.Tensor, weight: QuantizedWeight, lib=None) -> torch.Tensor:
+    """The activations the kernel multiplies: bfloat16 ones meeting int4 weights are rounded to int8
+    blocks where the CPU's kernels multiply in integers (the build says where; lib: another build
+    than this process's, or False for one that never rounds)."""
+    lib = kernels.library() if lib is None else lib
+    if weight.bits == 4 and lib and lib.lm_int4_int8_activations(int(x.dtype == torch.bfloat16), weight.group_size):
+        return rounded_to_int8_blocks(x)
+    return x.double()
+
+
+def summed_terms(weight: QuantizedWeight) -> torch.Tensor:
+    """|W| as the kernels sum it, [out, in] float64: the dequantized weight for int8; for int4 the
+    stored nibble u and the zero point's share apart, |s| (u + |8 + zero point|) (the kernels
+    that multiply the nibbles take the zero point's share away at the end), so float32 rounding
+    is measured against what was actually added up."""
     w = weight.dequantize_rows(slice(None), torch.float32).double()
-    x64 = x.double()
-    return x64 @ w.T, x64.abs() @ w.abs().T
+    if weight.bits == 8:
+        return w.abs()
+    packed = weight.nibbles
+    u = torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).double()
+    zero = 8.0 + (weight.zero_point.double() if weight.zero_point is not None else torch.zeros(u.shape[0], weight.groups, dtype=torch.float64))
+    scale = weight.scale.double().expand(u.shape[0], -1)
+    return (scale.abs() * zero.abs()).repeat_interleave(weight.group_size, 1) + scale.abs().repeat_interleave(weight.group_size, 1) * u
 
 
-def assert_matches(got: torch.Tensor, x: torch.Tensor, weight: QuantizedWeight) -> None:
+def reference(x: torch.Tensor, weight: QuantizedWeight, lib=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x . W^T in float64 from the float32 dequantized weight (what schemes.dequantize gives) and
+    the activations as the kernel rounds them, and |x| . summed_terms^T, the scale of float32
+    accumulation errors."""
+    w = weight.dequantize_rows(slice(None), torch.float32).double()
+    x64 = kernel_activations(x, weight, lib)
+    return x64 @ w.T, x64.abs() @ summed_terms(weight).T
+
+
+def assert_matches(got: torch.Tensor, x: torch.Tensor, weight: QuantizedWeight, lib=None) -> None:
     """float32: float32 accumulation apart; bfloat16: that and one rounding of the output."""
-    want, magnitude = reference(x, weight)
+    want, magnitude = reference(x, weight, lib)
     assert got.dtype == x.dtype and got.shape == want.shape
     allowed = 1e-5 * magnitude + 1e-30
     if x.dtype == torch.bfloat16:
@@ -117,7 +153,8 @@ def test_int8_kernel_gives_nan_for_an_infinite_or_nan_activation():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "out_features,in_features,group",
-    [(1, 8, 8), (5, 24, 2), (37, 96, 32), (16, 128, 64), (7, 200, 40), (9, 256, 128), (3, 72, 72), (6, 2048, 64)],
+    [(1, 8, 8), (5, 24, 2), (37, 96, 32), (16, 128, 64), (7, 200, 40), (9, 256, 128), (3, 72, 72), (6, 2048, 64),
+     (11, 320, 64), (4, 160, 32), (5, 384, 128), (3, 768, 256), (2, 1152, 384)],
 )
 def test_int4_kernel_matches_the_dequantized_product(dtype, out_features, in_features, group):
     torch.manual_seed(out_features * in_features + group)
@@ -129,6 +166,46 @@ def test_int4_kernel_matches_the_dequantized_product(dtype, out_features, in_fea
             assert_matches(native_matmul(x, weight), x, weight)
         x = strided_rows(3, in_features, dtype)
         assert_matches(native_matmul(x, weight), x, weight)
+
+
+def test_int4_kernel_rounds_bfloat16_activations_to_int8_only_where_it_multiplies_in_integers():
+    """AVX-512 (VNNI) and AVX2 multiply int4 nibbles by int8 activations, for groups a step's lanes
+    divide (32, 64, multiples of 128); float32 activations, other groups and the plain C builds keep
+    the activations as they are."""
+    answer = kernels.library().lm_int4_int8_activations
+    integer_isa = kernels.active_isa().name in ("avx512", "avx2")
+    for group in (32, 64, 128, 256, 384):
+        assert answer(1, group) == integer_isa and answer(0, group) == 0
+    for group in (2, 8, 16, 40, 72, 96, 160):
+        assert answer(1, group) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_int4_kernel_keeps_small_activations_beside_a_large_one_in_another_block(rows):
+    """Where bfloat16 activations go to int8 (AVX-512, AVX2), each block of 32 has its own scale: a
+    block of values around 1e-3 beside one holding 1000 keeps its precision. The weights are zero
+    over the large one's group, so the output is the small blocks' alone (with one scale per row
+    they would round to 0)."""
+    torch.manual_seed(rows)
+    dense = torch.randn(6, 256)
+    dense[:, :64] = 0
+    q = quantize_int4_groups(dense, 64, torch.float32, search=False)
+    stored = compressed_tensors(q, (6, 256))
+    weight = QuantizedWeight("w", 6, 256, 4, q.scale, q.zero_point, nibbles=stored["weight_packed"].view(torch.uint8))
+    x = (torch.randn(rows, 256) * 1e-3).to(torch.bfloat16)
+    x[:, 5] = 1000.0
+    got = native_matmul(x, weight)
+    assert_matches(got, x, weight)
+    assert (got.abs() < 1).all() and (got != 0).all()
+
+
+def test_int4_kernel_gives_nan_for_an_infinite_or_nan_activation():
+    weight = int4_weight(5, 320, 64, torch.bfloat16, symmetric=False)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 320).to(torch.bfloat16)
+        x[0, 7] = bad
+        got = native_matmul(x, weight).float()
+        assert not got[0].isfinite().any() and got[1].isfinite().all()
 
 
 def test_int4_kernel_reads_one_scale_per_tensor_and_float16_scales():
@@ -277,4 +354,4 @@ def test_neon_builds_match_under_qemu(isa, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for out, x, weight in checks:
         got = torch.frombuffer(bytearray(Path(out).read_bytes()), dtype=x.dtype).view(x.shape[0], weight.out_features)
-        assert_matches(got, x, weight)
+        assert_matches(got, x, weight, lib=False)  # the plain C tiles: activations as they are

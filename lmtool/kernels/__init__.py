@@ -235,6 +235,7 @@ ARGTYPES = {
     "lm_linear": [_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
     "lm_int8_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64],
     "lm_int4_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _ptr, _i64],
+    "lm_int4_int8_activations": [_int, _i64],
     "lm_int8_dequantize": [_ptr, _ptr, _i64, _i64, _int, _ptr],
     "lm_int4_dequantize": [_ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _i64, _int, _ptr],
     "lm_gelu_tanh_mul": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
@@ -256,8 +257,9 @@ ARGTYPES = {
     "lm_add_layer_norm": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _float, _ptr, _ptr],
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
 }
-# Functions that return a status (0 = done); the others return nothing.
-RETURNS_STATUS = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step")
+# Functions that return a status (0 = done) or an answer; the others return nothing.
+RETURNS_INT = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step",
+               "lm_int4_int8_activations")
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -268,7 +270,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         if hasattr(lib, name):
             function = getattr(lib, name)
             function.argtypes = argtypes
-            function.restype = ctypes.c_int if name in RETURNS_STATUS else None
+            function.restype = ctypes.c_int if name in RETURNS_INT else None
     return lib
 
 

@@ -18,25 +18,24 @@
  *
  * The activations are first copied once per call into a scratch buffer, zero padded (for int4
  * split into their even and odd elements, the order of the low and high nibbles): widened to
- * float32 for the float32 tiles, kept in bfloat16 for the int4 bfloat16 tiles (AVX512-BF16,
- * bfloat16 activations), rounded to int16 per block for the int8 integer tiles (AVX-512 and AVX2,
- * bfloat16 activations: the one rounding besides the output's). Every other product is exact and
- * sums are float32 (int32 within a block); the output is rounded once to the activation dtype.
+ * float32 for the float32 tiles, or, for the integer tiles (AVX-512 and AVX2, bfloat16
+ * activations), rounded per block: to int16 for int8 weights (at most 2^-15 of the block's largest
+ * element), to int8 for int4 weights (llama.cpp's Q8_0 rounding, which its Q4_0 dot products use).
+ * That is the one rounding besides the output's: every other product is exact and sums are
+ * float32 (int32 within a block); the output is rounded once to the activation dtype.
  * Output rows are shared among torch's OpenMP threads in blocks of 4 (TILE_ROWS); within a block
  * the activation rows are taken 8, 4, 2 or 1 at a time against 1, 2 or 4 weight rows (tiles whose
  * accumulators stay in registers), so the weights are read from memory once whatever M is.
  *
- * Per instruction set: AVX-512 int8 with bfloat16 activations multiplies in integers (the
- * activations rounded to int16 per block of 128, vpdpwssd), with float32 activations it widens the
- * codes to float32 and FMAs; int4 turns the nibbles into bfloat16 128 + u by a logic operation for
- * vdpbf16ps, or, for float32 activations, looks them up in a table of the group's dequantized
- * floats (vpermps). At one activation row AVX-512 reads the weight rows one after another.
- * AVX2 multiplies int8 in integers too (vpmaddwd) and converts int4 to float32 for FMAs. NEON and
- * portable builds use plain C the compiler vectorizes.
- * Tiles that multiply the stored nibbles u (or 128 + u) rather than the dequantized weights
- * (AVX-512 bfloat16, AVX2) scale each group's sums once; the driver then takes away the offset's
- * and the zero point's share,
- * sum_g scale_g (NIBBLE_OFFSET + 8 + zero_point_g) sum_(k in g) x_k.
+ * Per instruction set: AVX-512 multiplies int8 weights by int16 activations (vpdpwssd) and int4
+ * nibbles by int8 activations (vpdpbusd); with float32 activations it widens the int8 codes to
+ * float32 for FMAs and looks int4 nibbles up in a table of the group's dequantized floats
+ * (vpermps). AVX2 does the same integer products with vpmaddwd and vpmaddubsw, and converts int4
+ * to float32 for FMAs with float32 activations. At one activation row both read the weight rows
+ * one after another. NEON and portable builds use plain C the compiler vectorizes.
+ * Tiles that multiply the stored nibbles u rather than the dequantized weights (the integer ones,
+ * AVX2's float32 one) scale each group's (or lane's) sums once; the driver then takes away the
+ * zero point's share, sum_g scale_g (8 + zero_point_g) sum_(k in g) x_k.
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,10 +50,13 @@ enum { TILE_ROWS = 4 };
    8 products of |code| <= 127 and |x| <= 2^15, far from overflowing. */
 enum { I16_BLOCK = 128 };
 /* How far ahead of its loads a tile prefetches its weight stream, in bytes (a thread's rows are one
-   contiguous stream). Without it a single core streamed int8 codes at ~10 GB/s where bf16 reached
-   20-24 (Zen 4): the hardware prefetcher alone keeps too few lines in flight for the shorter rows.
-   One block ahead (4 rows) was ~15, 8 KB ~19-23, 4 KB (a 4K alias of the load) ~10, 16-64 KB ~17. */
+   contiguous stream), and into L2 (T1). Without it a single core streamed int8 codes at ~10 GB/s
+   where bf16 reached 20-24 (Zen 4): the hardware prefetcher alone keeps too few lines in flight
+   for the shorter rows. One block ahead (4 rows) was ~15, 8 KB ~19-23, 4 KB (a 4K alias of the
+   load) ~10, 16-64 KB ~17. Into L1 (T0) the int4 tiles streamed 1.4x slower than into L2, at one
+   core as at two (alternating in one process): L1's few miss buffers held the stream back. */
 #define PREFETCH_AHEAD 8192
+#define PREFETCH_WEIGHTS(p) _mm_prefetch((const char*)(p) + PREFETCH_AHEAD, _MM_HINT_T1)
 
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t bf16_rounded(float f) {
@@ -106,7 +108,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (; k + 16 <= K; k += 16) {                                                                             \
         __m512 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
+            PREFETCH_WEIGHTS(w + j * K + k);               \
             wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k)))); \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -147,7 +149,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         for (; b + 16 <= end; b += 16) { /* one path through the loop: the tail after it */                    \
             __m512 lo[NB], hi[NB];                                                                             \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);         \
+                PREFETCH_WEIGHTS(w + j * ldw + b);         \
                 const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))); \
                 lo[j] = _mm512_permutexvar_ps(lanes, table[j]);                                                \
                 hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);                          \
@@ -198,7 +200,6 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
    27.0 at 2 threads (Zen 4), though the 1 x 4 tiles compute faster from cache. Where a tile is
    bound by its arithmetic (AVX2's float32 int4 tile) the 1 x 4 tiles stay. */
 #define INT8_ROW_BY_ROW 1
-#define INT4_ROW_BY_ROW 1
 #define INT8_I16_TILE(MB, NB)                                                                                  \
 static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
     int64_t K, const int8_t* w, float* out)                                                                    \
@@ -215,7 +216,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
             const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
             __m512i wv[NB];                                                                                    \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
+                PREFETCH_WEIGHTS(w + j * K + k);                      \
                 wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + k));                    \
             }                                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) {                                                            \
@@ -231,76 +232,55 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
 }
 
-/* bfloat16 activations with int4 weights, read as they are: each nibble byte widened to a 16-bit
-   lane, whose low 4 bits (then, shifted, its high 4) become the bfloat16 number 128 + u by setting
-   the bits of 128.0 above them (0x4300 | u: at exponent 7 the mantissa's last bit is 1, so this is
-   exact), one logic operation instead of a table lookup (vpermw, a shuffle, of which Zen 4 has
-   few: 19 -> 22+ G weights/s per core). vdpbf16ps multiplies 32 pairs into 16 float32 sums, each
-   product exact; the scale is applied per group and the driver takes away the offset's and the
-   zero point's share, (128 + 8 + zero point) * scale * sum(x) (NIBBLE_OFFSET). */
-#define BF16_TILES 1
-#define NIBBLE_OFFSET 128
-/* The pieces of INT4_BF16_TILE: a group's sums start at zero, each 32-byte step (64 nibbles, BYTES the
-   load of row j's) adds its products, the group's end scales them into the totals. Even and odd
-   products go to separate sums: two dependency chains, not one twice as long. */
-#define INT4_BF16_GROUP_START(MB, NB)                                                                                \
-    __m512 part[MB][NB][2];                                                                                    \
-    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) part[i][j][0] = part[i][j][1] = _mm512_setzero_ps();
-#define INT4_BF16_STEP(MB, NB, b, BYTES, MASK)                                                                             \
-    {                                                                                                          \
-        __m512bh lo[NB], hi[NB];                                                                               \
-        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + j * ldw + (b)) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
-            const __m512i bytes = _mm512_cvtepu8_epi16(BYTES);                                                 \
-            /* (bytes & low4) | bits128, and past a group's end (MASK) zeros, not 128s */                       \
-            lo[j] = (__m512bh)_mm512_maskz_mov_epi16(MASK, _mm512_ternarylogic_epi32(bytes, low4, bits128, 0xEA)); \
-            hi[j] = (__m512bh)_mm512_maskz_mov_epi16(MASK, _mm512_or_si512(_mm512_srli_epi16(bytes, 4), bits128)); \
-        }                                                                                                      \
-        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
-            const __m512bh even = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + (b));                           \
-            const __m512bh odd = (__m512bh)_mm512_loadu_si512(xs + i * ldxs + half + (b));                     \
-            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                part[i][j][0] = _mm512_dpbf16_ps(part[i][j][0], lo[j], even);                                  \
-                part[i][j][1] = _mm512_dpbf16_ps(part[i][j][1], hi[j], odd);                                   \
-            }                                                                                                  \
-        }                                                                                                      \
-    }
-#define INT4_BF16_GROUP_END(MB, NB)                                                                                \
+/* bfloat16 activations with int4 weights as integers, as llama.cpp's Q4_0 dot products do: the
+   activations rounded to int8 per block of 32 (I8_BLOCK, scale max|x| / 127, llama.cpp's Q8_0),
+   split into even and odd elements as the nibbles are, and vpdpbusd (AVX512-VNNI) multiplies the
+   stored nibbles u (unsigned, 0..15) by them 64 pairs at a time into 16 int32 lanes, exactly. One
+   64-byte load is 128 weights: its low nibbles (one AND) meet the even activations, its high ones
+   (a shift and an AND) the odd ones, and lane l sums weights 8l..8l+7 of the step, so each lane
+   lies in one group and one activation block: its sum is scaled once by their two scales (a
+   vector of the step's group scales times one of its activation-block scales). No widening and
+   no float arithmetic per weight: 5 operations per 128 weights where the bfloat16 tile it replaced
+   needed 16 and a group's bookkeeping. The driver takes away the zero point's share,
+   sum_g scale_g (8 + zero_point_g) sum_(k in g) xq_k, over the rounded activations. */
+#define I8_TILES 1
+#define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
-        const __m512 scale = _mm512_set1_ps(s[j * groups + g]);                                                \
-        UNROLLED for (int i = 0; i < MB; i++)                                                                  \
-            total[i][j] = _mm512_fmadd_ps(_mm512_add_ps(part[i][j][0], part[i][j][1]), scale, total[i][j]);   \
+        PREFETCH_WEIGHTS(w + j * ldw + b); \
+        const __m512i bytes = BYTES;                                                                           \
+        const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4); \
+        const __m512 ws = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(_mm_loadu_ps(s + j * groups + g0))); \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512i even = _mm512_loadu_si512(xs + i * ldxs + b), odd = _mm512_loadu_si512(xs + i * ldxs + half + b); \
+            const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd); \
+            const __m512 scale = _mm512_mul_ps(ws, _mm512_loadu_ps(xscale + i * ldscale + b / 4));            \
+            total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, total[i][j]);                      \
+        }                                                                                                      \
     }
-#define INT4_BF16_TILE(MB, NB)                                                                                 \
-static void int4_tile_bf16_##MB##_##NB(const uint16_t* xs, int64_t ldxs, int64_t half, int64_t K,              \
-    const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)                               \
+#define INT4_I8_TILE(MB, NB)                                                                                   \
+static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t half, const float* xscale,        \
+    int64_t ldscale, int64_t K, const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)   \
 {                                                                                                              \
-    const __m512i low4 = _mm512_set1_epi16(0x000f), bits128 = _mm512_set1_epi16(0x4300);                      \
-    const int64_t ldw = K / 2, group_bytes = group / 2;                                                        \
-    const int whole = group_bytes % 32 == 0; /* no partial steps (groups of 64, 128...): no mask to compute */ \
+    const __m512i low4 = _mm512_set1_epi8(0x0f);                                                               \
+    /* lane l's group within the step (weights 8l..8l+7; I8_GROUP: 32, 64 or a multiple of 128) */            \
+    const __m512i lane_group = group >= 128 ? _mm512_setzero_si512()                                           \
+        : _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), \
+                            group == 32 ? 5 : 6);                                                              \
+    const int64_t ldw = K / 2, groups_a_step = group >= 128 ? 1 : 128 / group, steps_a_group = group >= 128 ? group / 128 : 1; \
     __m512 total[MB][NB];                                                                                      \
-    UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps();      \
-    /* Groups of 64 (one 32-byte step each, the default): a flat loop over groups, no masks; the general   \
-       loop's bookkeeping per group cost as much as the group's arithmetic. */                                 \
-    if (group_bytes == 32) {                                                                                   \
-        for (int64_t g = 0; g < groups; g++) {                                                                 \
-            INT4_BF16_GROUP_START(MB, NB)                                                                      \
-            INT4_BF16_STEP(MB, NB, g * 32, _mm256_loadu_si256((const __m256i*)(w + j * ldw + g * 32)), (__mmask32)~0u)                 \
-            INT4_BF16_GROUP_END(MB, NB)                                                                        \
-        }                                                                                                      \
-    } else {                                                                                                   \
-        for (int64_t g = 0; g < groups; g++) {                                                                 \
-            INT4_BF16_GROUP_START(MB, NB)                                                                      \
-            const int64_t end = (g + 1) * group_bytes;                                                         \
-            for (int64_t b = g * group_bytes; b < end; b += 32) {                                              \
-                /* a masked load chosen without a branch (a branch in the loop keeps GCC from holding          \
-                   the accumulators in registers) */                                                           \
-                const uint32_t left = whole || end - b >= 32 ? 32 : (uint32_t)(end - b);                       \
-                const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                \
-                INT4_BF16_STEP(MB, NB, b, _mm256_maskz_loadu_epi8(mask, w + j * ldw + b), mask)                              \
-            }                                                                                                  \
-            INT4_BF16_GROUP_END(MB, NB)                                                                        \
-        }                                                                                                      \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
+    int64_t b = 0, g0 = 0, into_group = 0; /* the step's first group, and steps taken within it */            \
+    for (; b + 64 <= ldw; b += 64) {                                                                           \
+        INT4_I8_STEP(MB, NB, _mm512_loadu_si512(w + j * ldw + b))                                              \
+        /* to the next step's first group without a branch (which would keep GCC from holding the         \
+           accumulators in registers) */                                                                       \
+        const int64_t wrap = ++into_group == steps_a_group;                                                    \
+        g0 += wrap * groups_a_step;                                                                            \
+        into_group *= !wrap;                                                                                   \
+    }                                                                                                          \
+    if (b < ldw) { /* the last 16, 32 or 48 bytes */                                                           \
+        const __mmask64 mask = ((__mmask64)1 << (ldw - b)) - 1;                                                \
+        INT4_I8_STEP(MB, NB, _mm512_maskz_loadu_epi8(mask, w + j * ldw + b))                                   \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
 }
@@ -358,7 +338,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (int64_t k = 0; k < K; k += 8) { /* load8's branch is taken only at the tail: kept out of line */      \
         __m256 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);               \
+            PREFETCH_WEIGHTS(w + j * K + k);               \
             wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));                     \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -396,7 +376,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
         for (int64_t k = b * I16_BLOCK; k < end; k += 16) { /* load16's branch: only at the tail */            \
             __m256i wv[NB];                                                                                    \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + j * K + k) + PREFETCH_AHEAD, _MM_HINT_T0);                      \
+                PREFETCH_WEIGHTS(w + j * K + k);                      \
                 wv[j] = _mm256_cvtepi8_epi16(load16(w + j * K + k, end - k));                                  \
             }                                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) {                                                            \
@@ -433,7 +413,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         const int64_t end = (g + 1) * group_bytes;                                                             \
         for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                _mm_prefetch((const char*)(w + j * ldw + b) + PREFETCH_AHEAD, _MM_HINT_T0);         \
+                PREFETCH_WEIGHTS(w + j * ldw + b);         \
                 const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
                 const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4));                           \
                 const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));                             \
@@ -449,6 +429,48 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         }                                                                                                      \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(acc[i][j]); \
+}
+
+/* bfloat16 activations with int4 weights as integers, as AVX-512's INT4_I8_TILE (see there), 64
+   weights a step: vpmaddubsw multiplies the nibbles by the int8 activations into int16 pairs (at
+   most 2 x 15 x 127 each, never saturating), the even and odd halves are added, and vpmaddwd by
+   ones sums them into 8 int32 lanes of 8 weights each. 11 operations per 64 weights where the
+   float32 tile needs 28. */
+#define I8_TILES 1
+#define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
+    UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
+        PREFETCH_WEIGHTS(w + j * ldw + b); \
+        const __m256i bytes = BYTES;                                                                           \
+        const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4); \
+        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group); \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m256i even = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + b));                      \
+            const __m256i odd = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + half + b));                \
+            const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd)); \
+            const __m256 scale = _mm256_mul_ps(ws, _mm256_loadu_ps(xscale + i * ldscale + b / 4));            \
+            total[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, total[i][j]); \
+        }                                                                                                      \
+    }
+#define INT4_I8_TILE(MB, NB)                                                                                   \
+static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t half, const float* xscale,        \
+    int64_t ldscale, int64_t K, const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)   \
+{                                                                                                              \
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                                  \
+    /* lane l's group within the step (weights 8l..8l+7): groups of 32 are two a step */                       \
+    const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
+    const int64_t ldw = K / 2, groups_a_step = group == 32 ? 2 : 1, steps_a_group = group == 32 ? 1 : group / 64; \
+    __m256 total[MB][NB];                                                                                      \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
+    int64_t b = 0, g0 = 0, into_group = 0;                                                                     \
+    for (; b + 32 <= ldw; b += 32) {                                                                           \
+        INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b)))                            \
+        const int64_t wrap = ++into_group == steps_a_group;                                                    \
+        g0 += wrap * groups_a_step;                                                                            \
+        into_group *= !wrap;                                                                                   \
+    }                                                                                                          \
+    if (b < ldw) /* the last 16 bytes */                                                                       \
+        INT4_I8_STEP(MB, NB, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))))       \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(total[i][j]); \
 }
 
 #else /* plain C: 16 independent lanes a step, which the compiler vectorizes (NEON, portable) */
@@ -515,14 +537,11 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 
 /* ---- the drivers, shared by every instruction set ---------------------------------------------- */
 
-#ifndef BF16_TILES
-#define BF16_TILES 0 /* no bfloat16 tiles: bfloat16 activations are widened to float32 */
+#ifndef I8_TILES
+#define I8_TILES 0 /* no int8-activation tiles: int4 weights take the float32 tiles */
 #endif
 #ifndef INT8_ROW_BY_ROW
 #define INT8_ROW_BY_ROW 0 /* one activation row: 1 x 4 tiles */
-#endif
-#ifndef INT4_ROW_BY_ROW
-#define INT4_ROW_BY_ROW 0
 #endif
 #ifndef INT4_NARROW
 #define INT4_NARROW 0
@@ -536,9 +555,6 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #ifndef BF16_DEQUANT
 #define BF16_DEQUANT 0 /* the plain loops of lm_int8_dequantize / lm_int4_dequantize */
 #endif
-#ifndef NIBBLE_OFFSET
-#define NIBBLE_OFFSET 0
-#endif
 #ifndef INT4_SUMS_CODES
 #define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
 #endif
@@ -549,8 +565,8 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #define TILE_SHAPES(X) X(1, 1) X(2, 1) X(4, 1) X(1, 4) X(2, 4) X(4, 2) X(8, 1)
 TILE_SHAPES(INT8_TILE)
 TILE_SHAPES(INT4_TILE)
-#if BF16_TILES
-TILE_SHAPES(INT4_BF16_TILE)
+#if I8_TILES
+TILE_SHAPES(INT4_I8_TILE)
 #endif
 #if I16_TILES
 TILE_SHAPES(INT8_I16_TILE)
@@ -558,7 +574,7 @@ TILE_SHAPES(INT8_I16_TILE)
 
 /* One block of nb <= TILE_ROWS weight rows against all M activation rows: CALL(MB, NB, j, m) runs
    the tile of activation rows [m, m + MB) and weight rows [j, j + NB) of the block. BY_ROW: one
-   activation row goes through the weight rows one at a time (INT8_ROW_BY_ROW, INT4_ROW_BY_ROW).
+   activation row goes through the weight rows one at a time (INT8_ROW_BY_ROW, the int8-activation tiles).
    NARROW: tiles that hold a group's partial sums beside their totals need two registers per
    (activation row, weight row), and 16 registers (AVX2) hold at most 4 x 2 of them without
    spilling: there the 8 x 1, 4 x 2 and 2 x 4 tiles run as two tiles of 4 x 1, 4 x 1 and 1 x 4. */
@@ -584,16 +600,15 @@ TILE_SHAPES(INT8_I16_TILE)
         }                                                                                              \
     }
 
-/* The activations as the tiles read them: M rows of ldxs elements, float32, or bfloat16 where the
-   bfloat16 tiles run (as_bf16); for int4 (split) each row's even elements, then at `half` its odd
-   ones; zero padded to a multiple of 32 elements. xsum (with `sums`): each row's sum over each
+/* The activations as the float32 tiles read them: M rows of ldxs float32 elements; for int4 (split)
+   each row's even elements, then at `half` its odd ones; zero padded to a multiple of 32 elements. xsum (with `sums`): each row's sum over each
    group ([M, groups]), for the zero-point correction of tiles that sum the stored codes. */
 typedef struct { void* rows; int64_t ldxs, half; float* xsum; } activations_t;
 
-static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int split,
+static int widen_activations(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int split,
                              int64_t group, int with_sums, activations_t* a) {
     const int64_t used = split ? K / 2 : K, width = (used + 31) / 32 * 32, groups = K / group;
-    const size_t size = as_bf16 ? 2 : 4;
+    const size_t size = 4;
     a->half = width;
     a->ldxs = split ? 2 * width : width;
     const size_t row_bytes = (size_t)(M * a->ldxs) * size + SCRATCH_TAIL * sizeof(float);
@@ -607,8 +622,7 @@ static int widen_activations(int bf16, int as_bf16, const void* x, int64_t ldx, 
         const char* row = (const char*)x + m * ldx * (bf16 ? 2 : 4);
         for (int64_t k = 0; k < K; k++) {
             const int64_t at = m * a->ldxs + (split ? (k & 1) * width + k / 2 : k);
-            if (as_bf16) ((uint16_t*)a->rows)[at] = ((const uint16_t*)row)[k];
-            else ((float*)a->rows)[at] = bf16 ? bf16_value(((const uint16_t*)row)[k]) : ((const float*)row)[k];
+            ((float*)a->rows)[at] = bf16 ? bf16_value(((const uint16_t*)row)[k]) : ((const float*)row)[k];
         }
         for (int64_t g = 0; a->xsum && g < groups; g++) {
             float total = 0.0f;
@@ -670,16 +684,84 @@ static int quantize_activations(int bf16, const void* x, int64_t ldx, int64_t M,
     return 0;
 }
 
+/* The activations as int8 for the int4 integer tiles (I8_TILES), as llama.cpp's Q8_0 rounds them:
+   per block of I8_BLOCK elements d = max|x| / 127 and q = x / d rounded to nearest even (x times
+   1 / d, in float32). Each row: the even elements' q (`half` bytes, a multiple of 64, zero
+   padded), then the odd ones'; each lane's scale (a lane: 8 consecutive elements, 4 bytes of each
+   half; ldscale a row) and each group's sum of d q, for the zero points. An infinite or NaN
+   activation makes its block's scales NaN, and so its output rows, as a float product would. */
+enum { I8_BLOCK = 32 };
+typedef struct { int8_t* rows; int64_t ldxs, half; float* lane_scale; int64_t ldscale; float* xsum; } int8_activations_t;
+
+/* Groups the int8-activation tiles take: a lane of 8 weights in one group, and a step's groups
+   found without a division (32 and 64: 4 and 2 in a 128-weight step; a multiple of 128: one). */
+static int i8_group(int64_t group) { return group == 32 || group == 64 || (group > 0 && group % 128 == 0); }
+
+/* Whether lm_int4_linear rounds these activations to int8 (for the tests' reference). */
+int lm_int4_int8_activations(int bf16, int64_t group) { return I8_TILES && bf16 && i8_group(group); }
+
+static int quantize_activations_i8(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t group,
+                                   int8_activations_t* a) {
+    const int64_t half = (K / 2 + 63) / 64 * 64, groups = K / group, blocks = (K + I8_BLOCK - 1) / I8_BLOCK;
+    a->half = half;
+    a->ldxs = 2 * half;
+    a->ldscale = half / 4;
+    const size_t row_floats = (size_t)(M * a->ldxs) / 4 + SCRATCH_TAIL;
+    float* buffer = scratch_floats(row_floats + (size_t)(M * (a->ldscale + groups)));
+    if (!buffer) return -1;
+    memset(buffer, 0, (row_floats + (size_t)(M * (a->ldscale + groups))) * sizeof(float));
+    a->rows = (int8_t*)buffer;
+    a->lane_scale = buffer + row_floats;
+    a->xsum = a->lane_scale + M * a->ldscale;
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t* row = x + m * ldx;
+        int8_t *even = a->rows + m * a->ldxs, *odd = even + half;
+        for (int64_t c = 0; c < blocks; c++) {
+            const int64_t begin = c * I8_BLOCK, n = begin + I8_BLOCK < K ? I8_BLOCK : K - begin;
+            /* loops without branches or libm calls, which the compiler vectorizes; the largest |x|
+               found on the bits (as integers, non-negative floats order as their bits, and an
+               infinity or NaN is above every finite one) */
+            float v[I8_BLOCK] = {0}, r[I8_BLOCK];
+            uint32_t bits[I8_BLOCK] = {0}, top = 0;
+            for (int64_t k = 0; k < n; k++) bits[k] = (uint32_t)row[begin + k] << 16;
+            memcpy(v, bits, sizeof v);
+            for (int k = 0; k < I8_BLOCK; k++) {
+                const uint32_t magnitude = bits[k] & 0x7fffffffu;
+                top = magnitude > top ? magnitude : top;
+            }
+            float largest;
+            memcpy(&largest, &top, 4);
+            const int finite = top < 0x7f800000u;
+            const float d = largest / 127.0f, inverse = d > 0.0f && finite ? 1.0f / d : 0.0f;
+            for (int k = 0; k < I8_BLOCK; k++) {
+                /* to nearest even by the 1.5 * 2^23 trick (|x / d| <= 127 and a bit) */
+                const float rounded = (v[k] * inverse + 12582912.0f) - 12582912.0f;
+                r[k] = rounded > 127.0f ? 127.0f : rounded < -127.0f ? -127.0f : rounded;
+            }
+            int total = 0;
+            for (int k = 0; k < I8_BLOCK / 2; k++) {
+                const int8_t qe = (int8_t)(int)r[2 * k], qo = (int8_t)(int)r[2 * k + 1];
+                even[begin / 2 + k] = qe;
+                odd[begin / 2 + k] = qo;
+                total += qe + qo;
+            }
+            for (int l = 0; l < I8_BLOCK / 8; l++) a->lane_scale[m * a->ldscale + begin / 8 + l] = finite ? d : NAN;
+            a->xsum[m * groups + begin / group] += finite ? d * (float)total : NAN;
+        }
+    }
+    return 0;
+}
+
 /* sum_i a[i] b[i] in independent lanes, which the compiler vectorizes (a plain float sum it may not
-   reorder: this runs groups x M x N times a call, as much as the tiles' own work at 8 rows). */
+   reorder: this runs groups x M x N times a call), the lanes then added as a tree, not in one
+   chain of dependent additions. */
 static float dot_lanes(const float* a, const float* b, int64_t n) {
-    float lanes[16] = {0}, total = 0.0f;
+    float l[8] = {0}, total = 0.0f;
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) lanes[l] += a[i + l] * b[i + l];
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) l[k] += a[i + k] * b[i + k];
     for (; i < n; i++) total += a[i] * b[i];
-    for (int l = 0; l < 16; l++) total += lanes[l];
-    return total;
+    return total + (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])));
 }
 
 static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, int64_t nb, const float* out,
@@ -699,7 +781,7 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
     const int as_i16 = I16_TILES && bf16;
     activations_t a = {0};
     int16_activations_t q = {0};
-    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, 0, x, ldx, M, K, 0, K, 0, &a))
+    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, x, ldx, M, K, 0, K, 0, &a))
         return -1;
     const int64_t ldxs = as_i16 ? q.ldxs : a.ldxs;
     #pragma omp parallel for schedule(static)
@@ -731,15 +813,20 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const uint8_t* nibbles,
                    const void* scale, int scale_bf16, int64_t ld_scale, const int8_t* zero_point, int64_t group,
                    int64_t N, void* y, int64_t ldy) {
-    const int as_bf16 = BF16_TILES && bf16, sums_codes = as_bf16 || INT4_SUMS_CODES;
-    activations_t a;
-    if (widen_activations(bf16, as_bf16, x, ldx, M, K, 1, group, sums_codes, &a)) return -1;
-    const int64_t groups = K / group, ldxs = a.ldxs, half = a.half;
+    const int as_i8 = lm_int4_int8_activations(bf16, group), sums_codes = as_i8 || INT4_SUMS_CODES;
+    activations_t a = {0};
+    int8_activations_t q = {0};
+    if (as_i8 ? quantize_activations_i8(x, ldx, M, K, group, &q) : widen_activations(bf16, x, ldx, M, K, 1, group, sums_codes, &a))
+        return -1;
+    const float* xsum = as_i8 ? q.xsum : a.xsum;
+    const int64_t groups = K / group, PREFETCH_ROWS = PREFETCH_AHEAD / (K / 2) + TILE_ROWS;
     int failed = 0;
     #pragma omp parallel
     {
-        /* Each block's scales, 8 + zero points and their products as float32, TILE_ROWS rows of groups. */
-        float* sz = malloc((size_t)(3 * TILE_ROWS * groups) * sizeof(float));
+        /* Each block's scales, 8 + zero points and their products as float32, TILE_ROWS rows of
+           groups; zeroed, for the int8 tiles' reads of up to 3 scales past a row's last group
+           (always multiplied by zero sums there). */
+        float* sz = calloc((size_t)(3 * TILE_ROWS * groups + 4), sizeof(float));
         if (!sz) {
             #pragma omp atomic write
             failed = 1;
@@ -749,35 +836,48 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
             if (!sz) continue;
             const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
             float *s = sz, *z = sz + TILE_ROWS * groups, *shift = sz + 2 * TILE_ROWS * groups;
-            for (int64_t j = 0; j < nb; j++)
+            /* one pass per row, which the compiler vectorizes (and unswitches): as many operations a
+               group as the integer tiles spend on it; separate passes over s and z paid a store
+               forwarding stall per vector reload */
+            /* the scales and zero points of the rows whose nibbles the tiles prefetch now */
+            for (int64_t b = 0; b < TILE_ROWS * groups * (scale_bf16 ? 2 : 4); b += 64)
+                __builtin_prefetch((const char*)scale + (n0 + PREFETCH_ROWS) * ld_scale * (scale_bf16 ? 2 : 4) + b);
+            for (int64_t b = 0; zero_point && b < TILE_ROWS * groups; b += 64)
+                __builtin_prefetch(zero_point + (n0 + PREFETCH_ROWS) * groups + b);
+            for (int64_t j = 0; j < nb; j++) {
+                const int64_t row = n0 + j;
                 for (int64_t g = 0; g < groups; g++) {
-                    const int64_t at = (n0 + j) * ld_scale + g;
-                    s[j * groups + g] = scale_bf16 ? bf16_value(((const uint16_t*)scale)[at]) : ((const float*)scale)[at];
-                    z[j * groups + g] = (as_bf16 ? 8.0f + NIBBLE_OFFSET : 8.0f) + (zero_point ? (float)zero_point[(n0 + j) * groups + g] : 0.0f);
-                    shift[j * groups + g] = s[j * groups + g] * z[j * groups + g];
+                    const float sg = scale_bf16 ? bf16_value(((const uint16_t*)scale)[row * ld_scale + g])
+                                                : ((const float*)scale)[row * ld_scale + g];
+                    const float zg = 8.0f + (zero_point ? (float)zero_point[row * groups + g] : 0.0f);
+                    s[j * groups + g] = sg;
+                    z[j * groups + g] = zg;
+                    shift[j * groups + g] = sg * zg;
                 }
+            }
             const uint8_t* w = nibbles + n0 * (K / 2);
             float out[16 * TILE_ROWS];
-            if (!as_bf16) {
+            if (!as_i8) {
                 const float* xs = a.rows;
+                const int64_t ldxs = a.ldxs, half = a.half;
 #define INT4_CALL(MB, NB, j, m)                                                                        \
     int4_tile_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, z + (j) * groups, \
                           groups, out + (m) * TILE_ROWS + (j))
                 BLOCK(M, nb, INT4_CALL, 0, INT4_NARROW)
             }
-#if BF16_TILES
+#if I8_TILES
             else {
-                const uint16_t* xs = a.rows;
-#define INT4_BF16_CALL(MB, NB, j, m)                                                                   \
-    int4_tile_bf16_##MB##_##NB(xs + (m) * ldxs, ldxs, half, K, w + (j) * (K / 2), group, s + (j) * groups, groups, \
-                               out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_BF16_CALL, INT4_ROW_BY_ROW, 0)
+                const int8_t* xs = q.rows;
+#define INT4_I8_CALL(MB, NB, j, m)                                                                     \
+    int4_tile_i8_##MB##_##NB(xs + (m) * q.ldxs, q.ldxs, q.half, q.lane_scale + (m) * q.ldscale, q.ldscale, K, \
+                             w + (j) * (K / 2), group, s + (j) * groups, groups, out + (m) * TILE_ROWS + (j))
+                BLOCK(M, nb, INT4_I8_CALL, 1, 0)
             }
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
                 for (int64_t m = 0; m < M; m++)
                     for (int64_t j = 0; j < nb; j++)
-                        out[m * TILE_ROWS + j] -= dot_lanes(shift + j * groups, a.xsum + m * groups, groups);
+                        out[m * TILE_ROWS + j] -= dot_lanes(shift + j * groups, xsum + m * groups, groups);
             store_block(bf16, y, ldy, M, n0, nb, out, NULL);
         }
         free(sz);
