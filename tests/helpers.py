@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+import lmtool
+
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -185,3 +187,33 @@ def rerun_tests_on_instruction_set(test_file: str, isa: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def assert_captured_step_matches_layers(folder: Path, dtype: str, weights: str, ids: torch.Tensor, mask: torch.Tensor,
+                                        backbone_class, monkeypatch) -> None:
+    """A family's captured decode step (backbone_class.Plan, lmtool.captured) against its layers:
+    a cached prefill of 6 tokens of the left-padded batch, then 4 one-token steps, each planned;
+    then the same with no plan: the same logits to the bit. weights: "dense", or a scheme the
+    folder's model is first quantized to (groups of 32)."""
+    from lmtool.quantize.build import Recipe, quantize
+
+    if weights != "dense":
+        quantize(str(folder), folder.parent / weights, Recipe(weights, group_size=32), verify=False)
+        folder = folder.parent / weights
+    lm = lmtool.load(folder, dtype=dtype)
+
+    def decode() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = lm.model.make_cache(ids.shape[0], 16)
+            steps = [lm.model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+            steps += [lm.model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
+        return torch.cat(steps, dim=1)
+
+    runs = []
+    plan_class = backbone_class.Plan
+    run = plan_class.run
+    monkeypatch.setattr(plan_class, "run", lambda self, *args: runs.append(1) or run(self, *args))
+    planned = decode()
+    assert len(runs) == 4  # every one-token step
+    monkeypatch.setattr(backbone_class, "decode_plan", lambda self, cache, x: None)
+    assert torch.equal(planned, decode())

@@ -26,7 +26,6 @@ from lmtool.errors import CheckpointError, ConfigError
 from lmtool.families.bloom.config import BloomConfig
 from lmtool.cache import ModelCache, uncached_step
 from lmtool import kernels
-from lmtool.families.bloom.decode import DecodePlan
 from lmtool.families.bloom.model import BloomModel, alibi_bias, alibi_slopes
 from lmtool.generation import SamplingParams, generate
 from lmtool.loading import build_model
@@ -279,25 +278,12 @@ def test_tokenizer_byte_level_no_bos_and_special_ids_from_files(tmp_path):
 
 @pytest.mark.skipif(not kernels.available(), reason="no native kernels here")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", ["h4", "h6-post-ln"])
-def test_captured_decode_step_gives_exactly_what_the_layers_give(tmp_path, monkeypatch, dtype, shape):
+@pytest.mark.parametrize("shape,weights", [("h4", "dense"), ("h6-post-ln", "dense"), ("h4", "int8"), ("h4", "int4")])
+def test_captured_decode_step_gives_exactly_what_the_layers_give(tmp_path, monkeypatch, dtype, shape, weights):
     """The DecodePlan (decode.py) makes the layers' kernel calls on the same values: the same
-    logits to the bit, on a left-padded batch (the mask) and with the residual after the norm."""
+    logits to the bit, on a left-padded batch (the mask), with the residual after the norm, and
+    with int8 / int4 weights (their biases added after the product)."""
     torch.manual_seed(3)
-    lm = lmtool.load(save_hf(randomize(BloomForCausalLM(tiny_config(**SHAPES[shape]))), tmp_path), dtype=dtype)
+    folder = save_hf(randomize(BloomForCausalLM(tiny_config(**SHAPES[shape]))), tmp_path / "dense")
     ids, mask = padded_batch(lengths=(10, 7))
-
-    def decode() -> torch.Tensor:
-        with torch.inference_mode():
-            cache = lm.model.make_cache(2, 16)
-            steps = [lm.model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
-            steps += [lm.model(ids[:, t : t + 1], cache=cache) for t in range(6, 10)]
-        return torch.cat(steps, dim=1)
-
-    runs = []
-    run = DecodePlan.run
-    monkeypatch.setattr(DecodePlan, "run", lambda self, *args: runs.append(1) or run(self, *args))
-    planned = decode()
-    assert len(runs) == 4  # every one-token step
-    monkeypatch.setattr(BloomModel, "decode_plan", lambda self, cache, embedded: None)
-    assert torch.equal(planned, decode())
+    helpers.assert_captured_step_matches_layers(folder, dtype, weights, ids, mask, BloomModel, monkeypatch)

@@ -7,12 +7,13 @@ import torch
 from transformers import GemmaForCausalLM, GemmaForSequenceClassification, GemmaForTokenClassification
 
 import lmtool
+from lmtool import kernels
 from lmtool.config import ModelConfig
 from lmtool.errors import ConfigError
 from lmtool.families.gemma.config import GemmaConfig
 from lmtool.generation import SamplingParams, generate
 
-from helpers import cached_vs_full, padded_batch, randomize, save_hf, tiny_gemma_config
+from helpers import assert_captured_step_matches_layers, cached_vs_full, padded_batch, randomize, save_hf, tiny_gemma_config
 
 # MHA, MQA (as gemma-2b), GQA, and a head_dim unrelated to hidden/heads (as gemma-7b).
 SHAPES = {
@@ -136,3 +137,19 @@ def test_config_round_trip_keeps_unknown_keys_and_rejects_bad_values():
     with pytest.raises(ConfigError, match="'hidden_size' should be int"):
         GemmaConfig.from_dict({"hidden_size": "big"})
     assert isinstance(config, ModelConfig)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no native kernels here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weights", ["dense", "int8", "int4"])
+def test_captured_decode_step_gives_exactly_what_the_layers_give(tmp_path, monkeypatch, dtype, weights):
+    """The DecodePlan (decode.py) makes the layers' kernel calls on the same values: the same
+    logits to the bit on a left-padded batch (the mask, rows at different positions), for dense
+    weights (q/k/v and gate/up fused) and int8 / int4 ones (a call per part)."""
+    from lmtool.families.gemma.model import GemmaModel
+
+    torch.manual_seed(4)
+    folder = save_hf(randomize(GemmaForCausalLM(tiny_gemma_config(
+        num_key_value_heads=2, head_dim=16, hidden_size=64, intermediate_size=128))), tmp_path / "dense")
+    ids, mask = padded_batch(120, lengths=(10, 7))
+    assert_captured_step_matches_layers(folder, dtype, weights, ids, mask, GemmaModel, monkeypatch)

@@ -285,6 +285,24 @@ def test_kv_append_kernel_writes_what_the_indexed_assignment_does(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd,rotated", [(8, 8), (12, 12), (16, 6)])
+def test_rope_kernel_rotates_in_place_as_apply_rotary_does(dtype, hd, rotated):
+    """lm_rope on the queries of a fused q/k/v output (strided heads), two rows at different
+    positions (left padding), whole and partial rotation: bit for bit apply_rotary's result, and the
+    keys beside them untouched."""
+    from lmtool.layers import RotaryEmbedding, apply_rotary
+
+    B, H, KV = 2, 3, 1
+    fused = torch.randn(B, 1, (H + 2 * KV) * hd).to(dtype)
+    q = fused[..., : H * hd].view(B, 1, H, hd).transpose(1, 2)
+    cos, sin = RotaryEmbedding(rotated)(torch.tensor([[5], [17]]), dtype)
+    want = apply_rotary(q, cos, sin)
+    rest = fused[..., H * hd :].clone()
+    steps.rope_in_place(q, cos, sin)
+    assert torch.equal(q, want) and torch.equal(fused[..., H * hd :], rest)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("post_ln", [False, True])
 def test_bloom_decode_step_on_the_kernels_matches_its_operations(dtype, post_ln):
     """A cached BLOOM prefill and decode with its LayerNorms fused with the residual adds and the

@@ -256,6 +256,7 @@ ARGTYPES = {
     ],
     "lm_add_layer_norm": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _float, _ptr, _ptr],
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
+    "lm_rope": [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr],
 }
 # Functions that return a status (0 = done) or an answer; the others return nothing.
 RETURNS_INT = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step",

@@ -473,3 +473,24 @@ void lm_kv_append(int bf, const void *k, int64_t k_sb, int64_t k_sh, const void 
             memcpy((char *)values + slot, (const char *)v + (b * v_sb + h * v_sh) * size, hd * size);
         }
 }
+
+/* --- rotary embedding of one step's queries or keys, in place --------------------------------
+ * Head h of batch row b at x + b * x_sb + h * x_sh (elements), its first d (even) channels rotated
+ * by that row's cos and sin [B, d] (model dtype): out_i = x_i cos_i + r_i sin_i with
+ * r = (-x[d/2:d], x[:d/2]), each product rounded to the model dtype, then their sum, as
+ * lmtool.layers.apply_rotary computes it; channels from d on are left as they are. */
+void lm_rope(int bf, void *x, int64_t x_sb, int64_t x_sh, int64_t B, int64_t H, int64_t d, const void *cos,
+             const void *sin) {
+    const int64_t half = d / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t at = b * x_sb + h * x_sh;
+            for (int64_t i = 0; i < half; i++) {
+                const float first = ld(x, at + i, bf), second = ld(x, at + half + i, bf);
+                const float c1 = ld(cos, b * d + i, bf), s1 = ld(sin, b * d + i, bf);
+                const float c2 = ld(cos, b * d + half + i, bf), s2 = ld(sin, b * d + half + i, bf);
+                st(x, at + i, rnd(first * c1, bf) + rnd(-second * s1, bf), bf);
+                st(x, at + half + i, rnd(second * c2, bf) + rnd(first * s2, bf), bf);
+            }
+        }
+}

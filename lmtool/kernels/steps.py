@@ -250,3 +250,16 @@ def kv_append(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torc
         int(keys.dtype == torch.bfloat16), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
         v.stride(1), keys.data_ptr(), values.data_ptr(), B, H, max_len, hd, position,
     )
+
+
+def rope_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x [B,H,1,hd] (heads of hd contiguous elements; a view of a projection's output) rotated in
+    place as lmtool.layers.apply_rotary(x, cos, sin) computes it, cos and sin [B,1,1,d] in x's
+    dtype (the first d channels rotated)."""
+    B, H, _, hd = x.shape
+    d = cos.shape[-1]
+    if x.stride(-1) != 1:
+        raise ValueError("rope_in_place: head rows must be contiguous")
+    cos, sin = cos.reshape(B, d).contiguous(), sin.reshape(B, d).contiguous()
+    library().lm_rope(int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.stride(1), B, H, d, cos.data_ptr(),
+                      sin.data_ptr())

@@ -1,12 +1,11 @@
-"""BLOOM's one-token decode step as a captured sequence of native calls.
+"""BLOOM's one-token decode step as a captured sequence of native calls (see lmtool.captured).
 
-Why: at batch 1 a small BLOOM's step is short (BLOOM-560m streams its 1.1 GB of weights in about
-30 ms) and was about a seventh overhead: per layer some forty PyTorch operations, allocations and
-module calls around the nine kernel calls that do the work. A DecodePlan prepares those nine calls
-once per KV cache (weights, norms, cache rows and activation buffers are at fixed addresses), so a
-step is the kernel calls alone, with only the position, the ALiBi row and the mask filled in.
+BLOOM-560m streams its 1.1 GB of weights in about 30 ms, and its step was about a seventh
+overhead: per layer some forty PyTorch operations, allocations and module calls around the nine
+kernel calls that do the work. A DecodePlan prepares those nine calls once per KV cache, so a step
+is the kernel calls alone, with only the position, the ALiBi row and the mask filled in.
 
-The calls are the ones the layers make (NativeLinear's lm_linear, kv_append, attend_one,
+The calls are the ones the layers make (the linear layers' kernels, kv_append, attend_one,
 add_layer_norm, gelu_tanh_mul) on the same values in the same order, so a planned step gives
 exactly what the modules give. Where any part is not on the kernels (autograd, float16, linear
 layers on another backend, slow_but_exact, a cache that is not the plain KV cache, more rows than
@@ -20,13 +19,7 @@ import torch
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step
-from ...kernels import steps as step_kernels
-
-
-def native_parts(linear) -> kernels.NativeParts | None:
-    """The kernel call of a linear layer that runs on the native kernels (inference's NativeLinear)."""
-    kernel = getattr(linear, "kernel", None)
-    return kernel if isinstance(kernel, kernels.NativeParts) else None
+from ...captured import LinearCall
 
 
 class DecodePlan:
@@ -54,8 +47,8 @@ class DecodePlan:
             attention, mlp = block.self_attention, block.mlp
             self.layers.append(dict(
                 ln1=block.input_layernorm, ln2=block.post_attention_layernorm,
-                qkv=native_parts(attention.query_key_value), dense=native_parts(attention.dense),
-                up=native_parts(mlp.dense_h_to_4h), down=native_parts(mlp.dense_4h_to_h),
+                qkv=LinearCall.of(attention.query_key_value, dtype), dense=LinearCall.of(attention.dense, dtype),
+                up=LinearCall.of(mlp.dense_h_to_4h, dtype), down=LinearCall.of(mlp.dense_4h_to_h, dtype),
                 # Addresses only: the plan must not keep a finished generation's cache alive.
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
             ))
@@ -79,13 +72,9 @@ class DecodePlan:
                 return False
             attention, mlp = block.self_attention, block.mlp
             linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-            if any(native_parts(linear) is None for linear in linears):
+            if any(LinearCall.of(linear, x.dtype) is None for linear in linears):
                 return False
         return True
-
-    def linear(self, parts: kernels.NativeParts, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.lib.lm_linear(parts.kind, x.data_ptr(), self.batch, parts.in_features, parts.parts, len(parts.weights),
-                           y.data_ptr(), parts.out_features)
 
     def norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm, out: torch.Tensor) -> None:
         """out = LayerNorm(x + delta), the sum written to self.x (see steps.add_layer_norm)."""
@@ -114,18 +103,18 @@ class DecodePlan:
         stream, pending = self.x, None
         for layer in self.layers:
             self.norm(stream, pending, layer["ln1"], self.h)  # the stream is self.x from here on
-            self.linear(layer["qkv"], self.h, self.qkv)
+            layer["qkv"](self.h, self.qkv)
             keys, values = layer["keys"], layer["values"]
             lib.lm_kv_append(bf, qkv + hd * size, 3 * D, 3 * hd, qkv + 2 * hd * size, 3 * D, 3 * hd,
                              keys, values, B, H, self.max_len, hd, position)
             lib.lm_attend_one(bf, qkv, 3 * D, 3 * hd, keys, values, H * self.max_len * hd,
                               self.max_len * hd, B, H, H, S, hd, self.scale, alibi.data_ptr(), S, mask_ptr, S,
                               self.context.data_ptr(), self.scores.data_ptr())
-            self.linear(layer["dense"], self.context, self.attn_out)
+            layer["dense"](self.context, self.attn_out)
             self.norm(self.h if self.residual_from_norm else self.x, self.attn_out, layer["ln2"], self.h)
-            self.linear(layer["up"], self.h, self.mid)
+            layer["up"](self.h, self.mid)
             lib.lm_gelu_tanh_mul(bf, self.mid.data_ptr(), 4 * D, None, 0, self.mid_act.data_ptr(), 4 * D, B, 4 * D)
-            self.linear(layer["down"], self.mid_act, self.mlp_out)
+            layer["down"](self.mid_act, self.mlp_out)
             stream, pending = (self.h if self.residual_from_norm else self.x), self.mlp_out
         out = torch.empty(B, 1, D, dtype=self.dtype)
         self.norm(stream, pending, self.ln_f, out)

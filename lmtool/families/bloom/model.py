@@ -8,7 +8,6 @@ alpha = 1/sqrt(head_dim), and the softmax runs in float32.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from torch import nn
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step, begin_step, kv_cache
+from ...captured import CapturedDecoding
 from ...kernels import steps as step_kernels
 from ...layers import causal_mask
 from .config import BloomConfig
@@ -186,7 +186,9 @@ class BloomBlock(nn.Module):
         return (h if self.residual_from_norm else x), self.mlp(h)
 
 
-class BloomModel(nn.Module):
+class BloomModel(CapturedDecoding, nn.Module):
+    Plan = DecodePlan  # the captured one-token step (decode.py)
+
     def __init__(self, config: BloomConfig):
         super().__init__()
         self.config = config
@@ -196,10 +198,6 @@ class BloomModel(nn.Module):
         self.h = nn.ModuleList(BloomBlock(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(D, eps=config.layer_norm_epsilon)
         self._slopes: dict[torch.device, torch.Tensor] = {}
-        # The captured decode step of the cache last decoded with (decode.py), or None where it
-        # cannot run there; keyed by a weak reference, so the cache is still only an argument.
-        self._plan_key: tuple | None = None
-        self._plan: DecodePlan | None = None
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -215,17 +213,6 @@ class BloomModel(nn.Module):
     def make_cache(self, batch: int, max_len: int, dtype, device) -> ModelCache:
         c = self.config
         return kv_cache(len(self.h), batch, c.n_head, max_len, c.head_dim, dtype, device)
-
-    def decode_plan(self, cache: ModelCache | None, embedded: torch.Tensor) -> DecodePlan | None:
-        """The captured one-token step over this cache (made at its first step), or None."""
-        if cache is None or torch.is_grad_enabled():
-            return None
-        held = self._plan_key
-        if held is None or held[0]() is not cache or held[1:] != (embedded.shape[0], embedded.dtype):
-            possible = DecodePlan.possible(self, cache, embedded)
-            self._plan = DecodePlan(self, cache, embedded.shape[0], embedded.dtype) if possible else None
-            self._plan_key = (weakref.ref(cache), embedded.shape[0], embedded.dtype)
-        return self._plan
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, cache: ModelCache | None = None):
         step = begin_step(input_ids, attention_mask, cache)

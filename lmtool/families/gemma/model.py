@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from ...cache import ModelCache, begin_step, kv_cache
+from ...captured import CapturedDecoding
 from ...layers import GatedMLP, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, sqrt_scale
 from .config import GemmaConfig
+from .decode import DecodePlan
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -31,7 +33,9 @@ class GemmaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class GemmaModel(nn.Module):
+class GemmaModel(CapturedDecoding, nn.Module):
+    Plan = DecodePlan  # the captured one-token step (decode.py)
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
@@ -51,6 +55,9 @@ class GemmaModel(nn.Module):
         x = x * sqrt_scale(self.config.hidden_size, x.dtype).to(x.device)
         rope = self.rotary(step.positions, x.dtype)
         mask = causal_mask(step)
+        plan = self.decode_plan(cache, x) if step.length == 1 else None
+        if plan is not None:
+            return plan.run(x, rope, mask, step)
         for i, layer in enumerate(self.layers):
             x = layer(x, step, rope, mask, cache[i] if cache is not None else None)
         return self.norm(x)

@@ -1,0 +1,137 @@
+"""Gemma's one-token decode step as a captured sequence of native calls (see lmtool.captured).
+
+Per layer: RMSNorm, the q/k/v projection (one fused call, or three for quantized layers), RoPE on
+the queries and keys in place, the KV append, one-query attention, the output projection and the
+residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual add. These are the
+calls the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on the same values in the
+same order, so a planned step gives exactly what the modules give. Where any part is not on the
+kernels (autograd, float16, an activation other than tanh GELU, a linear layer on another backend,
+a cache that is not the plain KV cache, more rows than the kernels take) there is no plan and the
+modules run. The activation buffers are the plan's own, reused every step: a model runs one
+forward at a time, as everywhere in lmtool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import kernels
+from ...cache import KVCache, ModelCache, Step
+from ...captured import LinearCall, run_parts
+from ...layers import RMSNorm, derived, gelu_tanh
+
+
+def linear_calls(layer, dtype: torch.dtype) -> dict | None:
+    """The layer's four projections as prepared calls (q/k/v and gate/up fused at load, or one
+    call per quantized part), or None where one is not on the kernels."""
+    attention, mlp = layer.self_attn, layer.mlp
+    fused_qkv, fused_gate_up = attention.fused_qkv, mlp.fused_gate_up
+    calls = dict(
+        qkv=LinearCall.of_parts(fused_qkv, [] if fused_qkv else [attention.q_proj, attention.k_proj, attention.v_proj], dtype),
+        o=LinearCall.of_parts(None, [attention.o_proj], dtype),
+        gate_up=LinearCall.of_parts(fused_gate_up, [] if fused_gate_up else [mlp.gate_proj, mlp.up_proj], dtype),
+        down=LinearCall.of_parts(None, [mlp.down_proj], dtype),
+    )
+    return None if any(call is None for call in calls.values()) else calls
+
+
+def norm_scale(norm: RMSNorm) -> torch.Tensor:
+    """The float32 factor the RMSNorm kernel multiplies by (the module's own, made once)."""
+    return derived(norm, "_kernel_scale", norm.weight, norm.kernel_scale)
+
+
+class DecodePlan:
+    """The decode step of one GemmaModel over one KV cache."""
+
+    def __init__(self, model, cache: ModelCache, batch: int, dtype: torch.dtype):
+        config = model.config
+        B, D, I = batch, config.hidden_size, config.intermediate_size
+        H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.batch, self.dtype, self.bf, self.size = B, dtype, int(dtype == torch.bfloat16), torch.finfo(dtype).bits // 8
+        self.hidden, self.heads, self.kv_heads, self.head_dim, self.inner = D, H, KV, hd, I
+        self.max_len = cache.max_len
+        self.lib = kernels.library()
+
+        def buffer(*shape, dtype=dtype):
+            return torch.empty(*shape, dtype=dtype)
+
+        # Activation buffers, reused by every layer and every step.
+        self.x, self.h = buffer(B, D), buffer(B, D)
+        self.qkv, self.context, self.attn_out = buffer(B, (H + 2 * KV) * hd), buffer(B, H * hd), buffer(B, D)
+        self.mid, self.act, self.mlp_out = buffer(B, 2 * I), buffer(B, I), buffer(B, D)
+        self.scores = buffer(B * H * cache.max_len, dtype=torch.float32)
+
+        self.layers = []
+        for layer, layer_cache in zip(model.layers, cache.layers):
+            self.layers.append(dict(
+                ln1=(norm_scale(layer.input_layernorm), layer.input_layernorm),
+                ln2=(norm_scale(layer.post_attention_layernorm), layer.post_attention_layernorm),
+                **linear_calls(layer, dtype),
+                # Addresses only: the plan must not keep a finished generation's cache alive.
+                keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
+            ))
+        self.final_norm = (norm_scale(model.norm), model.norm)
+        self.scale = model.layers[0].self_attn.scale if len(model.layers) else 1.0
+
+    @staticmethod
+    def possible(model, cache, x: torch.Tensor) -> bool:
+        """Whether every part of the step runs on the kernels for this input and cache."""
+        if not (isinstance(cache, ModelCache) and x.shape[0] <= kernels.MAX_ROWS and kernels.usable(x)):
+            return False
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        norms = [model.norm] + [n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if any(n.weight.dtype != x.dtype for n in norms):
+            return False
+        for layer, layer_cache in zip(model.layers, cache.layers):
+            if type(layer_cache) is not KVCache or layer_cache.keys.dtype != x.dtype:
+                return False
+            if layer.self_attn.window is not None or layer.mlp.act is not gelu_tanh:
+                return False
+            if linear_calls(layer, x.dtype) is None:
+                return False
+        return True
+
+    def norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, RMSNorm], out: torch.Tensor) -> None:
+        scale, module = norm
+        D = self.hidden
+        self.lib.lm_rms_norm(self.bf, x.data_ptr(), D, self.batch, D, scale.data_ptr(), int(not module.weight_before_cast),
+                             module.eps, out.data_ptr())
+
+    def run(self, embedded: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+            step: Step) -> torch.Tensor:
+        """The backbone's output [B,1,D] for one new token per row: embedded [B,1,D] (the scaled
+        token embeddings), rope and mask as the layers get them."""
+        B, D, H, KV, hd, lib, bf = self.batch, self.hidden, self.heads, self.kv_heads, self.head_dim, self.lib, self.bf
+        I, width, size = self.inner, self.qkv.shape[1], self.size
+        position, S = step.start, step.start + 1
+        if S > self.max_len:
+            raise RuntimeError(f"KV cache is full: {S} positions needed, {self.max_len} allocated")
+        cos, sin = (t.reshape(B, -1).contiguous() for t in rope)
+        rotated = cos.shape[1]
+        key_mask = mask[:, 0, 0, :S].contiguous() if mask is not None else None
+        mask_ptr = key_mask.data_ptr() if key_mask is not None else None
+        # Rows of the q/k/v output are [q heads | k heads | v heads].
+        q = self.qkv.data_ptr()
+        k, v = q + H * hd * size, q + (H + KV) * hd * size
+        mid = self.mid.data_ptr()
+        self.x.copy_(embedded.view(B, D))
+        for layer in self.layers:
+            self.norm(self.x, layer["ln1"], self.h)
+            run_parts(layer["qkv"], self.h, self.qkv)
+            lib.lm_rope(bf, q, width, hd, B, H, rotated, cos.data_ptr(), sin.data_ptr())
+            lib.lm_rope(bf, k, width, hd, B, KV, rotated, cos.data_ptr(), sin.data_ptr())
+            keys, values = layer["keys"], layer["values"]
+            lib.lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, self.max_len, hd, position)
+            lib.lm_attend_one(bf, q, width, hd, keys, values, KV * self.max_len * hd, self.max_len * hd, B, H, KV, S,
+                              hd, self.scale, None, 0, mask_ptr, S, self.context.data_ptr(), self.scores.data_ptr())
+            run_parts(layer["o"], self.context, self.attn_out)
+            torch.add(self.x, self.attn_out, out=self.x)
+            self.norm(self.x, layer["ln2"], self.h)
+            run_parts(layer["gate_up"], self.h, self.mid)
+            lib.lm_gelu_tanh_mul(bf, mid, 2 * I, mid + I * size, 2 * I, self.act.data_ptr(), I, B, I)
+            run_parts(layer["down"], self.act, self.mlp_out)
+            torch.add(self.x, self.mlp_out, out=self.x)
+        out = torch.empty(B, 1, D, dtype=self.dtype)
+        self.norm(self.x, self.final_norm, out)
+        return out
