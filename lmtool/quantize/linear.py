@@ -25,6 +25,7 @@ from torch import nn
 from .. import kernels
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
+from ..inference import prefill_linear
 from .format import QuantizedWeight, quantized_modules, read_weight
 
 # Weight elements dequantized at a time by the tiled path (bounds its temporary buffers: 8 MB in
@@ -142,8 +143,9 @@ def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     """Prefill over a weight lmtool's kernels take: each tile of rows dequantized natively (one
-    pass, into one reused buffer) and multiplied by the dense matmul. bfloat16 where the CPU
-    multiplies it natively, else float32 (PyTorch emulates bfloat16 products there), rounded once."""
+    pass, into one reused buffer) and multiplied by the dense matmul (prefill_linear, as dense
+    layers: oneDNN's in float32). bfloat16 where the CPU multiplies it natively, else float32
+    (PyTorch emulates bfloat16 products there), rounded once."""
     dtype = x.dtype
     compute = torch.float32 if dtype == torch.bfloat16 and not kernels.fast_bf16_matmul() else dtype
     x = x.to(compute).contiguous()
@@ -168,7 +170,7 @@ def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
                 scale.stride(0), zero[start].data_ptr() if zero is not None else None, weight.group_size,
                 weight.in_features, stop - start, to_bf16, dense.data_ptr(),
             )
-        out[:, start:stop] = F.linear(x, dense)
+        out[:, start:stop] = prefill_linear(x, dense, None)
     return out.to(dtype)
 
 
