@@ -435,14 +435,17 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
    weights a step: vpmaddubsw multiplies the nibbles by the int8 activations into int16 pairs (at
    most 2 x 15 x 127 each, never saturating), the even and odd halves are added, and vpmaddwd by
    ones sums them into 8 int32 lanes of 8 weights each. 11 operations per 64 weights where the
-   float32 tile needs 28. */
+   float32 tile needs 28. At one activation row 1 x 4 tiles, not rows one at a time as on AVX-512:
+   this tile is closer to its arithmetic bound, and four independent rows ran 1.13-1.2x faster. */
 #define I8_TILES 1
+#define I8_ROW_BY_ROW 0
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
         PREFETCH_WEIGHTS(w + j * ldw + b); \
         const __m256i bytes = BYTES;                                                                           \
         const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4); \
-        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group); \
+        const __m256 ws = two_groups ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group) \
+                                     : _mm256_broadcast_ss(s + j * groups + g0);                                \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m256i even = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + b));                      \
             const __m256i odd = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + half + b));                \
@@ -458,6 +461,7 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                                  \
     /* lane l's group within the step (weights 8l..8l+7): groups of 32 are two a step */                       \
     const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
+    const int two_groups = group == 32;                                                                        \
     const int64_t ldw = K / 2, groups_a_step = group == 32 ? 2 : 1, steps_a_group = group == 32 ? 1 : group / 64; \
     __m256 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
@@ -583,6 +587,9 @@ static void int4_group_to_f32(const uint8_t* bytes, float s, float z, int64_t gr
 #endif
 #ifndef F32_DEQUANT
 #define F32_DEQUANT 0
+#endif
+#ifndef I8_ROW_BY_ROW
+#define I8_ROW_BY_ROW 1 /* the int8-activation tiles at one activation row: weight rows one at a time */
 #endif
 #ifndef INT4_SUMS_CODES
 #define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
@@ -900,7 +907,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_I8_CALL(MB, NB, j, m)                                                                     \
     int4_tile_i8_##MB##_##NB(xs + (m) * q.ldxs, q.ldxs, q.half, q.lane_scale + (m) * q.ldscale, q.ldscale, K, \
                              w + (j) * (K / 2), group, s + (j) * groups, groups, out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_I8_CALL, 1, 0)
+                BLOCK(M, nb, INT4_I8_CALL, I8_ROW_BY_ROW, 0)
             }
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
