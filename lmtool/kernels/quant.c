@@ -195,10 +195,10 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
    most 2^-15 of each block's largest |x| per element, far below the bfloat16 rounding of the
    output (a bfloat16 activation with an exponent within 8 of the block's largest is exact). */
 #define I16_TILES 1
-/* One activation row: weight rows one at a time (1 x 1 tiles), each thread reading one sequential
-   stream, as lm_linear's bfloat16 rows do: Gemma-sized int8 rows 24.8 -> 34.9 GB/s, int4 19.0 ->
-   27.0 at 2 threads (Zen 4), though the 1 x 4 tiles compute faster from cache. Where a tile is
-   bound by its arithmetic (AVX2's float32 int4 tile) the 1 x 4 tiles stay. */
+/* One activation row: int8 weight rows one at a time (1 x 1 tiles), each thread reading one
+   sequential stream, as lm_linear's bfloat16 rows do: Gemma-sized int8 rows 24.8 -> 34.9 GB/s at 2
+   threads (Zen 4), though the 1 x 4 tiles compute faster from cache. The int4 integer tiles, closer
+   to their arithmetic bound and prefetching into L2, keep 1 x 4 tiles (see lm_int4_linear). */
 #define INT8_ROW_BY_ROW 1
 #define INT8_I16_TILE(MB, NB)                                                                                  \
 static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
@@ -437,10 +437,8 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
    weights a step: vpmaddubsw multiplies the nibbles by the int8 activations into int16 pairs (at
    most 2 x 15 x 127 each, never saturating), the even and odd halves are added, and vpmaddwd by
    ones sums them into 8 int32 lanes of 8 weights each. 11 operations per 64 weights where the
-   float32 tile needs 28. At one activation row 1 x 4 tiles, not rows one at a time as on AVX-512:
-   this tile is closer to its arithmetic bound, and four independent rows ran 1.13-1.2x faster. */
+   float32 tile needs 28. */
 #define I8_TILES 1
-#define I8_ROW_BY_ROW 0
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
         PREFETCH_WEIGHTS(w + j * ldw + b); \
@@ -589,9 +587,6 @@ static void int4_group_to_f32(const uint8_t* bytes, float s, float z, int64_t gr
 #endif
 #ifndef F32_DEQUANT
 #define F32_DEQUANT 0
-#endif
-#ifndef I8_ROW_BY_ROW
-#define I8_ROW_BY_ROW 1 /* the int8-activation tiles at one activation row: weight rows one at a time */
 #endif
 #ifndef INT4_SUMS_CODES
 #define INT4_SUMS_CODES 0 /* the float32 int4 tiles multiply dequantized weights */
@@ -909,7 +904,9 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
 #define INT4_I8_CALL(MB, NB, j, m)                                                                     \
     int4_tile_i8_##MB##_##NB(xs + (m) * q.ldxs, q.ldxs, q.half, q.lane_scale + (m) * q.ldscale, q.ldscale, K, \
                              w + (j) * (K / 2), group, s + (j) * groups, groups, out + (m) * TILE_ROWS + (j))
-                BLOCK(M, nb, INT4_I8_CALL, I8_ROW_BY_ROW, 0)
+                /* at one activation row 1 x 4 tiles, not the weight rows one at a time: four
+                   independent rows ran 1.06-1.11x faster on AVX-512 and 1.13-1.2x on AVX2 */
+                BLOCK(M, nb, INT4_I8_CALL, 0, 0)
             }
 #endif
             if (sums_codes) /* the tiles summed s x u, and w = (u - z) s: take away sum_g s z xsum */
