@@ -20,53 +20,31 @@ import weakref
 
 import torch
 
-from . import kernels
 
 
 class LinearCall:
     """One linear layer (x [B, in] -> y [B, out]) as a prepared native call; LinearCall.of(module)
     is None where the layer does not run on lmtool's kernels (then no plan is possible)."""
 
-    def __init__(self, call, out_features: int, keep: tuple, bias: torch.Tensor | None = None):
+    def __init__(self, call, out_features: int, bias: torch.Tensor | None = None):
         self.call, self.out_features, self.bias = call, out_features, bias
-        self.keep = keep  # tensors whose addresses the call holds
 
     @staticmethod
     def of(module, dtype: torch.dtype) -> LinearCall | None:
+        """The module's own kernel call (NativeParts.run_at, quantize.linear.native_matmul_at)
+        bound to its weights."""
         from .inference import NativeLinear
-        from .quantize.linear import QuantizedLinear, native_kernel
+        from .quantize.linear import QuantizedLinear, native_kernel, native_matmul_at
 
-        lib = kernels.library()
         if isinstance(module, NativeLinear) and module.dtype == dtype:
-            parts = module.kernel
+            return LinearCall(module.kernel.run_at, module.out_features)
+        if isinstance(module, QuantizedLinear) and module.dtype == dtype and native_kernel(module.quantized, dtype):
+            weight, bf16, K = module.quantized, int(dtype == torch.bfloat16), module.in_features
 
             def call(x: int, rows: int, y: int, ldy: int) -> None:
-                lib.lm_linear(parts.kind, x, rows, parts.in_features, parts.parts, len(parts.weights), y, ldy)
+                native_matmul_at(weight, bf16, x, K, rows, y, ldy)
 
-            return LinearCall(call, parts.out_features, (parts,))
-        if isinstance(module, QuantizedLinear) and module.dtype == dtype:
-            weight, bf16, K, N = module.quantized, int(dtype == torch.bfloat16), module.in_features, module.out_features
-            if not native_kernel(weight, dtype):
-                return None
-            if weight.bits == 8:
-                codes, scale = weight.codes, weight.row_scale(torch.float32)
-
-                def call(x: int, rows: int, y: int, ldy: int) -> None:
-                    if lib.lm_int8_linear(bf16, x, K, rows, K, codes.data_ptr(), scale.data_ptr(), N, y, ldy):
-                        raise MemoryError("the int8 kernel could not allocate its activation copy")
-
-                return LinearCall(call, N, (codes, scale), module.bias)
-            nibbles, scale, zero = weight.nibbles, weight.group_scale(), weight.zero_point
-            scale_bf16, group = int(scale.dtype == torch.bfloat16), weight.group_size
-
-            def call(x: int, rows: int, y: int, ldy: int) -> None:
-                status = lib.lm_int4_linear(bf16, x, K, rows, K, nibbles.data_ptr(), scale.data_ptr(), scale_bf16,
-                                            scale.stride(0), zero.data_ptr() if zero is not None else None, group, N,
-                                            y, ldy)
-                if status:
-                    raise MemoryError("the int4 kernel could not allocate its activation copy")
-
-            return LinearCall(call, N, (nibbles, scale, zero), module.bias)
+            return LinearCall(call, module.out_features, module.bias)
         return None
 
     @staticmethod

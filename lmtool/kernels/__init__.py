@@ -367,10 +367,12 @@ class NativeParts:
     def run(self, x: torch.Tensor, y: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
         """y [M, N] = x [M, K] . W^T (+ b), both contiguous; lib: another build of the kernels
         (benchmarks/kernel_sweep.py), else this tree's."""
-        (lib or library()).lm_linear(
-            self.kind, x.data_ptr(), x.shape[0], self.in_features, self.parts, len(self.weights), y.data_ptr(),
-            self.out_features,
-        )
+        self.run_at(x.data_ptr(), x.shape[0], y.data_ptr(), self.out_features, lib)
+
+    def run_at(self, x: int, rows: int, y: int, ldy: int, lib: ctypes.CDLL | None = None) -> None:
+        """The same on addresses: x [rows, K] contiguous, output rows ldy elements apart (a
+        captured step's column slice of a wider buffer)."""
+        (lib or library()).lm_linear(self.kind, x, rows, self.in_features, self.parts, len(self.weights), y, ldy)
 
 
 # --- the decode step's elementwise and attention kernels ------------------------------------------

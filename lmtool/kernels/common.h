@@ -186,14 +186,14 @@ static inline __attribute__((always_inline)) void tile_##NAME##_##MB##_##NB(    
     for (int i = 0; i < MB; i++) for (int j = 0; j < NB; j++) out[i * ldo + j] = REDUCE(acc[i][j]);    \
 }
 
-/* One activation row times one weight row through four accumulators (ADD joins them), the rest
- * after the last whole group of four steps by the 1 x 1 tile: what block() runs at one activation
- * row, weight rows one after another (see avx512.c's row_* for why). */
 /* A software prefetch of the weight row 8 KB ahead, into L2, where an instruction set asks for it
    (avx2.c); otherwise none. */
 #ifndef ROW_PREFETCH
 #define ROW_PREFETCH(p) ((void)0)
 #endif
+/* One activation row times one weight row through four accumulators (ADD joins them), the rest
+ * after the last whole group of four steps by the 1 x 1 tile: what block() runs at one activation
+ * row, weight rows one after another (see avx512.c's row_* for why). */
 #define PADDED_ROW(NAME, XT, WT, ACC, STEP, XLOAD, WLOAD, MAC, ZERO, REDUCE, ADD)                      \
 static inline __attribute__((always_inline)) float row_##NAME(const XT* x, const WT* w, int64_t span) { \
     ACC a0 = ZERO(), a1 = ZERO(), a2 = ZERO(), a3 = ZERO();                                            \

@@ -108,7 +108,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (; k + 16 <= K; k += 16) {                                                                             \
         __m512 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            PREFETCH_WEIGHTS(w + j * K + k);               \
+            PREFETCH_WEIGHTS(w + j * K + k);                                                                    \
             wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k)))); \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -149,7 +149,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         for (; b + 16 <= end; b += 16) { /* one path through the loop: the tail after it */                    \
             __m512 lo[NB], hi[NB];                                                                             \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                PREFETCH_WEIGHTS(w + j * ldw + b);         \
+                PREFETCH_WEIGHTS(w + j * ldw + b);                                                              \
                 const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))); \
                 lo[j] = _mm512_permutexvar_ps(lanes, table[j]);                                                \
                 hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);                          \
@@ -216,7 +216,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
             const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
             __m512i wv[NB];                                                                                    \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                PREFETCH_WEIGHTS(w + j * K + k);                      \
+                PREFETCH_WEIGHTS(w + j * K + k);                                                               \
                 wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + k));                    \
             }                                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) {                                                            \
@@ -248,7 +248,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
 #define I8_TILES 1
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
-        PREFETCH_WEIGHTS(w + j * ldw + b); \
+        PREFETCH_WEIGHTS(w + j * ldw + b);                                                                     \
         const __m512i bytes = BYTES;                                                                           \
         const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4); \
         const __m512 ws = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(_mm_loadu_ps(s + j * groups + g0))); \
@@ -340,7 +340,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (int64_t k = 0; k < K; k += 8) { /* load8's branch is taken only at the tail: kept out of line */      \
         __m256 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            PREFETCH_WEIGHTS(w + j * K + k);               \
+            PREFETCH_WEIGHTS(w + j * K + k);                                                                   \
             wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));                     \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -378,7 +378,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
         for (int64_t k = b * I16_BLOCK; k < end; k += 16) { /* load16's branch: only at the tail */            \
             __m256i wv[NB];                                                                                    \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                PREFETCH_WEIGHTS(w + j * K + k);                      \
+                PREFETCH_WEIGHTS(w + j * K + k);                                                               \
                 wv[j] = _mm256_cvtepi8_epi16(load16(w + j * K + k, end - k));                                  \
             }                                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) {                                                            \
@@ -415,7 +415,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         const int64_t end = (g + 1) * group_bytes;                                                             \
         for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                PREFETCH_WEIGHTS(w + j * ldw + b);         \
+                PREFETCH_WEIGHTS(w + j * ldw + b);                                                             \
                 const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
                 const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4));                           \
                 const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));                             \
@@ -441,7 +441,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #define I8_TILES 1
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
-        PREFETCH_WEIGHTS(w + j * ldw + b); \
+        PREFETCH_WEIGHTS(w + j * ldw + b);                                                                     \
         const __m256i bytes = BYTES;                                                                           \
         const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4); \
         const __m256 ws = two_groups ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group) \
@@ -634,17 +634,17 @@ TILE_SHAPES(INT8_I16_TILE)
     }
 
 /* The activations as the float32 tiles read them: M rows of ldxs float32 elements; for int4 (split)
-   each row's even elements, then at `half` its odd ones; zero padded to a multiple of 32 elements. xsum (with `sums`): each row's sum over each
-   group ([M, groups]), for the zero-point correction of tiles that sum the stored codes. */
+   each row's even elements, then at `half` its odd ones; zero padded to a multiple of 32 elements.
+   xsum (with `sums`): each row's sum over each group ([M, groups]), for the zero-point correction
+   of tiles that sum the stored codes. */
 typedef struct { void* rows; int64_t ldxs, half; float* xsum; } activations_t;
 
 static int widen_activations(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int split,
                              int64_t group, int with_sums, activations_t* a) {
     const int64_t used = split ? K / 2 : K, width = (used + 31) / 32 * 32, groups = K / group;
-    const size_t size = 4;
     a->half = width;
     a->ldxs = split ? 2 * width : width;
-    const size_t row_bytes = (size_t)(M * a->ldxs) * size + SCRATCH_TAIL * sizeof(float);
+    const size_t row_bytes = (size_t)(M * a->ldxs) * sizeof(float) + SCRATCH_TAIL * sizeof(float);
     const size_t sums = with_sums ? (size_t)(M * groups) : 0;
     float* buffer = scratch_floats((row_bytes + 3) / 4 + sums);
     if (!buffer) return -1;
@@ -667,13 +667,32 @@ static int widen_activations(int bf16, const void* x, int64_t ldx, int64_t M, in
     return 0;
 }
 
-/* The activations as int16 for the int16 tiles: x[m, k] ~ q[m, k] * scale[m, k / I16_BLOCK], each
-   block's scale the power of two 2^(e - 15) with 2^e just above the block's largest |x|, q rounded
-   to nearest (an exact multiple where x has no bits below the scale: every bfloat16 within 2^8 of
-   the block's largest). Rows of ldxs (K padded to 32) int16, then the scales [M, blocks]. */
+/* n <= size bfloat16 activations widened into v[size] (zeros after them), returning the largest
+   magnitude among them, found on the bits: non-negative floats order as their bit patterns, and an
+   infinity or NaN lies above every finite one (*finite says which). Loops without branches or libm
+   calls, which the compiler vectorizes. Shared by the int16 and int8 roundings below. */
+static inline float widen_block(const uint16_t* h, int64_t n, int size, float* v, int* finite) {
+    uint32_t bits[I16_BLOCK], top = 0; /* size <= I16_BLOCK */
+    for (int64_t k = 0; k < n; k++) bits[k] = (uint32_t)h[k] << 16;
+    for (int64_t k = n; k < size; k++) bits[k] = 0;
+    for (int k = 0; k < size; k++) {
+        const uint32_t magnitude = bits[k] & 0x7fffffffu;
+        top = magnitude > top ? magnitude : top;
+    }
+    memcpy(v, bits, (size_t)size * sizeof(float));
+    float largest;
+    memcpy(&largest, &top, 4);
+    *finite = top < 0x7f800000u;
+    return largest;
+}
+
+/* The bfloat16 activations as int16 for the int16 tiles: x[m, k] ~ q[m, k] * scale[m, k / I16_BLOCK],
+   each block's scale the power of two 2^(e - 15) with 2^e just above the block's largest |x|, q
+   rounded to nearest (an exact multiple where x has no bits below the scale: every bfloat16 within
+   2^8 of the block's largest). Rows of ldxs (K padded to 32) int16, then the scales [M, blocks]. */
 typedef struct { int16_t* rows; int64_t ldxs; float* scale; int64_t blocks; } int16_activations_t;
 
-static int quantize_activations(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, int16_activations_t* a) {
+static int quantize_activations(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int16_activations_t* a) {
     a->ldxs = (K + 31) / 32 * 32;
     a->blocks = (K + I16_BLOCK - 1) / I16_BLOCK;
     const size_t row_bytes = ((size_t)(M * a->ldxs) * sizeof(int16_t) + 63) / 64 * 64;
@@ -683,34 +702,21 @@ static int quantize_activations(int bf16, const void* x, int64_t ldx, int64_t M,
     a->scale = buffer + row_bytes / 4;
     memset(a->rows, 0, row_bytes);
     for (int64_t m = 0; m < M; m++) {
-        const char* row = (const char*)x + m * ldx * (bf16 ? 2 : 4);
         for (int64_t b = 0; b < a->blocks; b++) {
             const int64_t begin = b * I16_BLOCK, n = begin + I16_BLOCK < K ? I16_BLOCK : K - begin;
-            /* loops without branches or libm calls, which the compiler vectorizes */
-            float v[I16_BLOCK], largest = 0.0f;
-            if (bf16) {
-                const uint16_t* h = (const uint16_t*)row + begin;
-                for (int64_t k = 0; k < n; k++) { const uint32_t u = (uint32_t)h[k] << 16; memcpy(v + k, &u, 4); }
-            } else {
-                memcpy(v, (const float*)row + begin, (size_t)n * sizeof(float));
-            }
-            int nans = 0;
-            for (int64_t k = 0; k < n; k++) {
-                const float mag = v[k] < 0.0f ? -v[k] : v[k];
-                largest = mag > largest ? mag : largest;
-                nans |= v[k] != v[k];
-            }
-            int e = 0;
-            if (largest > 0.0f) frexpf(largest, &e); /* largest < 2^e */
+            float v[I16_BLOCK];
+            int finite, e = 0;
+            const float largest = widen_block(x + m * ldx + begin, n, I16_BLOCK, v, &finite);
+            if (finite && largest > 0.0f) frexpf(largest, &e); /* largest < 2^e */
             const float up = ldexpf(1.0f, 15 - e);
             /* an infinite or NaN activation makes its block's sums NaN, as a float product would */
-            a->scale[m * a->blocks + b] = isfinite(largest) && !nans ? ldexpf(1.0f, e - 15) : NAN;
+            a->scale[m * a->blocks + b] = finite ? ldexpf(1.0f, e - 15) : NAN;
             int16_t* q = a->rows + m * a->ldxs + begin;
             for (int64_t k = 0; k < n; k++) {
                 /* to nearest even by the 1.5 * 2^23 trick (|v up| < 2^15) */
                 float r = (v[k] * up + 12582912.0f) - 12582912.0f;
                 r = r > 32767.0f ? 32767.0f : r < -32767.0f ? -32767.0f : r;
-                q[k] = (int16_t)r;
+                q[k] = (int16_t)(finite ? r : 0.0f); /* no conversion of a NaN (the scale is NaN) */
             }
         }
     }
@@ -751,25 +757,14 @@ static int quantize_activations_i8(const uint16_t* x, int64_t ldx, int64_t M, in
         int8_t *even = a->rows + m * a->ldxs, *odd = even + half;
         for (int64_t c = 0; c < blocks; c++) {
             const int64_t begin = c * I8_BLOCK, n = begin + I8_BLOCK < K ? I8_BLOCK : K - begin;
-            /* loops without branches or libm calls, which the compiler vectorizes; the largest |x|
-               found on the bits (as integers, non-negative floats order as their bits, and an
-               infinity or NaN is above every finite one) */
-            float v[I8_BLOCK] = {0}, r[I8_BLOCK];
-            uint32_t bits[I8_BLOCK] = {0}, top = 0;
-            for (int64_t k = 0; k < n; k++) bits[k] = (uint32_t)row[begin + k] << 16;
-            memcpy(v, bits, sizeof v);
-            for (int k = 0; k < I8_BLOCK; k++) {
-                const uint32_t magnitude = bits[k] & 0x7fffffffu;
-                top = magnitude > top ? magnitude : top;
-            }
-            float largest;
-            memcpy(&largest, &top, 4);
-            const int finite = top < 0x7f800000u;
+            float v[I8_BLOCK], r[I8_BLOCK];
+            int finite;
+            const float largest = widen_block(row + begin, n, I8_BLOCK, v, &finite);
             const float d = largest / 127.0f, inverse = d > 0.0f && finite ? 1.0f / d : 0.0f;
             for (int k = 0; k < I8_BLOCK; k++) {
                 /* to nearest even by the 1.5 * 2^23 trick (|x / d| <= 127 and a bit) */
                 const float rounded = (v[k] * inverse + 12582912.0f) - 12582912.0f;
-                r[k] = rounded > 127.0f ? 127.0f : rounded < -127.0f ? -127.0f : rounded;
+                r[k] = !finite ? 0.0f : rounded > 127.0f ? 127.0f : rounded < -127.0f ? -127.0f : rounded;
             }
             int total = 0;
             for (int k = 0; k < I8_BLOCK / 2; k++) {
@@ -814,7 +809,7 @@ int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
     const int as_i16 = I16_TILES && bf16;
     activations_t a = {0};
     int16_activations_t q = {0};
-    if (as_i16 ? quantize_activations(bf16, x, ldx, M, K, &q) : widen_activations(bf16, x, ldx, M, K, 0, K, 0, &a))
+    if (as_i16 ? quantize_activations(x, ldx, M, K, &q) : widen_activations(bf16, x, ldx, M, K, 0, K, 0, &a))
         return -1;
     const int64_t ldxs = as_i16 ? q.ldxs : a.ldxs;
     #pragma omp parallel for schedule(static)
@@ -869,14 +864,17 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
             if (!sz) continue;
             const int64_t n0 = t * TILE_ROWS, nb = N - n0 < TILE_ROWS ? N - n0 : TILE_ROWS;
             float *s = sz, *z = sz + TILE_ROWS * groups, *shift = sz + 2 * TILE_ROWS * groups;
+            /* the scales and zero points of the rows whose nibbles the tiles prefetch now (without:
+               0.955-0.975x, each matrix with scales of its own, alternating) */
+            if (n0 + PREFETCH_ROWS + TILE_ROWS <= N) {
+                for (int64_t b = 0; b < TILE_ROWS * groups * (scale_bf16 ? 2 : 4); b += 64)
+                    __builtin_prefetch((const char*)scale + (n0 + PREFETCH_ROWS) * ld_scale * (scale_bf16 ? 2 : 4) + b);
+                for (int64_t b = 0; zero_point && b < TILE_ROWS * groups; b += 64)
+                    __builtin_prefetch(zero_point + (n0 + PREFETCH_ROWS) * groups + b);
+            }
             /* one pass per row, which the compiler vectorizes (and unswitches): as many operations a
                group as the integer tiles spend on it; separate passes over s and z paid a store
                forwarding stall per vector reload */
-            /* the scales and zero points of the rows whose nibbles the tiles prefetch now */
-            for (int64_t b = 0; b < TILE_ROWS * groups * (scale_bf16 ? 2 : 4); b += 64)
-                __builtin_prefetch((const char*)scale + (n0 + PREFETCH_ROWS) * ld_scale * (scale_bf16 ? 2 : 4) + b);
-            for (int64_t b = 0; zero_point && b < TILE_ROWS * groups; b += 64)
-                __builtin_prefetch(zero_point + (n0 + PREFETCH_ROWS) * groups + b);
             for (int64_t j = 0; j < nb; j++) {
                 const int64_t row = n0 + j;
                 for (int64_t g = 0; g < groups; g++) {

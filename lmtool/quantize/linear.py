@@ -68,24 +68,27 @@ def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     stored codes in place; float32 accumulation, the output rounded once to x's dtype."""
     rows, row_stride = kernels.rows_of(x)
     out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
-    bf16 = int(x.dtype == torch.bfloat16)
+    native_matmul_at(weight, int(x.dtype == torch.bfloat16), rows.data_ptr(), row_stride, rows.shape[0],
+                     out.data_ptr(), weight.out_features)
+    return out
+
+
+def native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int) -> None:
+    """native_matmul on addresses: x rows ldx elements apart (bfloat16 where bf16, else float32),
+    output rows ldy apart (also what a captured decode step calls, lmtool.captured)."""
+    K, N = weight.in_features, weight.out_features
+    lib = kernels.library()
     if weight.bits == 8:
-        scale = weight.row_scale(torch.float32)
-        status = kernels.library().lm_int8_linear(
-            bf16, rows.data_ptr(), row_stride, rows.shape[0], weight.in_features, weight.codes.data_ptr(),
-            scale.data_ptr(), weight.out_features, out.data_ptr(), weight.out_features,
-        )
+        status = lib.lm_int8_linear(bf16, x, ldx, rows, K, weight.codes.data_ptr(),
+                                    weight.row_scale(torch.float32).data_ptr(), N, y, ldy)
     else:
         scale, zero = weight.group_scale(), weight.zero_point
-        status = kernels.library().lm_int4_linear(
-            bf16, rows.data_ptr(), row_stride, rows.shape[0], weight.in_features, weight.nibbles.data_ptr(),
-            scale.data_ptr(), int(scale.dtype == torch.bfloat16), scale.stride(0),
-            zero.data_ptr() if zero is not None else None, weight.group_size, weight.out_features,
-            out.data_ptr(), weight.out_features,
+        status = lib.lm_int4_linear(
+            bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
+            scale.stride(0), zero.data_ptr() if zero is not None else None, weight.group_size, N, y, ldy,
         )
     if status:
         raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
-    return out
 
 
 def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
