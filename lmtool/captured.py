@@ -16,35 +16,39 @@ with.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 
+from . import kernels
+from .layers import RMSNorm, derived
 
 
 class LinearCall:
     """One linear layer (x [B, in] -> y [B, out]) as a prepared native call; LinearCall.of(module)
     is None where the layer does not run on lmtool's kernels (then no plan is possible)."""
 
-    def __init__(self, call, out_features: int, bias: torch.Tensor | None = None):
-        self.call, self.out_features, self.bias = call, out_features, bias
+    def __init__(self, bind, out_features: int, bias: torch.Tensor | None = None):
+        # bind(x, rows, y, ldy) -> the kernel call on those addresses, arguments bound
+        self.bind, self.out_features, self.bias = bind, out_features, bias
 
     @staticmethod
     def of(module, dtype: torch.dtype) -> LinearCall | None:
-        """The module's own kernel call (NativeParts.run_at, quantize.linear.native_matmul_at)
+        """The module's own kernel call (NativeParts.bind_at, quantize.linear.bind_native_matmul_at)
         bound to its weights."""
         from .inference import NativeLinear
-        from .quantize.linear import QuantizedLinear, native_kernel, native_matmul_at
+        from .quantize.linear import QuantizedLinear, bind_native_matmul_at, native_kernel
 
         if isinstance(module, NativeLinear) and module.dtype == dtype:
-            return LinearCall(module.kernel.run_at, module.out_features)
+            return LinearCall(module.kernel.bind_at, module.out_features)
         if isinstance(module, QuantizedLinear) and module.dtype == dtype and native_kernel(module.quantized, dtype):
             weight, bf16, K = module.quantized, int(dtype == torch.bfloat16), module.in_features
 
-            def call(x: int, rows: int, y: int, ldy: int) -> None:
-                native_matmul_at(weight, bf16, x, K, rows, y, ldy)
+            def bind(x: int, rows: int, y: int, ldy: int):
+                return bind_native_matmul_at(weight, bf16, x, K, rows, y, ldy)
 
-            return LinearCall(call, module.out_features, module.bias)
+            return LinearCall(bind, module.out_features, module.bias)
         return None
 
     @staticmethod
@@ -63,16 +67,53 @@ class LinearCall:
             column += call.out_features
         return calls
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, column: int = 0) -> None:
-        """y[:, column : column + out] = x . W^T (+ b), x [B, in] and y [B, width] contiguous."""
-        self.call(x.data_ptr(), x.shape[0], y.data_ptr() + column * y.element_size(), y.shape[1])
-        if self.bias is not None:  # as QuantizedLinear adds it: after the product, rounded once
-            y[:, column : column + self.out_features].add_(self.bias)
+    def bound(self, x: torch.Tensor, y: torch.Tensor, column: int = 0):
+        """The call y[:, column : column + out] = x . W^T (+ b) with every argument bound, for
+        buffers that stay where they are (a plan's): x [B, in] contiguous, y [B, width] with
+        contiguous rows (a column slice of a wider buffer too)."""
+        call = self.bind(x.data_ptr(), x.shape[0], y.data_ptr() + column * y.element_size(), y.stride(0))
+        if self.bias is None:
+            return call
+        out, bias = y[:, column : column + self.out_features], self.bias
+
+        def with_bias() -> None:  # as QuantizedLinear adds it: after the product, rounded once
+            call()
+            out.add_(bias)
+
+        return with_bias
 
 
-def run_parts(calls: list[tuple[LinearCall, int]], x: torch.Tensor, y: torch.Tensor) -> None:
-    for call, column in calls:
-        call(x, y, column)
+def bound_parts(calls: list[tuple[LinearCall, int]], x: torch.Tensor, y: torch.Tensor):
+    """The calls of LinearCall.of_parts bound to x and y, as one call."""
+    bound = [call.bound(x, y, column) for call, column in calls]
+    if len(bound) == 1:
+        return bound[0]
+
+    def run() -> None:
+        for call in bound:
+            call()
+
+    return run
+
+
+class RMSNormCall:
+    """An RMSNorm module as its kernel call (what RMSNorm.forward runs on the kernels): the float32
+    factor it multiplies by, made once, and its rounding convention."""
+
+    def __init__(self, norm: RMSNorm):
+        self.scale = derived(norm, "_kernel_scale", norm.weight, norm.kernel_scale)
+        self.scale_after_cast = int(not norm.weight_before_cast)
+        self.eps, self.width = norm.eps, norm.weight.shape[0]
+
+    def bound(self, x: torch.Tensor, out: torch.Tensor):
+        """out = norm(x) with every argument bound, x and out [B, width] (rows of x may be strided)
+        staying where they are."""
+        call = functools.partial(
+            kernels.library().lm_rms_norm, int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0],
+            self.width, self.scale.data_ptr(), self.scale_after_cast, self.eps, out.data_ptr(),
+        )
+        call.keeps = (self.scale, x, out)  # the addresses it was given stay valid while it lives
+        return call
 
 
 class CapturedDecoding:

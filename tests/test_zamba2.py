@@ -15,12 +15,15 @@ from transformers import Zamba2ForCausalLM, Zamba2ForSequenceClassification
 from transformers.models.zamba2.modeling_zamba2 import Zamba2PreTrainedModel
 
 import lmtool
+from lmtool import kernels
 from lmtool.errors import ConfigError
 from lmtool.families.zamba2.config import Zamba2Config
 from lmtool.generation import SamplingParams, generate
 from lmtool.recurrent import ssd_chunk_scan, ssd_step
 
-from helpers import TEXT, generic_head_classes, name_architecture, padded_batch, randomize, run_cli
+from helpers import (
+    TEXT, assert_captured_step_matches_layers, generic_head_classes, name_architecture, padded_batch, randomize, run_cli,
+)
 
 FP32_TOL = 1e-4
 VOCAB = 120
@@ -172,6 +175,52 @@ def test_greedy_generation_equals_transformers_batched_and_alone(pair):
         assert alone[0].token_ids == want
         if "bias" not in name:  # transformers' pads feed in_proj's bias to the conv
             assert want == expected[row].tolist()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no native kernels here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,weights", [(name, "dense") for name in SHAPES] + [("2blocks-adapters-rope", "int8"),
+                                                                                  ("1block-adapters-bias", "int4")])
+def test_captured_decode_step_gives_exactly_what_the_layers_give(tmp_path, monkeypatch, dtype, shape, weights):
+    """The DecodePlan (decode.py) makes the layers' kernel calls on the same values: the same
+    logits to the bit on a left-padded batch (mask, rows at different positions), over every shape
+    (two shared blocks, adapters, RoPE, MQA, biases), for dense weights and int8 / int4 ones (sizes
+    that groups of 32 divide)."""
+    from lmtool.families.zamba2.model import Zamba2Model
+
+    torch.manual_seed(6)
+    sizes = {} if weights == "dense" else dict(hidden_size=32, intermediate_size=64, n_mamba_heads=8)
+    hf = randomized(Zamba2ForCausalLM(tiny_config(**{**SHAPES[shape], **sizes})))
+    hf.save_pretrained(tmp_path / "dense")
+    ids, mask = padded_batch(VOCAB, lengths=(10, 7))
+    assert_captured_step_matches_layers(tmp_path / "dense", dtype, weights, ids, mask, Zamba2Model, monkeypatch)
+
+
+def test_decode_runs_the_layers_until_the_mamba_states_exist(tmp_path, monkeypatch):
+    """A first one-token call (no prompt before it) has no Mamba2 state to continue: the plan
+    declines and the layers run (and make the states); the next step is planned. Both equal the
+    layers alone."""
+    from lmtool.families.zamba2.decode import DecodePlan
+    from lmtool.families.zamba2.model import Zamba2Model
+
+    torch.manual_seed(7)
+    randomized(Zamba2ForCausalLM(tiny_config())).save_pretrained(tmp_path)
+    lm = lmtool.load(tmp_path, dtype="float32")
+    ids = torch.randint(3, VOCAB, (2, 3))
+    answers = []
+    run = DecodePlan.run
+    monkeypatch.setattr(DecodePlan, "run", lambda self, *args: answers.append(run(self, *args)) or answers[-1])
+
+    def decode() -> torch.Tensor:
+        with torch.inference_mode():
+            cache = lm.model.make_cache(2, 8)
+            return torch.cat([lm.model(ids[:, t : t + 1], cache=cache) for t in range(3)], dim=1)
+
+    planned = decode()
+    if kernels.available():
+        assert [a is None for a in answers] == [True, False, False]
+    monkeypatch.setattr(Zamba2Model, "decode_plan", lambda self, cache, x: None)
+    assert torch.equal(planned, decode())
 
 
 def test_dt_clamp_applies_in_prefill_only_as_in_transformers(tmp_path):

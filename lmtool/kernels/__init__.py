@@ -31,6 +31,7 @@ ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -372,7 +373,12 @@ class NativeParts:
     def run_at(self, x: int, rows: int, y: int, ldy: int, lib: ctypes.CDLL | None = None) -> None:
         """The same on addresses: x [rows, K] contiguous, output rows ldy elements apart (a
         captured step's column slice of a wider buffer)."""
-        (lib or library()).lm_linear(self.kind, x, rows, self.in_features, self.parts, len(self.weights), y, ldy)
+        self.bind_at(x, rows, y, ldy, lib)()
+
+    def bind_at(self, x: int, rows: int, y: int, ldy: int, lib: ctypes.CDLL | None = None):
+        """run_at's kernel call with its arguments bound: a captured step calls it every token."""
+        return functools.partial((lib or library()).lm_linear, self.kind, x, rows, self.in_features, self.parts,
+                                 len(self.weights), y, ldy)
 
 
 # --- the decode step's elementwise and attention kernels ------------------------------------------

@@ -17,6 +17,7 @@ repacked into the layout of torch's int4 kernel (only where lmtool's kernel cann
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -75,20 +76,31 @@ def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
 
 def native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int) -> None:
     """native_matmul on addresses: x rows ldx elements apart (bfloat16 where bf16, else float32),
-    output rows ldy apart (also what a captured decode step calls, lmtool.captured)."""
+    output rows ldy apart."""
+    bind_native_matmul_at(weight, bf16, x, ldx, rows, y, ldy)()
+
+
+def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int):
+    """native_matmul_at's kernel call with its arguments bound (what a captured decode step calls
+    every token, lmtool.captured)."""
     K, N = weight.in_features, weight.out_features
     lib = kernels.library()
     if weight.bits == 8:
-        status = lib.lm_int8_linear(bf16, x, ldx, rows, K, weight.codes.data_ptr(),
-                                    weight.row_scale(torch.float32).data_ptr(), N, y, ldy)
+        call = functools.partial(lib.lm_int8_linear, bf16, x, ldx, rows, K, weight.codes.data_ptr(),
+                                 weight.row_scale(torch.float32).data_ptr(), N, y, ldy)
     else:
         scale, zero = weight.group_scale(), weight.zero_point
-        status = lib.lm_int4_linear(
-            bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
-            scale.stride(0), zero.data_ptr() if zero is not None else None, weight.group_size, N, y, ldy,
+        call = functools.partial(
+            lib.lm_int4_linear, bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(),
+            int(scale.dtype == torch.bfloat16), scale.stride(0), zero.data_ptr() if zero is not None else None,
+            weight.group_size, N, y, ldy,
         )
-    if status:
-        raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
+
+    def run() -> None:
+        if call():
+            raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
+
+    return run
 
 
 def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:

@@ -47,8 +47,11 @@ class DecodePlan:
             attention, mlp = block.self_attention, block.mlp
             self.layers.append(dict(
                 ln1=block.input_layernorm, ln2=block.post_attention_layernorm,
-                qkv=LinearCall.of(attention.query_key_value, dtype), dense=LinearCall.of(attention.dense, dtype),
-                up=LinearCall.of(mlp.dense_h_to_4h, dtype), down=LinearCall.of(mlp.dense_4h_to_h, dtype),
+                # Each projection bound to the buffers it reads and writes, once.
+                qkv=LinearCall.of(attention.query_key_value, dtype).bound(self.h, self.qkv),
+                dense=LinearCall.of(attention.dense, dtype).bound(self.context, self.attn_out),
+                up=LinearCall.of(mlp.dense_h_to_4h, dtype).bound(self.h, self.mid),
+                down=LinearCall.of(mlp.dense_4h_to_h, dtype).bound(self.mid_act, self.mlp_out),
                 # Addresses only: the plan must not keep a finished generation's cache alive.
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
             ))
@@ -103,18 +106,18 @@ class DecodePlan:
         stream, pending = self.x, None
         for layer in self.layers:
             self.norm(stream, pending, layer["ln1"], self.h)  # the stream is self.x from here on
-            layer["qkv"](self.h, self.qkv)
+            layer["qkv"]()
             keys, values = layer["keys"], layer["values"]
             lib.lm_kv_append(bf, qkv + hd * size, 3 * D, 3 * hd, qkv + 2 * hd * size, 3 * D, 3 * hd,
                              keys, values, B, H, self.max_len, hd, position)
             lib.lm_attend_one(bf, qkv, 3 * D, 3 * hd, keys, values, H * self.max_len * hd,
                               self.max_len * hd, B, H, H, S, hd, self.scale, alibi.data_ptr(), S, mask_ptr, S,
                               self.context.data_ptr(), self.scores.data_ptr())
-            layer["dense"](self.context, self.attn_out)
+            layer["dense"]()
             self.norm(self.h if self.residual_from_norm else self.x, self.attn_out, layer["ln2"], self.h)
-            layer["up"](self.h, self.mid)
+            layer["up"]()
             lib.lm_gelu_tanh_mul(bf, self.mid.data_ptr(), 4 * D, None, 0, self.mid_act.data_ptr(), 4 * D, B, 4 * D)
-            layer["down"](self.mid_act, self.mlp_out)
+            layer["down"]()
             stream, pending = (self.h if self.residual_from_norm else self.x), self.mlp_out
         out = torch.empty(B, 1, D, dtype=self.dtype)
         self.norm(stream, pending, self.ln_f, out)

@@ -17,8 +17,8 @@ import torch
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step
-from ...captured import LinearCall, run_parts
-from ...layers import RMSNorm, derived, gelu_tanh
+from ...captured import LinearCall, RMSNormCall, bound_parts
+from ...layers import gelu_tanh
 
 
 def linear_calls(layer, dtype: torch.dtype) -> dict | None:
@@ -33,11 +33,6 @@ def linear_calls(layer, dtype: torch.dtype) -> dict | None:
         down=LinearCall.of_parts(None, [mlp.down_proj], dtype),
     )
     return None if any(call is None for call in calls.values()) else calls
-
-
-def norm_scale(norm: RMSNorm) -> torch.Tensor:
-    """The float32 factor the RMSNorm kernel multiplies by (the module's own, made once)."""
-    return derived(norm, "_kernel_scale", norm.weight, norm.kernel_scale)
 
 
 class DecodePlan:
@@ -61,16 +56,19 @@ class DecodePlan:
         self.mid, self.act, self.mlp_out = buffer(B, 2 * I), buffer(B, I), buffer(B, D)
         self.scores = buffer(B * H * cache.max_len, dtype=torch.float32)
 
+        # Every call bound to the buffers it reads and writes, once.
         self.layers = []
         for layer, layer_cache in zip(model.layers, cache.layers):
+            calls = linear_calls(layer, dtype)
             self.layers.append(dict(
-                ln1=(norm_scale(layer.input_layernorm), layer.input_layernorm),
-                ln2=(norm_scale(layer.post_attention_layernorm), layer.post_attention_layernorm),
-                **linear_calls(layer, dtype),
+                ln1=RMSNormCall(layer.input_layernorm).bound(self.x, self.h),
+                qkv=bound_parts(calls["qkv"], self.h, self.qkv), o=bound_parts(calls["o"], self.context, self.attn_out),
+                ln2=RMSNormCall(layer.post_attention_layernorm).bound(self.x, self.h),
+                gate_up=bound_parts(calls["gate_up"], self.h, self.mid), down=bound_parts(calls["down"], self.act, self.mlp_out),
                 # Addresses only: the plan must not keep a finished generation's cache alive.
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
             ))
-        self.final_norm = (norm_scale(model.norm), model.norm)
+        self.final_norm = RMSNormCall(model.norm)
         self.scale = model.layers[0].self_attn.scale if len(model.layers) else 1.0
 
     @staticmethod
@@ -92,12 +90,6 @@ class DecodePlan:
                 return False
         return True
 
-    def norm(self, x: torch.Tensor, norm: tuple[torch.Tensor, RMSNorm], out: torch.Tensor) -> None:
-        scale, module = norm
-        D = self.hidden
-        self.lib.lm_rms_norm(self.bf, x.data_ptr(), D, self.batch, D, scale.data_ptr(), int(not module.weight_before_cast),
-                             module.eps, out.data_ptr())
-
     def run(self, embedded: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
             step: Step) -> torch.Tensor:
         """The backbone's output [B,1,D] for one new token per row: embedded [B,1,D] (the scaled
@@ -117,21 +109,21 @@ class DecodePlan:
         mid = self.mid.data_ptr()
         self.x.copy_(embedded.view(B, D))
         for layer in self.layers:
-            self.norm(self.x, layer["ln1"], self.h)
-            run_parts(layer["qkv"], self.h, self.qkv)
+            layer["ln1"]()
+            layer["qkv"]()
             lib.lm_rope(bf, q, width, hd, B, H, rotated, cos.data_ptr(), sin.data_ptr())
             lib.lm_rope(bf, k, width, hd, B, KV, rotated, cos.data_ptr(), sin.data_ptr())
             keys, values = layer["keys"], layer["values"]
             lib.lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, self.max_len, hd, position)
             lib.lm_attend_one(bf, q, width, hd, keys, values, KV * self.max_len * hd, self.max_len * hd, B, H, KV, S,
                               hd, self.scale, None, 0, mask_ptr, S, self.context.data_ptr(), self.scores.data_ptr())
-            run_parts(layer["o"], self.context, self.attn_out)
+            layer["o"]()
             torch.add(self.x, self.attn_out, out=self.x)
-            self.norm(self.x, layer["ln2"], self.h)
-            run_parts(layer["gate_up"], self.h, self.mid)
+            layer["ln2"]()
+            layer["gate_up"]()
             lib.lm_gelu_tanh_mul(bf, mid, 2 * I, mid + I * size, 2 * I, self.act.data_ptr(), I, B, I)
-            run_parts(layer["down"], self.act, self.mlp_out)
+            layer["down"]()
             torch.add(self.x, self.mlp_out, out=self.x)
         out = torch.empty(B, 1, D, dtype=self.dtype)
-        self.norm(self.x, self.final_norm, out)
+        self.final_norm.bound(self.x, out.view(B, D))()
         return out

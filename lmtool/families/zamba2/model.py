@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...cache import KVCache, ModelCache, RecurrentState, begin_step
+from ...captured import CapturedDecoding
 from ...kernels import steps as step_kernels
 from ...layers import ACTIVATIONS, RMSNorm, RotaryEmbedding, SelfAttention, causal_mask, derived
 from ...recurrent import CausalConv1d, pad_multiplier, ssd_scan, ssd_step
 from .config import Zamba2Config
+from .decode import DecodePlan
 
 
 SCAN_CHUNK = 64
@@ -273,7 +275,9 @@ class HybridCache:
     state: RecurrentState = field(default_factory=RecurrentState)
 
 
-class Zamba2Model(nn.Module):
+class Zamba2Model(CapturedDecoding, nn.Module):
+    Plan = DecodePlan  # the captured one-token step (decode.py)
+
     def __init__(self, config: Zamba2Config):
         super().__init__()
         self.config = config
@@ -314,6 +318,11 @@ class Zamba2Model(nn.Module):
         # The pads of this call (also a one-token prompt chunk that is a pad; decode steps are
         # never pads, as transformers assumes for every single-token call).
         pads = pad_multiplier(step, x.dtype)
+        plan = self.decode_plan(cache, x) if step.length == 1 and pads is None else None
+        if plan is not None:
+            out = plan.run(x, rope, mask, step, cache)
+            if out is not None:
+                return out
         for i, layer in enumerate(self.layers):
             entry = cache[i] if cache is not None else None
             if isinstance(layer, HybridLayer):
