@@ -57,40 +57,48 @@ static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
  * every loop runs along channels); bias (model dtype) may be NULL. */
 #define CONV_TILE 256
 
-static inline __attribute__((always_inline)) void conv_step_body(
-    int bf, const void *x, int64_t x_stride, void *state, const float *w, const void *bias, int64_t B,
+static inline __attribute__((always_inline)) void conv_step_row(
+    int bf, const void *x, int64_t x_stride, void *state, const float *w, const void *bias, int64_t b,
     int64_t K, int64_t C, int silu, void *y, int64_t y_stride) {
     int64_t size = bf ? 2 : 4;
-    for (int64_t b = 0; b < B; b++) {
-        char *s = (char *)state + b * (K - 1) * C * size;
-        for (int64_t c0 = 0; c0 < C; c0 += CONV_TILE) {
-            int64_t width = C - c0 < CONV_TILE ? C - c0 : CONV_TILE;
-            float acc[CONV_TILE], xv[CONV_TILE];
-            for (int64_t c = 0; c < width; c++) {
-                xv[c] = ld(x, b * x_stride + c0 + c, bf);
-                acc[c] = 0.0f;
-            }
-            for (int64_t k = 0; k < K - 1; k++)
-                for (int64_t c = 0; c < width; c++) acc[c] += rnd(ld(s, k * C + c0 + c, bf) * w[k * C + c0 + c], bf);
-            for (int64_t c = 0; c < width; c++) {
-                float v = rnd(acc[c] + rnd(xv[c] * w[(K - 1) * C + c0 + c], bf), bf);
-                if (bias) v = rnd(v + ld(bias, c0 + c, bf), bf);
-                if (silu) v = rnd(v * sigmoid(v), bf);
-                st(y, b * y_stride + c0 + c, v, bf);
-            }
+    char *s = (char *)state + b * (K - 1) * C * size;
+    for (int64_t c0 = 0; c0 < C; c0 += CONV_TILE) {
+        int64_t width = C - c0 < CONV_TILE ? C - c0 : CONV_TILE;
+        float acc[CONV_TILE], xv[CONV_TILE];
+        for (int64_t c = 0; c < width; c++) {
+            xv[c] = ld(x, b * x_stride + c0 + c, bf);
+            acc[c] = 0.0f;
         }
-        /* the window moves on by one input */
-        if (K > 1) {
-            memmove(s, s + C * size, (K - 2) * C * size);
-            for (int64_t c = 0; c < C; c++) st(s, (K - 2) * C + c, ld(x, b * x_stride + c, bf), bf);
+        for (int64_t k = 0; k < K - 1; k++)
+            for (int64_t c = 0; c < width; c++) acc[c] += rnd(ld(s, k * C + c0 + c, bf) * w[k * C + c0 + c], bf);
+        for (int64_t c = 0; c < width; c++) {
+            float v = rnd(acc[c] + rnd(xv[c] * w[(K - 1) * C + c0 + c], bf), bf);
+            if (bias) v = rnd(v + ld(bias, c0 + c, bf), bf);
+            if (silu) v = rnd(v * sigmoid(v), bf);
+            st(y, b * y_stride + c0 + c, v, bf);
         }
+    }
+    /* the window moves on by one input */
+    if (K > 1) {
+        memmove(s, s + C * size, (K - 2) * C * size);
+        for (int64_t c = 0; c < C; c++) st(s, (K - 2) * C + c, ld(x, b * x_stride + c, bf), bf);
     }
 }
 
+/* Rows of the row-wise steps (conv, norms) share their rows among the threads from this many
+ * elements: 8 rows of Zamba2-1.2B's conv (8 x 4224 channels) or gated norm (8 x 4096) took 0.1-0.2 ms
+ * per layer on one thread while the other waited. Each loop calls a row function specialized for
+ * the dtype (a constant bf inlined): inside an OpenMP region's outlined body a variable bf would
+ * keep the compiler from vectorizing it. */
+#define ROWS_IN_PARALLEL 16384
+
 void lm_conv_step(int bf, const void *x, int64_t x_stride, void *state, const float *w, const void *bias,
                   int64_t B, int64_t K, int64_t C, int silu, void *y, int64_t y_stride) {
-    if (bf) conv_step_body(1, x, x_stride, state, w, bias, B, K, C, silu, y, y_stride);
-    else conv_step_body(0, x, x_stride, state, w, bias, B, K, C, silu, y, y_stride);
+#pragma omp parallel for schedule(static) if (B > 1 && B * C >= ROWS_IN_PARALLEL)
+    for (int64_t b = 0; b < B; b++) {
+        if (bf) conv_step_row(1, x, x_stride, state, w, bias, b, K, C, silu, y, y_stride);
+        else conv_step_row(0, x, x_stride, state, w, bias, b, K, C, silu, y, y_stride);
+    }
 }
 
 /* --- RG-LRU, one step ------------------------------------------------------------------------
@@ -304,23 +312,23 @@ static inline float sum_squares(const void *x, int64_t off, int64_t n, int bf) {
     return total;
 }
 
-static inline __attribute__((always_inline)) void rms_norm_body(
-    int bf, const void *x, int64_t x_stride, int64_t rows, int64_t n, const float *scale, int after_cast, float eps,
+static inline __attribute__((always_inline)) void rms_norm_row(
+    int bf, const void *x, int64_t x_stride, int64_t r, int64_t n, const float *scale, int after_cast, float eps,
     void *out) {
-#pragma omp parallel for schedule(static) if (rows * n >= 262144)
-    for (int64_t r = 0; r < rows; r++) {
-        float inv = 1.0f / sqrtf(sum_squares(x, r * x_stride, n, bf) / (float)n + eps);
-        for (int64_t i = 0; i < n; i++) {
-            float h = ld(x, r * x_stride + i, bf) * inv;
-            st(out, r * n + i, after_cast ? scale[i] * rnd(h, bf) : h * scale[i], bf);
-        }
+    float inv = 1.0f / sqrtf(sum_squares(x, r * x_stride, n, bf) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) {
+        float h = ld(x, r * x_stride + i, bf) * inv;
+        st(out, r * n + i, after_cast ? scale[i] * rnd(h, bf) : h * scale[i], bf);
     }
 }
 
 void lm_rms_norm(int bf, const void *x, int64_t x_stride, int64_t rows, int64_t n, const float *scale, int after_cast,
                  float eps, void *out) {
-    if (bf) rms_norm_body(1, x, x_stride, rows, n, scale, after_cast, eps, out);
-    else rms_norm_body(0, x, x_stride, rows, n, scale, after_cast, eps, out);
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= ROWS_IN_PARALLEL)
+    for (int64_t r = 0; r < rows; r++) {
+        if (bf) rms_norm_row(1, x, x_stride, r, n, scale, after_cast, eps, out);
+        else rms_norm_row(0, x, x_stride, r, n, scale, after_cast, eps, out);
+    }
 }
 
 /* Mamba2's gated norm: h = y silu(z) in float32, normalized over each of `groups` equal parts of
@@ -328,33 +336,38 @@ void lm_rms_norm(int bf, const void *x, int64_t x_stride, int64_t rows, int64_t 
  * (the decode step): the normalized h is rounded to it before the product, which is rounded too.
  * y_f32 != 0, y float32 (after a prefill scan): nothing is rounded until the product, rounded to the
  * model dtype (the caller's cast). y and z rows have strides; out [rows, n] contiguous. */
-static inline __attribute__((always_inline)) void gated_rms_norm_body(
-    int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride, int64_t rows, int64_t n,
+static inline __attribute__((always_inline)) void gated_rms_norm_row(
+    int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride, int64_t r, int64_t n,
     int64_t groups, const void *weight, float eps, void *out) {
     int64_t width = n / groups;
-#pragma omp parallel for schedule(static) if (rows * n >= 262144)
+    float h[n];
+    for (int64_t i = 0; i < n; i++) {
+        float g = ld(z, r * z_stride + i, bf);
+        h[i] = ld(y, r * y_stride + i, y_f32 ? 0 : bf) * (g * sigmoid(g));
+    }
+    for (int64_t k = 0; k < groups; k++) {
+        float *part = h + k * width;
+        float inv = 1.0f / sqrtf(sum_squares(part, 0, width, 0) / (float)width + eps);
+        for (int64_t i = 0; i < width; i++) {
+            float normed = part[i] * inv;
+            st(out, r * n + k * width + i, ld(weight, k * width + i, bf) * (y_f32 ? normed : rnd(normed, bf)), bf);
+        }
+    }
+}
+
+static void gated_rms_norm_rows(int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride,
+                                int64_t rows, int64_t n, int64_t groups, const void *weight, float eps, void *out) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= ROWS_IN_PARALLEL)
     for (int64_t r = 0; r < rows; r++) {
-        float h[n];
-        for (int64_t i = 0; i < n; i++) {
-            float g = ld(z, r * z_stride + i, bf);
-            h[i] = ld(y, r * y_stride + i, y_f32 ? 0 : bf) * (g * sigmoid(g));
-        }
-        for (int64_t k = 0; k < groups; k++) {
-            float *part = h + k * width;
-            float inv = 1.0f / sqrtf(sum_squares(part, 0, width, 0) / (float)width + eps);
-            for (int64_t i = 0; i < width; i++) {
-                float normed = part[i] * inv;
-                st(out, r * n + k * width + i, ld(weight, k * width + i, bf) * (y_f32 ? normed : rnd(normed, bf)), bf);
-            }
-        }
+        if (bf) gated_rms_norm_row(1, y, y_stride, y_f32, z, z_stride, r, n, groups, weight, eps, out);
+        else gated_rms_norm_row(0, y, y_stride, y_f32, z, z_stride, r, n, groups, weight, eps, out);
     }
 }
 
 int lm_gated_rms_norm(int bf, const void *y, int64_t y_stride, int y_f32, const void *z, int64_t z_stride, int64_t rows,
                       int64_t n, int64_t groups, const void *weight, float eps, void *out) {
     if (groups <= 0 || n % groups) return -1;
-    if (bf) gated_rms_norm_body(1, y, y_stride, y_f32, z, z_stride, rows, n, groups, weight, eps, out);
-    else gated_rms_norm_body(0, y, y_stride, y_f32, z, z_stride, rows, n, groups, weight, eps, out);
+    gated_rms_norm_rows(bf, y, y_stride, y_f32, z, z_stride, rows, n, groups, weight, eps, out);
     return 0;
 }
 
@@ -372,11 +385,20 @@ static inline float tanh_f32(float y) {
     return y < 0.0f ? -t : t;
 }
 
-void lm_soft_cap(int bf, void *x, int64_t n, float cap) {
-#pragma omp parallel for schedule(static) if (n >= 65536)
-    for (int64_t i = 0; i < n; i++) {
+static inline __attribute__((always_inline)) void soft_cap_span(int bf, void *x, int64_t begin, int64_t end, float cap) {
+    for (int64_t i = begin; i < end; i++) {
         float y = rnd(ld(x, i, bf) / cap, bf);
         st(x, i, rnd(tanh_f32(y), bf) * cap, bf);
+    }
+}
+
+void lm_soft_cap(int bf, void *x, int64_t n, float cap) {
+    const int64_t span = 4096; /* spans specialized for the dtype, as the row-wise steps above */
+#pragma omp parallel for schedule(static) if (n >= 65536)
+    for (int64_t begin = 0; begin < n; begin += span) {
+        const int64_t end = begin + span < n ? begin + span : n;
+        if (bf) soft_cap_span(1, x, begin, end, cap);
+        else soft_cap_span(0, x, begin, end, cap);
     }
 }
 
@@ -411,8 +433,7 @@ int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, 
     int64_t GN = G * N;
     lm_ssd_step(bf, ssm_state, xbc, conv_dim, dt, H, A, xbc + d_inner * size, conv_dim, xbc + (d_inner + GN) * size,
                 conv_dim, D, Bsz, H, G, P, N, y);
-    if (bf) gated_rms_norm_body(1, y, H * P, 0, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, out);
-    else gated_rms_norm_body(0, y, H * P, 0, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, out);
+    gated_rms_norm_rows(bf, y, H * P, 0, rows, row_stride, Bsz, d_inner, norm_groups, norm_weight, eps, out);
     free(xbc), free(dt), free(y);
     return 0;
 }
@@ -428,34 +449,34 @@ int lm_mamba2_step(int bf, const void *zxbcdt, int64_t row_stride, int64_t Bsz, 
  * Why: BLOOM's decode step ran each of its two adds and two LayerNorms per layer as PyTorch
  * operations (an allocation and a dispatch each); this is one pass. Rows of x and delta have
  * strides; sum and out [rows, n] contiguous. */
-static inline __attribute__((always_inline)) void add_layer_norm_body(
-    int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t rows, int64_t n,
+static inline __attribute__((always_inline)) void add_layer_norm_row(
+    int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t r, int64_t n,
     const void *weight, const void *bias, float eps, void *sum, void *out) {
-#pragma omp parallel for schedule(static) if (rows * n >= 262144)
-    for (int64_t r = 0; r < rows; r++) {
-        float v[n];
-        double total = 0.0;
-        for (int64_t i = 0; i < n; i++) {
-            float a = ld(x, r * x_stride + i, bf);
-            if (delta) {
-                a = rnd(a + ld(delta, r * delta_stride + i, bf), bf);
-                st(sum, r * n + i, a, bf);
-            }
-            v[i] = a;
-            total += a;
+    float v[n];
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        float a = ld(x, r * x_stride + i, bf);
+        if (delta) {
+            a = rnd(a + ld(delta, r * delta_stride + i, bf), bf);
+            st(sum, r * n + i, a, bf);
         }
-        double mean = total / (double)n, squares = 0.0;
-        for (int64_t i = 0; i < n; i++) squares += ((double)v[i] - mean) * ((double)v[i] - mean);
-        float mean_f = (float)mean, rstd = 1.0f / sqrtf((float)(squares / (double)n) + eps);
-        for (int64_t i = 0; i < n; i++)
-            st(out, r * n + i, fmaf((v[i] - mean_f) * rstd, ld(weight, i, bf), ld(bias, i, bf)), bf);
+        v[i] = a;
+        total += a;
     }
+    double mean = total / (double)n, squares = 0.0;
+    for (int64_t i = 0; i < n; i++) squares += ((double)v[i] - mean) * ((double)v[i] - mean);
+    float mean_f = (float)mean, rstd = 1.0f / sqrtf((float)(squares / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++)
+        st(out, r * n + i, fmaf((v[i] - mean_f) * rstd, ld(weight, i, bf), ld(bias, i, bf)), bf);
 }
 
 void lm_add_layer_norm(int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t rows,
                        int64_t n, const void *weight, const void *bias, float eps, void *sum, void *out) {
-    if (bf) add_layer_norm_body(1, x, x_stride, delta, delta_stride, rows, n, weight, bias, eps, sum, out);
-    else add_layer_norm_body(0, x, x_stride, delta, delta_stride, rows, n, weight, bias, eps, sum, out);
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= ROWS_IN_PARALLEL)
+    for (int64_t r = 0; r < rows; r++) {
+        if (bf) add_layer_norm_row(1, x, x_stride, delta, delta_stride, r, n, weight, bias, eps, sum, out);
+        else add_layer_norm_row(0, x, x_stride, delta, delta_stride, r, n, weight, bias, eps, sum, out);
+    }
 }
 
 /* --- one step's keys and values into a KV cache ---------------------------------------------------

@@ -61,7 +61,13 @@ def shared_block_calls(layer, dtype: torch.dtype) -> dict | None:
     return None if any(call is None for call in (*calls.values(), *calls["qkv_adapters"])) else calls
 
 
+def is_hybrid(layer) -> bool:
+    """A HybridLayer (model.py, which imports this module): it holds its shared block."""
+    return hasattr(layer, "block")
+
+
 def mamba_state(entry) -> RecurrentState:
+    """A layer's Mamba2 state in its cache entry (a hybrid layer's entry also holds its KV cache)."""
     return entry if isinstance(entry, RecurrentState) else entry.state
 
 
@@ -81,9 +87,9 @@ class DecodePlan:
             return torch.empty(*shape, dtype=dtype)
 
         # Activation buffers, reused by every layer and every step.
-        first = model.layers[0].mamba_decoder if hasattr(model.layers[0], "block") else model.layers[0]
         self.x, self.h, self.mixer_in, self.mixed = buffer(B, D), buffer(B, D), buffer(B, D), buffer(B, D)
-        self.zxbcdt, self.y = buffer(B, first.mamba.in_proj.out_features), buffer(B, config.d_inner)
+        self.zxbcdt = buffer(B, config.d_inner + config.conv_dim + config.n_mamba_heads)  # in_proj's output
+        self.y = buffer(B, config.d_inner)
         self.joined, self.joined_normed = buffer(B, 2 * D), buffer(B, 2 * D)
         self.qkv = buffer(B, (H + 2 * KV) * hd)
         self.context, self.attn_out, self.ff_in = buffer(B, H * hd), buffer(B, D), buffer(B, D)
@@ -94,7 +100,7 @@ class DecodePlan:
         # Every call bound to the buffers it reads and writes, once.
         self.layers = []
         for layer, entry in zip(model.layers, cache.layers):
-            hybrid = hasattr(layer, "block")
+            hybrid = is_hybrid(layer)
             decoder = layer.mamba_decoder if hybrid else layer
             calls = mixer_calls(decoder, dtype)
             mixer_in = self.mixer_in if hybrid else self.x
@@ -173,7 +179,7 @@ class DecodePlan:
         if x.dtype not in (torch.bfloat16, torch.float32) or model.final_layernorm.weight.dtype != x.dtype:
             return False
         for layer, entry in zip(model.layers, cache.layers):
-            hybrid = hasattr(layer, "block")
+            hybrid = is_hybrid(layer)
             decoder = layer.mamba_decoder if hybrid else layer
             mixer = decoder.mamba
             params = (decoder.input_layernorm.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.D,
