@@ -116,6 +116,62 @@ class RMSNormCall:
         return call
 
 
+class StepPlan:
+    """What every family's plan starts from: the batch, the dtype as the kernels take it, the
+    cache's length, the kernel library, and buffers of the plan's own."""
+
+    def __init__(self, cache, batch: int, dtype: torch.dtype):
+        self.batch, self.dtype, self.max_len = batch, dtype, cache.max_len
+        self.bf, self.size = int(dtype == torch.bfloat16), torch.finfo(dtype).bits // 8
+        self.lib = kernels.library()
+
+    def buffer(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An activation buffer, reused by every layer and every step (a model runs one forward
+        at a time, as everywhere in lmtool)."""
+        return torch.empty(*shape, dtype=dtype or self.dtype)
+
+
+class KVAttention:
+    """A decode step's attention after a q/k/v projection into one buffer of rows [q heads | k heads
+    | v heads] (Gemma, Zamba2's shared blocks): RoPE on q and k in place (when given), the KV
+    append, one-query attention into `context`, as SelfAttention and scaled_dot_product make them."""
+
+    def __init__(self, plan: StepPlan, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, scale: float,
+                 context: torch.Tensor):
+        self.plan, self.heads, self.kv_heads, self.head_dim, self.scale = plan, heads, kv_heads, head_dim, scale
+        self.width, self.q = qkv.shape[1], qkv.data_ptr()
+        self.k = self.q + heads * head_dim * plan.size
+        self.v = self.q + (heads + kv_heads) * head_dim * plan.size
+        self.context = context.data_ptr()
+        self.scores = plan.buffer(plan.batch * heads * plan.max_len, dtype=torch.float32)
+        self.keeps = (qkv, context)  # the addresses above stay valid while it lives
+
+    def begin(self, step, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None):
+        """This step's position, RoPE rows (cos, sin [B, d] contiguous, or None) and key mask
+        [B, S] (or None) as the kernels read them: made once per step, used by every layer."""
+        position, S = step.start, step.start + 1
+        if S > self.plan.max_len:
+            raise RuntimeError(f"KV cache is full: {S} positions needed, {self.plan.max_len} allocated")
+        B = self.plan.batch
+        rope_rows = tuple(t.reshape(B, -1).contiguous() for t in rope) if rope is not None else None
+        key_mask = mask[:, 0, 0, :S].contiguous() if mask is not None else None
+        return position, rope_rows, key_mask
+
+    def __call__(self, keys: int, values: int, position: int, rope_rows, key_mask: torch.Tensor | None) -> None:
+        """One layer's attention over its KV cache (keys and values: the addresses of its
+        [B, kv_heads, max_len, head_dim] tensors) at this step's position."""
+        plan, lib, bf, B = self.plan, self.plan.lib, self.plan.bf, self.plan.batch
+        H, KV, hd, width, max_len, S = self.heads, self.kv_heads, self.head_dim, self.width, plan.max_len, position + 1
+        if rope_rows is not None:
+            cos, sin = rope_rows
+            lib.lm_rope(bf, self.q, width, hd, B, H, cos.shape[1], cos.data_ptr(), sin.data_ptr())
+            lib.lm_rope(bf, self.k, width, hd, B, KV, cos.shape[1], cos.data_ptr(), sin.data_ptr())
+        lib.lm_kv_append(bf, self.k, width, hd, self.v, width, hd, keys, values, B, KV, max_len, hd, position)
+        lib.lm_attend_one(bf, self.q, width, hd, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd,
+                          self.scale, None, 0, key_mask.data_ptr() if key_mask is not None else None, S, self.context,
+                          self.scores.data_ptr())
+
+
 class CapturedDecoding:
     """Mixin for a backbone with a captured one-token step: `Plan` is the family's plan class, with
     Plan.possible(model, cache, x) and Plan(model, cache, batch, dtype)."""

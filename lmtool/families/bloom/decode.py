@@ -19,24 +19,19 @@ import torch
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step
-from ...captured import LinearCall
+from ...captured import LinearCall, StepPlan
 
 
-class DecodePlan:
+class DecodePlan(StepPlan):
     """The decode step of one BloomModel over one KV cache (see the module docstring)."""
 
     def __init__(self, model, cache: ModelCache, batch: int, dtype: torch.dtype):
+        super().__init__(cache, batch, dtype)
         config = model.config
-        B, D, H, hd = batch, config.hidden_size, config.n_head, config.head_dim
-        self.batch, self.dtype, self.bf = batch, dtype, int(dtype == torch.bfloat16)
-        self.hidden, self.heads, self.max_len = D, H, cache.max_len
+        B, D, H = batch, config.hidden_size, config.n_head
+        self.hidden, self.heads = D, H
         self.residual_from_norm = config.apply_residual_connection_post_layernorm
-        self.lib = kernels.library()
-
-        # Activation buffers, reused by every layer and every step.
-        def buffer(*shape, dtype=dtype):
-            return torch.empty(*shape, dtype=dtype)
-
+        buffer = self.buffer
         self.x, self.h, self.qkv = buffer(B, D), buffer(B, D), buffer(B, 3 * D)
         self.context, self.attn_out = buffer(B, D), buffer(B, D)
         self.mid, self.mid_act, self.mlp_out = buffer(B, 4 * D), buffer(B, 4 * D), buffer(B, D)

@@ -17,7 +17,7 @@ import torch
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, Step
-from ...captured import LinearCall, RMSNormCall, bound_parts
+from ...captured import KVAttention, LinearCall, RMSNormCall, StepPlan, bound_parts
 from ...layers import gelu_tanh
 
 
@@ -35,26 +35,21 @@ def linear_calls(layer, dtype: torch.dtype) -> dict | None:
     return None if any(call is None for call in calls.values()) else calls
 
 
-class DecodePlan:
+class DecodePlan(StepPlan):
     """The decode step of one GemmaModel over one KV cache."""
 
     def __init__(self, model, cache: ModelCache, batch: int, dtype: torch.dtype):
+        super().__init__(cache, batch, dtype)
         config = model.config
         B, D, I = batch, config.hidden_size, config.intermediate_size
         H, KV, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.batch, self.dtype, self.bf, self.size = B, dtype, int(dtype == torch.bfloat16), torch.finfo(dtype).bits // 8
-        self.hidden, self.heads, self.kv_heads, self.head_dim, self.inner = D, H, KV, hd, I
-        self.max_len = cache.max_len
-        self.lib = kernels.library()
-
-        def buffer(*shape, dtype=dtype):
-            return torch.empty(*shape, dtype=dtype)
-
-        # Activation buffers, reused by every layer and every step.
+        self.hidden, self.inner = D, I
+        buffer = self.buffer
         self.x, self.h = buffer(B, D), buffer(B, D)
         self.qkv, self.context, self.attn_out = buffer(B, (H + 2 * KV) * hd), buffer(B, H * hd), buffer(B, D)
         self.mid, self.act, self.mlp_out = buffer(B, 2 * I), buffer(B, I), buffer(B, D)
-        self.scores = buffer(B * H * cache.max_len, dtype=torch.float32)
+        scale = model.layers[0].self_attn.scale if len(model.layers) else 1.0
+        self.attention = KVAttention(self, self.qkv, H, KV, hd, scale, self.context)
 
         # Every call bound to the buffers it reads and writes, once.
         self.layers = []
@@ -69,7 +64,6 @@ class DecodePlan:
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
             ))
         self.final_norm = RMSNormCall(model.norm)
-        self.scale = model.layers[0].self_attn.scale if len(model.layers) else 1.0
 
     @staticmethod
     def possible(model, cache, x: torch.Tensor) -> bool:
@@ -94,29 +88,14 @@ class DecodePlan:
             step: Step) -> torch.Tensor:
         """The backbone's output [B,1,D] for one new token per row: embedded [B,1,D] (the scaled
         token embeddings), rope and mask as the layers get them."""
-        B, D, H, KV, hd, lib, bf = self.batch, self.hidden, self.heads, self.kv_heads, self.head_dim, self.lib, self.bf
-        I, width, size = self.inner, self.qkv.shape[1], self.size
-        position, S = step.start, step.start + 1
-        if S > self.max_len:
-            raise RuntimeError(f"KV cache is full: {S} positions needed, {self.max_len} allocated")
-        cos, sin = (t.reshape(B, -1).contiguous() for t in rope)
-        rotated = cos.shape[1]
-        key_mask = mask[:, 0, 0, :S].contiguous() if mask is not None else None
-        mask_ptr = key_mask.data_ptr() if key_mask is not None else None
-        # Rows of the q/k/v output are [q heads | k heads | v heads].
-        q = self.qkv.data_ptr()
-        k, v = q + H * hd * size, q + (H + KV) * hd * size
+        B, D, I, size, lib, bf = self.batch, self.hidden, self.inner, self.size, self.lib, self.bf
+        position, rope_rows, key_mask = self.attention.begin(step, rope, mask)
         mid = self.mid.data_ptr()
         self.x.copy_(embedded.view(B, D))
         for layer in self.layers:
             layer["ln1"]()
             layer["qkv"]()
-            lib.lm_rope(bf, q, width, hd, B, H, rotated, cos.data_ptr(), sin.data_ptr())
-            lib.lm_rope(bf, k, width, hd, B, KV, rotated, cos.data_ptr(), sin.data_ptr())
-            keys, values = layer["keys"], layer["values"]
-            lib.lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, self.max_len, hd, position)
-            lib.lm_attend_one(bf, q, width, hd, keys, values, KV * self.max_len * hd, self.max_len * hd, B, H, KV, S,
-                              hd, self.scale, None, 0, mask_ptr, S, self.context.data_ptr(), self.scores.data_ptr())
+            self.attention(layer["keys"], layer["values"], position, rope_rows, key_mask)
             layer["o"]()
             torch.add(self.x, self.attn_out, out=self.x)
             layer["ln2"]()

@@ -26,7 +26,7 @@ import torch
 
 from ... import kernels
 from ...cache import KVCache, ModelCache, RecurrentState, Step
-from ...captured import LinearCall, RMSNormCall, bound_parts
+from ...captured import KVAttention, LinearCall, RMSNormCall, StepPlan, bound_parts
 from ...kernels import steps as step_kernels
 from ...layers import derived
 
@@ -71,22 +71,16 @@ def mamba_state(entry) -> RecurrentState:
     return entry if isinstance(entry, RecurrentState) else entry.state
 
 
-class DecodePlan:
+class DecodePlan(StepPlan):
     """The decode step of one Zamba2Model over one cache (see the module docstring)."""
 
     def __init__(self, model, cache: ModelCache, batch: int, dtype: torch.dtype):
+        super().__init__(cache, batch, dtype)
         config = model.config
         B, D, F_ = batch, config.hidden_size, config.mlp_width
         H, KV, hd = config.num_attention_heads, config.kv_heads, config.head_dim
-        self.batch, self.dtype, self.bf, self.size = B, dtype, int(dtype == torch.bfloat16), torch.finfo(dtype).bits // 8
-        self.hidden, self.heads, self.kv_heads, self.head_dim = D, H, KV, hd
-        self.max_len = cache.max_len
-        self.lib = kernels.library()
-
-        def buffer(*shape, dtype=dtype):
-            return torch.empty(*shape, dtype=dtype)
-
-        # Activation buffers, reused by every layer and every step.
+        self.hidden = D
+        buffer = self.buffer
         self.x, self.h, self.mixer_in, self.mixed = buffer(B, D), buffer(B, D), buffer(B, D), buffer(B, D)
         self.zxbcdt = buffer(B, config.d_inner + config.conv_dim + config.n_mamba_heads)  # in_proj's output
         self.y = buffer(B, config.d_inner)
@@ -95,7 +89,7 @@ class DecodePlan:
         self.context, self.attn_out, self.ff_in = buffer(B, H * hd), buffer(B, D), buffer(B, D)
         self.gate_up, self.act, self.block_out, self.extra = buffer(B, 2 * F_), buffer(B, F_), buffer(B, D), buffer(B, D)
         self.low, self.deltas = buffer(B, config.adapter_rank), buffer(B, 2 * F_)
-        self.scores = buffer(B * H * cache.max_len, dtype=torch.float32)
+        self.attention = KVAttention(self, self.qkv, H, KV, hd, config.attention_scale, self.context)
 
         # Every call bound to the buffers it reads and writes, once.
         self.layers = []
@@ -111,7 +105,6 @@ class DecodePlan:
                 out_proj=calls["out_proj"].bound(self.y, self.mixed),
             ))
         self.final_norm = RMSNormCall(model.final_layernorm)
-        self.scale = config.attention_scale
 
     def bind_mamba2_step(self, mixer):
         """lm_mamba2_step on this plan's buffers, given the layer's conv and SSM state addresses
@@ -136,7 +129,8 @@ class DecodePlan:
         """A hybrid layer's shared-block invocation: the calls before and after the attention,
         bound to the plan's buffers."""
         calls, block = shared_block_calls(layer, dtype), layer.block
-        H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        attention = self.attention
+        H, KV, hd = attention.heads, attention.kv_heads, attention.head_dim
 
         def adapter_added(adapter, x: torch.Tensor, y: torch.Tensor, column: int):
             """y[:, column:] += up(down(x)): the adapter's term added to a projection's output."""
@@ -223,19 +217,8 @@ class DecodePlan:
         states = self.states(cache)
         if states is None:
             return None
-        B, D, H, KV, hd, lib, bf = self.batch, self.hidden, self.heads, self.kv_heads, self.head_dim, self.lib, self.bf
-        size, width, max_len = self.size, self.qkv.shape[1], self.max_len
-        position, S = step.start, step.start + 1
-        if S > max_len:
-            raise RuntimeError(f"KV cache is full: {S} positions needed, {max_len} allocated")
-        if rope is not None:
-            cos, sin = (t.reshape(B, -1).contiguous() for t in rope)
-        key_mask = mask[:, 0, 0, :S].contiguous() if mask is not None else None
-        mask_ptr = key_mask.data_ptr() if key_mask is not None else None
-        # Rows of the q/k/v output are [q heads | k heads | v heads].
-        q = self.qkv.data_ptr()
-        k, v = q + H * hd * size, q + (H + KV) * hd * size
-        context, scores = self.context.data_ptr(), self.scores.data_ptr()
+        B, D = self.batch, self.hidden
+        position, rope_rows, key_mask = self.attention.begin(step, rope, mask)
         x, mixed = self.x, self.mixed
         x.copy_(embedded.view(B, D))
         self.joined[:, D:].copy_(x)  # concat(x, original embeddings): the second half stays
@@ -245,13 +228,7 @@ class DecodePlan:
                 self.joined[:, :D].copy_(x)
                 for call in shared["before"]:
                     call()
-                if rope is not None:
-                    lib.lm_rope(bf, q, width, hd, B, H, cos.shape[1], cos.data_ptr(), sin.data_ptr())
-                    lib.lm_rope(bf, k, width, hd, B, KV, cos.shape[1], cos.data_ptr(), sin.data_ptr())
-                keys, values = shared["keys"], shared["values"]
-                lib.lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, max_len, hd, position)
-                lib.lm_attend_one(bf, q, width, hd, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd,
-                                  self.scale, None, 0, mask_ptr, S, context, scores)
+                self.attention(shared["keys"], shared["values"], position, rope_rows, key_mask)
                 for call in shared["after"]:
                     call()
                 torch.add(x, self.extra, out=self.mixer_in)  # the mixer's input; the residual stays x
