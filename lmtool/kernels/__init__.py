@@ -368,15 +368,12 @@ class NativeParts:
     def run(self, x: torch.Tensor, y: torch.Tensor, lib: ctypes.CDLL | None = None) -> None:
         """y [M, N] = x [M, K] . W^T (+ b), both contiguous; lib: another build of the kernels
         (benchmarks/kernel_sweep.py), else this tree's."""
-        self.run_at(x.data_ptr(), x.shape[0], y.data_ptr(), self.out_features, lib)
-
-    def run_at(self, x: int, rows: int, y: int, ldy: int, lib: ctypes.CDLL | None = None) -> None:
-        """The same on addresses: x [rows, K] contiguous, output rows ldy elements apart (a
-        captured step's column slice of a wider buffer)."""
-        self.bind_at(x, rows, y, ldy, lib)()
+        self.bind_at(x.data_ptr(), x.shape[0], y.data_ptr(), self.out_features, lib)()
 
     def bind_at(self, x: int, rows: int, y: int, ldy: int, lib: ctypes.CDLL | None = None):
-        """run_at's kernel call with its arguments bound: a captured step calls it every token."""
+        """The same call on addresses, arguments bound: x [rows, K] contiguous, output rows ldy
+        elements apart (a captured step's column slice of a wider buffer; it binds the call once
+        and makes it every token)."""
         return functools.partial((lib or library()).lm_linear, self.kind, x, rows, self.in_features, self.parts,
                                  len(self.weights), y, ldy)
 

@@ -205,19 +205,48 @@ def mamba2_step(
     the rest [n] in the model dtype -> the gated norm's output [B,1,d_inner]."""
     B = zxbcdt.shape[0]
     _, H, P, N = ssm_state.shape
-    K, conv_dim = conv_weight_kc.shape
-    d_inner = H * P
-    G = (conv_dim - d_inner) // (2 * N)
-    flat, stride = rows_of(zxbcdt)
-    out = torch.empty(B, 1, d_inner, dtype=zxbcdt.dtype)
-    status = library().lm_mamba2_step(
-        int(zxbcdt.dtype == torch.bfloat16), flat.data_ptr(), stride, B, d_inner, conv_dim, H, G, P, N, K,
-        conv_state.data_ptr(), conv_weight_kc.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(), A.data_ptr(),
-        D.data_ptr(), ssm_state.data_ptr(), norm_weight.data_ptr(), norm_groups, eps, out.data_ptr(),
-    )
-    if status != 0:
-        raise ValueError(f"mamba2_step: state size {N} above {MAX_STATE}" if status == -1 else "mamba2_step: out of memory")
+    flat, _ = rows_of(zxbcdt)
+    out = torch.empty(B, 1, H * P, dtype=zxbcdt.dtype)
+    step = bind_mamba2_step(flat, out.view(B, H * P), conv_weight_kc, conv_bias, dt_bias, A, D, norm_weight,
+                            norm_groups, eps, H, N)
+    step(conv_state.data_ptr(), ssm_state.data_ptr())
     return out
+
+
+def bind_mamba2_step(
+    zxbcdt: torch.Tensor,
+    out: torch.Tensor,
+    conv_weight_kc: torch.Tensor,
+    conv_bias: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_groups: int,
+    eps: float,
+    heads: int,
+    state_size: int,
+):
+    """mamba2_step's call with everything but the two states bound: zxbcdt [B, width] (rows
+    strided) and out [B, d_inner] stay where they are; returns step(conv_state, ssm_state), on
+    the states' addresses (what a captured decode step calls every token, families/zamba2/decode.py)."""
+    B, d_inner = out.shape
+    K, conv_dim = conv_weight_kc.shape
+    G = (conv_dim - d_inner) // (2 * state_size)
+    lm_mamba2_step = library().lm_mamba2_step
+    before = (int(zxbcdt.dtype == torch.bfloat16), zxbcdt.data_ptr(), zxbcdt.stride(0), B, d_inner, conv_dim, heads,
+              G, d_inner // heads, state_size, K)
+    between = (conv_weight_kc.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(), A.data_ptr(), D.data_ptr())
+    after = (norm_weight.data_ptr(), norm_groups, eps, out.data_ptr())
+
+    def step(conv_state: int, ssm_state: int) -> None:
+        status = lm_mamba2_step(*before, conv_state, *between, ssm_state, *after)
+        if status != 0:
+            raise ValueError(f"mamba2_step: state size {state_size} above {MAX_STATE}" if status == -1
+                             else "mamba2_step: out of memory")
+
+    step.keeps = (zxbcdt, out, conv_weight_kc, conv_bias, dt_bias, A, D, norm_weight)  # the addresses bound above
+    return step
 
 
 def add_layer_norm(

@@ -69,20 +69,15 @@ def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     stored codes in place; float32 accumulation, the output rounded once to x's dtype."""
     rows, row_stride = kernels.rows_of(x)
     out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
-    native_matmul_at(weight, int(x.dtype == torch.bfloat16), rows.data_ptr(), row_stride, rows.shape[0],
-                     out.data_ptr(), weight.out_features)
+    bind_native_matmul_at(weight, int(x.dtype == torch.bfloat16), rows.data_ptr(), row_stride, rows.shape[0],
+                          out.data_ptr(), weight.out_features)()
     return out
 
 
-def native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int) -> None:
-    """native_matmul on addresses: x rows ldx elements apart (bfloat16 where bf16, else float32),
-    output rows ldy apart."""
-    bind_native_matmul_at(weight, bf16, x, ldx, rows, y, ldy)()
-
-
 def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int):
-    """native_matmul_at's kernel call with its arguments bound (what a captured decode step calls
-    every token, lmtool.captured)."""
+    """native_matmul's kernel call on addresses, arguments bound: x rows ldx elements apart
+    (bfloat16 where bf16, else float32), output rows ldy apart (a captured decode step binds it
+    once and calls it every token, lmtool.captured)."""
     K, N = weight.in_features, weight.out_features
     lib = kernels.library()
     if weight.bits == 8:
@@ -167,8 +162,7 @@ def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     compute = torch.float32 if dtype == torch.bfloat16 and not kernels.fast_bf16_matmul() else dtype
     x = x.to(compute).contiguous()
     out = x.new_empty(x.shape[0], weight.out_features)
-    element_size = torch.empty(0, dtype=compute).element_size()
-    rows = max(1, TILE_ELEMENTS * 2 // element_size // weight.in_features)  # 8 MB, float32 or bfloat16
+    rows = max(1, TILE_ELEMENTS * 2 // x.element_size() // weight.in_features)  # 8 MB, float32 or bfloat16
     tile = torch.empty(min(rows, weight.out_features), weight.in_features, dtype=compute)
     to_bf16 = int(compute == torch.bfloat16)
     lib = kernels.library()

@@ -96,7 +96,7 @@ class DecodePlan(StepPlan):
         mask_ptr = key_mask.data_ptr() if key_mask is not None else None
         # Rows of the fused QKV output are [q_0 | k_0 | v_0 | q_1 | ...] per head (BloomAttention).
         qkv = self.qkv.data_ptr()
-        size = self.qkv.element_size()
+        size = self.size
         self.norm(embedded.contiguous(), None, embedding_norm, self.x)
         stream, pending = self.x, None
         for layer in self.layers:

@@ -28,7 +28,6 @@ from ... import kernels
 from ...cache import KVCache, ModelCache, RecurrentState, Step
 from ...captured import KVAttention, LinearCall, RMSNormCall, StepPlan, bound_parts
 from ...kernels import steps as step_kernels
-from ...layers import derived
 
 
 def adapter_calls(adapter, dtype: torch.dtype) -> tuple[LinearCall, LinearCall] | None:
@@ -104,26 +103,16 @@ class DecodePlan(StepPlan):
                 in_proj=calls["in_proj"].bound(self.h, self.zxbcdt), mamba=self.bind_mamba2_step(decoder.mamba),
                 out_proj=calls["out_proj"].bound(self.y, self.mixed),
             ))
+        self.mixers = [(layer.mamba_decoder if is_hybrid(layer) else layer).mamba for layer in model.layers]
         self.final_norm = RMSNormCall(model.final_layernorm)
 
     def bind_mamba2_step(self, mixer):
-        """lm_mamba2_step on this plan's buffers, given the layer's conv and SSM state addresses
-        (steps.mamba2_step's arguments)."""
-        conv_weight = mixer.conv1d.weight_kc()
-        A = derived(mixer, "_A", mixer.A_log, lambda a: -torch.exp(a.float()))
-        before = (self.bf, self.zxbcdt.data_ptr(), self.zxbcdt.stride(0), self.batch, mixer.d_inner, mixer.conv_dim,
-                  mixer.num_heads, mixer.groups, mixer.head_dim, mixer.state_size, conv_weight.shape[0])
-        between = (conv_weight.data_ptr(), mixer.conv1d.bias.data_ptr(), mixer.dt_bias.data_ptr(), A.data_ptr(),
-                   mixer.D.data_ptr())
-        after = (mixer.norm.weight.data_ptr(), mixer.norm.groups, mixer.norm.eps, self.y.data_ptr())
-        step = self.lib.lm_mamba2_step
-
-        def run(conv: int, ssm: int) -> None:
-            if step(*before, conv, *between, ssm, *after) != 0:
-                raise MemoryError("mamba2_step: out of memory")
-
-        run.keeps = (conv_weight, A)  # the addresses bound above stay valid while it lives
-        return run
+        """lm_mamba2_step on this plan's buffers (steps.bind_mamba2_step): step(conv, ssm) on the
+        layer's state addresses."""
+        return step_kernels.bind_mamba2_step(
+            self.zxbcdt, self.y, mixer.conv1d.weight_kc(), mixer.conv1d.bias, mixer.dt_bias, mixer.A_f32(), mixer.D,
+            mixer.norm.weight, mixer.norm.groups, mixer.norm.eps, mixer.num_heads, mixer.state_size,
+        )
 
     def bind_shared_block(self, layer, entry, dtype: torch.dtype) -> dict:
         """A hybrid layer's shared-block invocation: the calls before and after the attention,
@@ -175,10 +164,7 @@ class DecodePlan(StepPlan):
         for layer, entry in zip(model.layers, cache.layers):
             hybrid = is_hybrid(layer)
             decoder = layer.mamba_decoder if hybrid else layer
-            mixer = decoder.mamba
-            params = (decoder.input_layernorm.weight, mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.D,
-                      mixer.norm.weight)
-            if any(p is None or p.dtype != x.dtype for p in params) or mixer.state_size > step_kernels.MAX_STATE:
+            if decoder.input_layernorm.weight.dtype != x.dtype or not decoder.mamba.native_step_takes(x):
                 return False
             if mixer_calls(decoder, x.dtype) is None:
                 return False
@@ -196,18 +182,15 @@ class DecodePlan(StepPlan):
         return True
 
     def states(self, cache: ModelCache) -> list[tuple[int, int]] | None:
-        """Each Mamba2 layer's (conv, ssm) state addresses, or None where a state is not what the
-        native step takes: not made yet (no prompt before this token), or in another dtype or
-        layout."""
+        """Each Mamba2 layer's (conv, ssm) state addresses, or None where a layer's states are not
+        what the native step takes (Mamba2Mixer.native_states: not made yet, when no prompt came
+        before this token, or in another dtype or layout)."""
         found = []
-        for entry in cache.layers:
-            state = mamba_state(entry)
-            conv, ssm = state.get("conv"), state.get("ssm")
-            if conv is None or ssm is None or conv.dtype != self.dtype or ssm.dtype != torch.float32:
+        for mixer, entry in zip(self.mixers, cache.layers):
+            states = mixer.native_states(mamba_state(entry), self.dtype)
+            if states is None:
                 return None
-            if not (conv.is_contiguous() and ssm.is_contiguous()):
-                return None
-            found.append((conv.data_ptr(), ssm.data_ptr()))
+            found.append((states[0].data_ptr(), states[1].data_ptr()))
         return found
 
     def run(self, embedded: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,

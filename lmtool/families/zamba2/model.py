@@ -130,25 +130,37 @@ class Mamba2Mixer(nn.Module):
     def native_step_usable(self, h: torch.Tensor, state: RecurrentState | None) -> bool:
         """Whether the decode step can be one native call: a state to continue, and everything in
         the model dtype (the SSM state in float32)."""
-        if state is None or state.get("ssm") is None or state.get("conv") is None:
-            return False
-        ssm, conv = state.get("ssm"), state.get("conv")
+        return self.native_step_takes(h) and self.native_states(state, h.dtype) is not None
+
+    def native_step_takes(self, h: torch.Tensor) -> bool:
+        """Whether the native step takes this mixer's parameters with activations like h."""
         params = (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.D, self.norm.weight)
         return (
-            ssm.dtype == torch.float32 and ssm.is_contiguous() and conv.dtype == h.dtype and conv.is_contiguous()
-            and self.state_size <= step_kernels.MAX_STATE
+            self.state_size <= step_kernels.MAX_STATE
             and all(p is not None and p.dtype == h.dtype for p in params)
             and step_kernels.usable(h, *params)
         )
 
+    @staticmethod
+    def native_states(state: RecurrentState | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (conv, ssm) states as the native step takes them (conv in the model dtype, SSM in
+        float32, both contiguous), or None: not made yet, or in another dtype or layout."""
+        conv, ssm = (state.get("conv"), state.get("ssm")) if state is not None else (None, None)
+        if conv is None or ssm is None or conv.dtype != dtype or ssm.dtype != torch.float32:
+            return None
+        return (conv, ssm) if conv.is_contiguous() and ssm.is_contiguous() else None
+
     def native_step(self, zxbcdt: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """forward's one-token step (conv, dt, state update, gated norm) as one native call, with
         the same roundings (lmtool/kernels/steps.c)."""
-        A = derived(self, "_A", self.A_log, lambda a: -torch.exp(a.float()))
         return step_kernels.mamba2_step(
-            zxbcdt, state.get("conv"), self.conv1d.weight_kc(), self.conv1d.bias, self.dt_bias, A, self.D,
+            zxbcdt, state.get("conv"), self.conv1d.weight_kc(), self.conv1d.bias, self.dt_bias, self.A_f32(), self.D,
             state.get("ssm"), self.norm.weight, self.norm.groups, self.norm.eps,
         )
+
+    def A_f32(self) -> torch.Tensor:
+        """-exp(A_log) in float32, as the native step reads it (made once)."""
+        return derived(self, "_A", self.A_log, lambda a: -torch.exp(a.float()))
 
 
 class MambaDecoderLayer(nn.Module):
