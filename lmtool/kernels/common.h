@@ -124,7 +124,11 @@ void lm_linear(int kind, const void* x, int64_t M, int64_t K, const part_t* part
         xs[p] = rows;
         used += M * ldx[p] * xsize;
     }
-    #pragma omp parallel for schedule(static)
+    /* guided: each thread starts on one large contiguous share (a sequential stream, as static gives)
+       and the last items go to whichever thread is free first, so a thread that starts late or that
+       the host slows does not hold the other at the barrier (Zamba2-1.2B's layers at 8 rows,
+       alternating with static: 1.04-1.06x; 1 row unchanged). */
+    #pragma omp parallel for schedule(guided)
     for (int64_t t = 0; t < total; t++) {
         int64_t p = nparts - 1;
         while (starts[p] > t) p--;

@@ -56,6 +56,10 @@ enum { I16_BLOCK = 128 };
    load) ~10, 16-64 KB ~17. Into L1 (T0) the int4 tiles streamed 1.4x slower than into L2, at one
    core as at two (alternating in one process): L1's few miss buffers held the stream back. */
 #define PREFETCH_AHEAD 8192
+/* The group of the weight at byte b of a row of nibbles, 2b / group, as a multiply and a shift:
+   no division, and no chain from one step to the next (exact while b < 2^32 / group). */
+#define GROUP_RECIPROCAL(group) (((2ull << 32) + (uint64_t)(group) - 1) / (uint64_t)(group))
+#define GROUP_OF(b) ((int64_t)(((uint64_t)(b) * recip) >> 32))
 #define PREFETCH_WEIGHTS(p) _mm_prefetch((const char*)(p) + PREFETCH_AHEAD, _MM_HINT_T1)
 
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -200,33 +204,48 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
    threads (Zen 4), though the 1 x 4 tiles compute faster from cache. The int4 integer tiles, closer
    to their arithmetic bound and prefetching into L2, keep 1 x 4 tiles (see lm_int4_linear). */
 #define INT8_ROW_BY_ROW 1
+/* 32 weights of NB rows at k (masked by MASK) times MB activation rows, into the sums PART. */
+#define INT8_I16_STEP(MB, NB, PART, K0, MASK)                                                                  \
+    {                                                                                                          \
+        const int64_t at = (K0);                                                                               \
+        const __mmask32 mask = (__mmask32)(MASK);                                                              \
+        __m512i wv[NB];                                                                                        \
+        UNROLLED for (int j = 0; j < NB; j++) {                                                                \
+            PREFETCH_WEIGHTS(w + j * K + at);                                                                  \
+            wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + at));                       \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            const __m512i xv = _mm512_loadu_si512(xs + i * ldxs + at);                                         \
+            UNROLLED for (int j = 0; j < NB; j++) PART[i][j] = _mm512_dpwssd_epi32(PART[i][j], xv, wv[j]);     \
+        }                                                                                                      \
+    }
 #define INT8_I16_TILE(MB, NB)                                                                                  \
 static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const float* xscale, int64_t ldscale,    \
     int64_t K, const int8_t* w, float* out)                                                                    \
 {                                                                                                              \
+    /* vpdpwssd adds into its accumulator, so a sum's chain of them is bound by their latency, not     \
+       their rate: tiles of fewer than four sums (the 1 x 1 tile of one activation row) keep two per    \
+       (activation row, weight row), over alternate steps. The int32 sums are exact, so the two add     \
+       up to the same total. */                                                                          \
+    enum { CHAINS = (MB) * (NB) < 4 ? 2 : 1 };                                                                 \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
     for (int64_t b = 0; b * I16_BLOCK < K; b++) {                                                              \
-        __m512i part[MB][NB];                                                                                  \
-        UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_setzero_si512(); \
+        __m512i part[CHAINS][MB][NB];                                                                          \
+        UNROLLED for (int c = 0; c < CHAINS; c++)                                                              \
+            UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) part[c][i][j] = _mm512_setzero_si512(); \
         const int64_t end = (b + 1) * I16_BLOCK < K ? (b + 1) * I16_BLOCK : K;                                 \
-        for (int64_t k = b * I16_BLOCK; k < end; k += 32) {                                                    \
-            /* a masked load chosen without a branch (one path through the loop) */                            \
-            const uint32_t left = end - k < 32 ? (uint32_t)(end - k) : 32;                                     \
-            const __mmask32 mask = (__mmask32)(0xffffffffu >> (32 - left));                                    \
-            __m512i wv[NB];                                                                                    \
-            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                PREFETCH_WEIGHTS(w + j * K + k);                                                               \
-                wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + k));                    \
-            }                                                                                                  \
-            UNROLLED for (int i = 0; i < MB; i++) {                                                            \
-                const __m512i xv = _mm512_loadu_si512(xs + i * ldxs + k);                                      \
-                UNROLLED for (int j = 0; j < NB; j++) part[i][j] = _mm512_dpwssd_epi32(part[i][j], xv, wv[j]); \
-            }                                                                                                  \
-        }                                                                                                      \
+        int64_t k = b * I16_BLOCK;                                                                             \
+        for (; k + 32 * CHAINS <= end; k += 32 * CHAINS)                                                       \
+            UNROLLED for (int c = 0; c < CHAINS; c++) INT8_I16_STEP(MB, NB, part[c], k + 32 * c, 0xffffffffu)   \
+        for (; k < end; k += 32) /* the block's last steps, masked */                                          \
+            INT8_I16_STEP(MB, NB, part[0], k, end - k < 32 ? (1u << (end - k)) - 1u : 0xffffffffu)             \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m512 scale = _mm512_set1_ps(xscale[i * ldscale + b]);                                      \
-            UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(part[i][j]), scale, total[i][j]); \
+            UNROLLED for (int j = 0; j < NB; j++) {                                                            \
+                const __m512i sums = CHAINS == 2 ? _mm512_add_epi32(part[0][i][j], part[CHAINS - 1][i][j]) : part[0][i][j]; \
+                total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, total[i][j]);                  \
+            }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = _mm512_reduce_add_ps(total[i][j]); \
@@ -247,16 +266,20 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
    sum_g scale_g (8 + zero_point_g) sum_(k in g) xq_k, over the rounded activations. */
 #define I8_TILES 1
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
+    __m512i even[MB], odd[MB]; __m512 xsc[MB];                                                                 \
+    UNROLLED for (int i = 0; i < MB; i++) {                                                                    \
+        even[i] = _mm512_loadu_si512(xs + i * ldxs + b); odd[i] = _mm512_loadu_si512(xs + i * ldxs + half + b); \
+        xsc[i] = _mm512_loadu_ps(xscale + i * ldscale + b / 4);                                                \
+    }                                                                                                          \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
         PREFETCH_WEIGHTS(w + j * ldw + b);                                                                     \
-        const __m512i bytes = BYTES;                                                                           \
+        __m512i bytes = BYTES;                                                                                 \
+        __asm__("" : "+v"(bytes));                                                                             \
         const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4); \
         const __m512 ws = _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(_mm_loadu_ps(s + j * groups + g0))); \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
-            const __m512i even = _mm512_loadu_si512(xs + i * ldxs + b), odd = _mm512_loadu_si512(xs + i * ldxs + half + b); \
-            const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd); \
-            const __m512 scale = _mm512_mul_ps(ws, _mm512_loadu_ps(xscale + i * ldscale + b / 4));            \
-            total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, total[i][j]);                      \
+            const __m512i sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even[i]), hi, odd[i]); \
+            total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(ws, xsc[i]), total[i][j]);   \
         }                                                                                                      \
     }
 #define INT4_I8_TILE(MB, NB)                                                                                   \
@@ -268,19 +291,17 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
     const __m512i lane_group = group >= 128 ? _mm512_setzero_si512()                                           \
         : _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), \
                             group == 32 ? 5 : 6);                                                              \
-    const int64_t ldw = K / 2, groups_a_step = group >= 128 ? 1 : 128 / group, steps_a_group = group >= 128 ? group / 128 : 1; \
+    const int64_t ldw = K / 2;                                                                                 \
+    const uint64_t recip = GROUP_RECIPROCAL(group);                                                            \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
-    int64_t b = 0, g0 = 0, into_group = 0; /* the step's first group, and steps taken within it */            \
+    int64_t b = 0;                                                                                             \
     for (; b + 64 <= ldw; b += 64) {                                                                           \
+        const int64_t g0 = GROUP_OF(b);                                                                        \
         INT4_I8_STEP(MB, NB, _mm512_loadu_si512(w + j * ldw + b))                                              \
-        /* to the next step's first group without a branch (which would keep GCC from holding the         \
-           accumulators in registers) */                                                                       \
-        const int64_t wrap = ++into_group == steps_a_group;                                                    \
-        g0 += wrap * groups_a_step;                                                                            \
-        into_group *= !wrap;                                                                                   \
     }                                                                                                          \
     if (b < ldw) { /* the last 16, 32 or 48 bytes */                                                           \
+        const int64_t g0 = GROUP_OF(b);                                                                        \
         const __mmask64 mask = ((__mmask64)1 << (ldw - b)) - 1;                                                \
         INT4_I8_STEP(MB, NB, _mm512_maskz_loadu_epi8(mask, w + j * ldw + b))                                   \
     }                                                                                                          \
@@ -442,10 +463,10 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
         PREFETCH_WEIGHTS(w + j * ldw + b);                                                                     \
-        const __m256i bytes = BYTES;                                                                           \
+        __m256i bytes = BYTES;                                                                                 \
+        __asm__("" : "+x"(bytes));                                                                             \
         const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4); \
-        const __m256 ws = two_groups ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group) \
-                                     : _mm256_broadcast_ss(s + j * groups + g0);                                \
+        const __m256 ws = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s + j * groups + g0)), lane_group); \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m256i even = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + b));                      \
             const __m256i odd = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + half + b));                \
@@ -461,19 +482,19 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
     const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);                                  \
     /* lane l's group within the step (weights 8l..8l+7): groups of 32 are two a step */                       \
     const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
-    const int two_groups = group == 32;                                                                        \
-    const int64_t ldw = K / 2, groups_a_step = group == 32 ? 2 : 1, steps_a_group = group == 32 ? 1 : group / 64; \
+    const int64_t ldw = K / 2;                                                                                 \
+    const uint64_t recip = GROUP_RECIPROCAL(group);                                                            \
     __m256 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
-    int64_t b = 0, g0 = 0, into_group = 0;                                                                     \
+    int64_t b = 0;                                                                                             \
     for (; b + 32 <= ldw; b += 32) {                                                                           \
+        const int64_t g0 = GROUP_OF(b);                                                                        \
         INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b)))                            \
-        const int64_t wrap = ++into_group == steps_a_group;                                                    \
-        g0 += wrap * groups_a_step;                                                                            \
-        into_group *= !wrap;                                                                                   \
     }                                                                                                          \
-    if (b < ldw) /* the last 16 bytes */                                                                       \
+    if (b < ldw) { /* the last 16 bytes */                                                                     \
+        const int64_t g0 = GROUP_OF(b);                                                                        \
         INT4_I8_STEP(MB, NB, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))))       \
+    }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(total[i][j]); \
 }
 
