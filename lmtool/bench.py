@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, hub
-from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, write_weights
+from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, map_weights, write_weights
 from .errors import LmtoolError
 from .inference import runtime
 from .loading import DTYPES, build_model, family_of, read_config
@@ -328,11 +329,17 @@ def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repea
 
 def warm_page_cache(folder: Path) -> None:
     """Read the weight files so that every run loads from a warm page cache (as the peer baseline
-    did); a host that evicts idle pages would otherwise make load times depend on run order."""
+    did); a host that evicts idle pages would otherwise make load times depend on run order. They
+    are read through lmtool's own mapping (a byte of every page), so that a file read from disk
+    lands in the page cache as lmtool's loads would leave it (in huge pages: map_weights)."""
     for path in sorted(folder.glob("*.safetensors")):
-        with open(path, "rb", buffering=0) as f:
-            while f.read(16 * 2**20):
-                pass
+        if path.stat().st_size == 0:
+            continue
+        mapped = map_weights(path)
+        try:
+            torch.frombuffer(mapped, dtype=torch.uint8)[:: mmap.PAGESIZE].sum()
+        finally:
+            mapped.close()
 
 
 def spawn(spec: BenchSpec, runner: str, dtype: str) -> dict:

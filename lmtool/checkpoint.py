@@ -92,6 +92,27 @@ def read_header(path: Path, prefix: bytes | None = None) -> tuple[int, dict]:
     return n, header
 
 
+def map_weights(path: Path) -> mmap.mmap:
+    """A file of weights mapped copy-on-write: the pages stay shared with the page cache unless a
+    tensor is modified in place, and nothing we do can write to the file.
+
+    The mapping asks for huge pages (MADV_HUGEPAGE): where the file is read from disk through it,
+    Linux then fills the page cache with 2 MB folios and maps them whole, where plain readahead
+    mapped about two thirds of Gemma-2B that way and a file cached page by page none. Decoding
+    streams every weight per token, and 4 KB pages cost it a page walk every 4 KB: Gemma-2B's
+    batch-1 step ran 1.04-1.05x faster from 2 MB folios (batch 8 1.03x), two copies of the same
+    weights alternating in one process. Pages already cached stay as they are; where the kernel has no huge pages for
+    files the advice is a no-op."""
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapped.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel without transparent huge pages
+            pass
+    return mapped
+
+
 class SafetensorsFile:
     """One safetensors file, memory-mapped; tensors share the mapping until written to."""
 
@@ -119,10 +140,7 @@ class SafetensorsFile:
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
-            with open(self.path, "rb") as f:
-                # Copy-on-write: the pages stay shared with the page cache unless a tensor is
-                # modified in place, and nothing we do can write to the file.
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._map = map_weights(self.path)
         return self._map
 
     def keys(self) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 
 import pytest
 import torch
@@ -208,6 +209,30 @@ def test_released_checkpoint_pages_read_back_unchanged(checkpoint):
     ckpt.release(tensor)
     assert torch.equal(tensor, before)
     ckpt.release(before)  # not a view of the file: ignored
+
+
+def mapping_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds `address` (Linux's /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                low, high = (int(part, 16) for part in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="no transparent huge pages here")
+def test_checkpoint_mappings_ask_for_huge_pages(checkpoint):
+    # Decode streams every weight per token; 2 MB pages save it a page walk every 4 KB (see
+    # lmtool.checkpoint.map_weights). "hg": the mapping carries MADV_HUGEPAGE.
+    ckpt = Checkpoint(checkpoint)
+    tensor = ckpt.tensor(max(ckpt.keys(), key=lambda k: ckpt.info(k).numel))
+    assert "hg" in mapping_flags(tensor.data_ptr())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
