@@ -57,7 +57,8 @@ enum { I16_BLOCK = 128 };
    core as at two (alternating in one process): L1's few miss buffers held the stream back. */
 #define PREFETCH_AHEAD 8192
 /* The group of the weight at byte b of a row of nibbles, 2b / group, as a multiply and a shift:
-   no division, and no chain from one step to the next (exact while b < 2^32 / group). */
+   no division, and no chain from one step to the next (exact while b < 2^32 / group). GROUP_OF
+   reads `recip`, a tile's GROUP_RECIPROCAL(group), computed once per tile. */
 #define GROUP_RECIPROCAL(group) (((2ull << 32) + (uint64_t)(group) - 1) / (uint64_t)(group))
 #define GROUP_OF(b) ((int64_t)(((uint64_t)(b) * recip) >> 32))
 #define PREFETCH_WEIGHTS(p) _mm_prefetch((const char*)(p) + PREFETCH_AHEAD, _MM_HINT_T1)
