@@ -101,8 +101,8 @@ def map_weights(path: Path) -> mmap.mmap:
     mapped about two thirds of Gemma-2B that way and a file cached page by page none. Decoding
     streams every weight per token, and 4 KB pages cost it a page walk every 4 KB: Gemma-2B's
     batch-1 step ran 1.04-1.05x faster from 2 MB folios (batch 8 1.03x), two copies of the same
-    weights alternating in one process. Pages already cached stay as they are; where the kernel has no huge pages for
-    files the advice is a no-op."""
+    weights alternating in one process. Pages already cached stay as they are; where the kernel has
+    no huge pages for files the advice is a no-op."""
     with open(path, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     if hasattr(mmap, "MADV_HUGEPAGE"):

@@ -56,11 +56,11 @@ enum { I16_BLOCK = 128 };
    load) ~10, 16-64 KB ~17. Into L1 (T0) the int4 tiles streamed 1.4x slower than into L2, at one
    core as at two (alternating in one process): L1's few miss buffers held the stream back. */
 #define PREFETCH_AHEAD 8192
-/* The group of the weight at byte b of a row of nibbles, 2b / group, as a multiply and a shift:
-   no division, and no chain from one step to the next (exact while b < 2^32 / group). GROUP_OF
-   reads `recip`, a tile's GROUP_RECIPROCAL(group), computed once per tile. */
-#define GROUP_RECIPROCAL(group) (((2ull << 32) + (uint64_t)(group) - 1) / (uint64_t)(group))
-#define GROUP_OF(b) ((int64_t)(((uint64_t)(b) * recip) >> 32))
+/* The group of the weight at byte b of a row of nibbles, 2b / group, as a multiply and a shift by a
+   reciprocal computed once per tile: no division, and no chain from one step to the next (exact
+   while b < 2^32 / group). */
+static inline uint64_t group_reciprocal(int64_t group) { return ((2ull << 32) + (uint64_t)group - 1) / (uint64_t)group; }
+static inline int64_t group_of(int64_t b, uint64_t recip) { return (int64_t)(((uint64_t)b * recip) >> 32); }
 #define PREFETCH_WEIGHTS(p) _mm_prefetch((const char*)(p) + PREFETCH_AHEAD, _MM_HINT_T1)
 
 static inline float bf16_value(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -244,7 +244,8 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
             const __m512 scale = _mm512_set1_ps(xscale[i * ldscale + b]);                                      \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                const __m512i sums = CHAINS == 2 ? _mm512_add_epi32(part[0][i][j], part[CHAINS - 1][i][j]) : part[0][i][j]; \
+                __m512i sums = part[0][i][j];                                                                  \
+                UNROLLED for (int c = 1; c < CHAINS; c++) sums = _mm512_add_epi32(sums, part[c][i][j]);        \
                 total[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, total[i][j]);                  \
             }                                                                                                  \
         }                                                                                                      \
@@ -293,16 +294,16 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
         : _mm512_srli_epi32(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), \
                             group == 32 ? 5 : 6);                                                              \
     const int64_t ldw = K / 2;                                                                                 \
-    const uint64_t recip = GROUP_RECIPROCAL(group);                                                            \
+    const uint64_t recip = group_reciprocal(group);                                                            \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
     int64_t b = 0;                                                                                             \
     for (; b + 64 <= ldw; b += 64) {                                                                           \
-        const int64_t g0 = GROUP_OF(b);                                                                        \
+        const int64_t g0 = group_of(b, recip);                                                                \
         INT4_I8_STEP(MB, NB, _mm512_loadu_si512(w + j * ldw + b))                                              \
     }                                                                                                          \
     if (b < ldw) { /* the last 16, 32 or 48 bytes */                                                           \
-        const int64_t g0 = GROUP_OF(b);                                                                        \
+        const int64_t g0 = group_of(b, recip);                                                                \
         const __mmask64 mask = ((__mmask64)1 << (ldw - b)) - 1;                                                \
         INT4_I8_STEP(MB, NB, _mm512_maskz_loadu_epi8(mask, w + j * ldw + b))                                   \
     }                                                                                                          \
@@ -484,16 +485,16 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
     /* lane l's group within the step (weights 8l..8l+7): groups of 32 are two a step */                       \
     const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
     const int64_t ldw = K / 2;                                                                                 \
-    const uint64_t recip = GROUP_RECIPROCAL(group);                                                            \
+    const uint64_t recip = group_reciprocal(group);                                                            \
     __m256 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm256_setzero_ps(); \
     int64_t b = 0;                                                                                             \
     for (; b + 32 <= ldw; b += 32) {                                                                           \
-        const int64_t g0 = GROUP_OF(b);                                                                        \
+        const int64_t g0 = group_of(b, recip);                                                                \
         INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b)))                            \
     }                                                                                                          \
     if (b < ldw) { /* the last 16 bytes */                                                                     \
-        const int64_t g0 = GROUP_OF(b);                                                                        \
+        const int64_t g0 = group_of(b, recip);                                                                \
         INT4_I8_STEP(MB, NB, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))))       \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) out[i * TILE_ROWS + j] = reduce8(total[i][j]); \
