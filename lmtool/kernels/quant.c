@@ -312,11 +312,21 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
 
 /* Prefill's dequantized tiles in bfloat16, 16 or 32 weights an instruction where the plain loops
    below managed about 13 (int8) and 6 (int4) G weights/s on two cores: the same float32 values,
-   (code - zero point) * scale, rounded once to nearest even (vcvtneps2bf16). */
+   (code - zero point) * scale, rounded once to nearest even (vcvtneps2bf16). Whole vectors are
+   stored unmasked, the mask kept for a row's or group's tail: a tile is 8 MB, past L2, and a
+   masked store that misses the cache is slow on AMD (Gemma-2B's 2048 x 2048 tiles on Zen 5, two
+   threads: 7.2 -> 32.8 G weights/s int8, 12.7 -> 33.2 int4). */
 #define BF16_DEQUANT 1
 static void int8_row_to_bf16(const int8_t* codes, float scale, int64_t K, uint16_t* out) {
     const __m512 s = _mm512_set1_ps(scale);
-    for (int64_t k = 0; k < K; k += 16) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + k));
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))), s);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1))), s);
+        _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; k < K; k += 16) {
         const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
         const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, codes + k))), s);
         _mm256_mask_storeu_epi16(out + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
@@ -329,9 +339,15 @@ static void int4_group_to_bf16(const uint8_t* bytes, float s, float z, int64_t g
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i table = _mm512_castsi256_si512(
         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s))));
-    for (int64_t b = 0; b < group / 2; b += 16) {
-        const int64_t left = group / 2 - b;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    int64_t b = 0;
+    for (; b + 16 <= group / 2; b += 16) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + b)));
+        const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)),
+                                              _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
+        _mm512_storeu_si512(out + 2 * b, _mm512_permutexvar_epi16(index, table));
+    }
+    if (b < group / 2) {
+        const __mmask16 mask = (__mmask16)((1u << (group / 2 - b)) - 1);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, bytes + b));
         const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)),
                                               _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
