@@ -227,6 +227,7 @@ def test_round_trip_every_family_equals_compressed_tensors_decompression(family_
         for name, tensor in ours.model.state_dict().items():
             if not tensor.is_floating_point():
                 assert name in f.keys(), name
+                assert torch.equal(tensor, f.get_tensor(name)), name
     assert sum(p.numel() for p in ours.model.parameters()) < sum(p.numel() for p in reference.parameters()) / 2
 
 

@@ -165,6 +165,9 @@ class QuantizedWeight:
     _row_scales: dict = field(default_factory=dict, repr=False)
     _group_scale: torch.Tensor | None = field(default=None, repr=False)
     _scale_zeros: dict = field(default_factory=dict, repr=False)
+    # The zero points as the checkpoint packs them (mapped), for stored(): packing them again at
+    # every state_dict() (one at each load) left their temporaries on the heap.
+    _stored_zero_point: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:
@@ -214,7 +217,8 @@ class QuantizedWeight:
         tensors = {"weight_packed": self.nibbles.view(torch.int32), "weight_scale": self.scale,
                    "weight_shape": torch.tensor([self.out_features, self.in_features])}
         if self.zero_point is not None:
-            tensors["weight_zero_point"] = pack_int32(self.zero_point, 4, dim=0)
+            stored = self._stored_zero_point
+            tensors["weight_zero_point"] = stored if stored is not None else pack_int32(self.zero_point, 4, dim=0)
         return tensors
 
     def to(self, device: torch.device) -> "QuantizedWeight":
@@ -289,6 +293,8 @@ def read_weight(checkpoint: Checkpoint, module: str, source: str) -> tuple[Quant
         zero = get("weight_zero_point")
         used.append(f"{module}.weight_zero_point")
         if zero.dtype == torch.int32 and zero.shape[0] != weight.out_features:
+            if weight.bits == 4:
+                weight._stored_zero_point = zero
             zero = unpack_int32(zero, weight.bits, weight.out_features, dim=0)
         weight.zero_point = zero.to(torch.int8).reshape(weight.out_features, -1)
         if not weight.zero_point.any():

@@ -190,10 +190,17 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
-    """The signed int8 codes of pack_int32's output; `length` codes along dim."""
-    per_word = 32 // bits
-    words = packed.T if dim == 0 else packed
-    shifts = torch.arange(per_word, dtype=torch.int32) * bits
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    codes = (fields.reshape(words.shape[0], -1)[:, :length] - (1 << (bits - 1))).to(torch.int8)
+    """The signed int8 codes of pack_int32's output; `length` codes along dim. Read as bytes
+    (little-endian words: a byte holds two 4-bit codes, low nibble first, or one 8-bit code), so
+    that no temporary is wider than the packed words: int32 fields per code were 4x the codes,
+    and the heap kept them (an int4 Gemma-2B's zero points: about 60 MB after load)."""
+    words = (packed.T if dim == 0 else packed).contiguous()
+    if bits in (4, 8) and sys.byteorder == "little":
+        fields = words.view(torch.uint8)
+        if bits == 4:
+            fields = torch.stack((fields & 15, fields >> 4), dim=-1).reshape(words.shape[0], -1)
+    else:
+        shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
+        fields = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(words.shape[0], -1)
+    codes = (fields[:, :length].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
     return (codes.T if dim == 0 else codes).contiguous()
