@@ -490,11 +490,21 @@ def compare(
 # --- provenance ------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's name, with its x86 family and model where cpuinfo gives them: a virtual machine
+    often names only the vendor line ("AMD EPYC" for a Zen 4 and a Zen 5 alike)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields: dict[str, str] = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip() and fields:
+                break  # the first processor's block
+        if "model name" in fields:
+            name = fields["model name"]
+            if "cpu family" in fields and "model" in fields:
+                name += f" (family {fields['cpu family']}, model {fields['model']})"
+            return name
     except OSError:
         pass
     return platform.processor() or platform.machine()

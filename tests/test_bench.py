@@ -144,6 +144,17 @@ def test_markdown_table_when_stdout_is_not_a_terminal(capsys, tiny_config, cache
     assert "memory read bandwidth 12.50 [12.50–12.50] GB/s" in out
 
 
+def test_cpu_model_names_the_x86_family_and_model(tmp_path):
+    """A virtual machine's "AMD EPYC" is a Zen 4 or a Zen 5: the family and model tell them apart,
+    read from the first processor's block; without them (ARM) the name alone."""
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {f}\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n\n"
+    cpuinfo.write_text(block.format(n=0, f=26) + block.format(n=1, f=25))
+    assert bench.cpu_model(cpuinfo) == "AMD EPYC (family 26, model 2)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some ARM core\nBogoMIPS\t: 50.00\n")
+    assert bench.cpu_model(cpuinfo) == "Some ARM core"
+
+
 def test_memory_read_bandwidth_probe_runs_and_restores_threads():
     threads = torch.get_num_threads()
     assert memory_read_bandwidth(threads=1, nbytes=2**20, repeats=2) > 0  # no timing asserted
