@@ -129,7 +129,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (; k + 16 <= K; k += 16) {                                                                             \
         __m512 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            prefetch_row(w + j * K, k, K, ahead);                                                                    \
+            prefetch_row(w + j * K, k, K, ahead);                                                               \
             wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j * K + k)))); \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -171,7 +171,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         for (; b + 16 <= end; b += 16) { /* one path through the loop: the tail after it */                    \
             __m512 lo[NB], hi[NB];                                                                             \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                prefetch_row(w + j * ldw, b, ldw, ahead);                                                              \
+                prefetch_row(w + j * ldw, b, ldw, ahead);                                                       \
                 const __m512i lanes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))); \
                 lo[j] = _mm512_permutexvar_ps(lanes, table[j]);                                                \
                 hi[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(lanes, 4), table[j]);                          \
@@ -229,7 +229,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         const __mmask32 mask = (__mmask32)(MASK);                                                              \
         __m512i wv[NB];                                                                                        \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            prefetch_row(w + j * K, at, K, ahead);                                                                  \
+            prefetch_row(w + j * K, at, K, ahead);                                                             \
             wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + j * K + at));                       \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -292,7 +292,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
         xsc[i] = _mm512_loadu_ps(xscale + i * ldscale + b / 4);                                                \
     }                                                                                                          \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
-        prefetch_row(w + j * ldw, b, ldw, ahead);                                                                     \
+        prefetch_row(w + j * ldw, b, ldw, ahead);                                                              \
         __m512i bytes = BYTES;                                                                                 \
         __asm__("" : "+v"(bytes));                                                                             \
         const __m512i lo = _mm512_and_si512(bytes, low4), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4); \
@@ -399,7 +399,7 @@ static void int8_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t K, cons
     for (int64_t k = 0; k < K; k += 8) { /* load8's branch is taken only at the tail: kept out of line */      \
         __m256 wv[NB];                                                                                         \
         UNROLLED for (int j = 0; j < NB; j++) {                                                                \
-            prefetch_row(w + j * K, k, K, ahead);                                                                   \
+            prefetch_row(w + j * K, k, K, ahead);                                                              \
             wv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(load8(w + j * K + k, K - k)));                     \
         }                                                                                                      \
         UNROLLED for (int i = 0; i < MB; i++) {                                                                \
@@ -438,7 +438,7 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
         for (int64_t k = b * I16_BLOCK; k < end; k += 16) { /* load16's branch: only at the tail */            \
             __m256i wv[NB];                                                                                    \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                prefetch_row(w + j * K, k, K, ahead);                                                               \
+                prefetch_row(w + j * K, k, K, ahead);                                                          \
                 wv[j] = _mm256_cvtepi8_epi16(load16(w + j * K + k, end - k));                                  \
             }                                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) {                                                            \
@@ -476,7 +476,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
         const int64_t end = (g + 1) * group_bytes;                                                             \
         for (int64_t b = g * group_bytes; b < end; b += 8) {                                                   \
             UNROLLED for (int j = 0; j < NB; j++) {                                                            \
-                prefetch_row(w + j * ldw, b, ldw, ahead);                                                             \
+                prefetch_row(w + j * ldw, b, ldw, ahead);                                                      \
                 const __m256i lanes = _mm256_cvtepu8_epi32(load8(w + j * ldw + b, end - b));                   \
                 const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(lanes, low4));                           \
                 const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(lanes, 4));                             \
@@ -502,7 +502,7 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
 #define I8_TILES 1
 #define INT4_I8_STEP(MB, NB, BYTES)                                                                            \
     UNROLLED for (int j = 0; j < NB; j++) {                                                                    \
-        prefetch_row(w + j * ldw, b, ldw, ahead);                                                                     \
+        prefetch_row(w + j * ldw, b, ldw, ahead);                                                              \
         __m256i bytes = BYTES;                                                                                 \
         __asm__("" : "+x"(bytes));                                                                             \
         const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4); \
