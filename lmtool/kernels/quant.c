@@ -46,6 +46,10 @@
 #endif
 
 enum { TILE_ROWS = 4 };
+/* Chains of sums a tile keeps per (activation row, weight row), over alternate steps: each step adds
+   into its sum, so one chain is bound by that instruction's latency, not its rate, where a tile has
+   fewer than four sums to interleave (the 1 x 1 tile of one activation row). */
+#define SUM_CHAINS(MB, NB) ((MB) * (NB) < 4 ? 2 : 1)
 /* Activation elements per int16 block (I16_TILES): 4 steps of 32. Each int32 lane then sums at most
    8 products of |code| <= 127 and |x| <= 2^15, far from overflowing. */
 enum { I16_BLOCK = 128 };
@@ -70,6 +74,7 @@ static inline int64_t group_of(int64_t b, uint64_t recip) { return (int64_t)(((u
    two threads, from memory; 1.21-1.30x faster with this). */
 typedef struct { int64_t rest, skip, wrap; } ahead_t;
 static inline ahead_t weights_ahead(int64_t ldw, int64_t nb) {
+    if (nb == 1) return (ahead_t){PREFETCH_AHEAD, 0, 0}; /* the same addresses, without dividing by ldw */
     const int64_t distance = PREFETCH_AHEAD / nb;
     return (ahead_t){distance % ldw, distance / ldw * nb * ldw, (nb - 1) * ldw};
 }
@@ -242,11 +247,8 @@ static void int8_tile_i16_##MB##_##NB(const int16_t* xs, int64_t ldxs, const flo
     int64_t K, const int8_t* w, float* out)                                                                    \
 {                                                                                                              \
     const ahead_t ahead = weights_ahead(K, NB);                                                                \
-    /* vpdpwssd adds into its accumulator, so a sum's chain of them is bound by their latency, not     \
-       their rate: tiles of fewer than four sums (the 1 x 1 tile of one activation row) keep two per    \
-       (activation row, weight row), over alternate steps. The int32 sums are exact, so the two add     \
-       up to the same total. */                                                                          \
-    enum { CHAINS = (MB) * (NB) < 4 ? 2 : 1 };                                                                 \
+    /* SUM_CHAINS of vpdpwssd; the int32 sums are exact, so the chains add up to the same total */     \
+    enum { CHAINS = SUM_CHAINS(MB, NB) };                                                                      \
     __m512 total[MB][NB];                                                                                      \
     UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[i][j] = _mm512_setzero_ps(); \
     for (int64_t b = 0; b * I16_BLOCK < K; b++) {                                                              \
@@ -336,41 +338,39 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
    masked store that misses the cache is slow on AMD (Gemma-2B's 2048 x 2048 tiles on Zen 5, two
    threads: 7.2 -> 32.8 G weights/s int8, 12.7 -> 33.2 int4). */
 #define BF16_DEQUANT 1
+/* 16 int8 codes times the scale, in float32. */
+static inline __m512 scaled_codes(__m128i codes, __m512 scale) { return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), scale); }
 static void int8_row_to_bf16(const int8_t* codes, float scale, int64_t K, uint16_t* out) {
     const __m512 s = _mm512_set1_ps(scale);
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
         const __m256i c = _mm256_loadu_si256((const __m256i*)(codes + k));
-        const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(c))), s);
-        const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(c, 1))), s);
+        const __m512 lo = scaled_codes(_mm256_castsi256_si128(c), s), hi = scaled_codes(_mm256_extracti128_si256(c, 1), s);
         _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     for (; k < K; k += 16) {
         const __mmask16 mask = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, codes + k))), s);
-        _mm256_mask_storeu_epi16(out + k, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        _mm256_mask_storeu_epi16(out + k, mask, (__m256i)_mm512_cvtneps_pbh(scaled_codes(_mm_maskz_loadu_epi8(mask, codes + k), s)));
     }
 }
 /* One group of `group` weights (even) from its bytes: the group's 16 possible values as bfloat16 in
    a table, then per 16 bytes one vpermw whose 32-bit lanes index the low nibble in their low half
    and the high nibble in their high half: the two weights of a byte land side by side, in order. */
+static inline __m512i looked_up_pairs(__m128i bytes, __m512i table) {
+    const __m512i v = _mm512_cvtepu8_epi32(bytes);
+    const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
+    return _mm512_permutexvar_epi16(index, table);
+}
 static void int4_group_to_bf16(const uint8_t* bytes, float s, float z, int64_t group, uint16_t* out) {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i table = _mm512_castsi256_si512(
         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s))));
     int64_t b = 0;
-    for (; b + 16 <= group / 2; b += 16) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + b)));
-        const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)),
-                                              _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
-        _mm512_storeu_si512(out + 2 * b, _mm512_permutexvar_epi16(index, table));
-    }
+    for (; b + 16 <= group / 2; b += 16)
+        _mm512_storeu_si512(out + 2 * b, looked_up_pairs(_mm_loadu_si128((const __m128i*)(bytes + b)), table));
     if (b < group / 2) {
         const __mmask16 mask = (__mmask16)((1u << (group / 2 - b)) - 1);
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, bytes + b));
-        const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)),
-                                              _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
-        _mm512_mask_storeu_epi32(out + 2 * b, mask, _mm512_permutexvar_epi16(index, table));
+        _mm512_mask_storeu_epi32(out + 2 * b, mask, looked_up_pairs(_mm_maskz_loadu_epi8(mask, bytes + b), table));
     }
 }
 
@@ -512,12 +512,9 @@ static void int4_tile_##MB##_##NB(const float* xs, int64_t ldxs, int64_t half, i
             const __m256i odd = _mm256_loadu_si256((const __m256i*)(xs + i * ldxs + half + (B)));              \
             const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd)); \
             const __m256 scale = _mm256_mul_ps(ws, _mm256_loadu_ps(xscale + i * ldscale + (B) / 4));          \
-            total[i][j][C] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, total[i][j][C]); \
+            total[C][i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, total[C][i][j]); \
         }                                                                                                      \
     }
-/* Tiles of fewer than four sums (the 1 x 1 tile of one activation row) keep two per (activation
-   row, weight row), over alternate steps: one chain was bound by its FMA's latency. */
-#define I8_CHAINS(MB, NB) ((MB) * (NB) < 4 ? 2 : 1)
 #define INT4_I8_TILE(MB, NB)                                                                                   \
 static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t half, const float* xscale,        \
     int64_t ldscale, int64_t K, const uint8_t* w, int64_t group, const float* s, int64_t groups, float* out)   \
@@ -528,22 +525,24 @@ static void int4_tile_i8_##MB##_##NB(const int8_t* xs, int64_t ldxs, int64_t hal
     const __m256i lane_group = group == 32 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1) : _mm256_setzero_si256(); \
     const int64_t ldw = K / 2;                                                                                 \
     const uint64_t recip = group_reciprocal(group);                                                            \
-    __m256 total[MB][NB][2];                                                                                   \
-    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++)                                \
-        total[i][j][0] = total[i][j][1] = _mm256_setzero_ps();                                                 \
+    enum { CHAINS = SUM_CHAINS(MB, NB) }; /* of FMAs */                                                        \
+    __m256 total[CHAINS][MB][NB];                                                                              \
+    UNROLLED for (int c = 0; c < CHAINS; c++)                                                                  \
+        UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) total[c][i][j] = _mm256_setzero_ps(); \
     int64_t b = 0;                                                                                             \
-    for (; b + 64 <= ldw; b += 64) {                                                                           \
-        INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b)), b, 0)                      \
-        INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b + 32)), b + 32, I8_CHAINS(MB, NB) - 1) \
-    }                                                                                                          \
+    for (; b + 32 * CHAINS <= ldw; b += 32 * CHAINS)                                                           \
+        UNROLLED for (int c = 0; c < CHAINS; c++)                                                              \
+            INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b + 32 * c)), b + 32 * c, c) \
     for (; b + 32 <= ldw; b += 32) {                                                                           \
         INT4_I8_STEP(MB, NB, _mm256_loadu_si256((const __m256i*)(w + j * ldw + b)), b, 0)                      \
     }                                                                                                          \
     if (b < ldw) { /* the last 16 bytes */                                                                     \
         INT4_I8_STEP(MB, NB, _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w + j * ldw + b))), b, 0) \
     }                                                                                                          \
-    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++)                                \
-        out[i * TILE_ROWS + j] = reduce8(_mm256_add_ps(total[i][j][0], total[i][j][1]));                       \
+    UNROLLED for (int i = 0; i < MB; i++) UNROLLED for (int j = 0; j < NB; j++) {                              \
+        UNROLLED for (int c = 1; c < CHAINS; c++) total[0][i][j] = _mm256_add_ps(total[0][i][j], total[c][i][j]); \
+        out[i * TILE_ROWS + j] = reduce8(total[0][i][j]);                                                      \
+    }                                                                                                          \
 }
 
 #else /* plain C: 16 independent lanes a step, which the compiler vectorizes (NEON, portable) */

@@ -293,8 +293,7 @@ def read_weight(checkpoint: Checkpoint, module: str, source: str) -> tuple[Quant
         zero = get("weight_zero_point")
         used.append(f"{module}.weight_zero_point")
         if zero.dtype == torch.int32 and zero.shape[0] != weight.out_features:
-            if weight.bits == 4:
-                weight._stored_zero_point = zero
+            weight._stored_zero_point = zero
             zero = unpack_int32(zero, weight.bits, weight.out_features, dim=0)
         weight.zero_point = zero.to(torch.int8).reshape(weight.out_features, -1)
         if not weight.zero_point.any():
