@@ -164,12 +164,22 @@ def machine(report: dict) -> str:
 
 
 def bandwidth(reports: dict[str, dict]) -> str:
-    """The memory read bandwidth measured between each preset's runs, if it was."""
-    measured = {preset: r["provenance"].get("memory_bandwidth_gbps") for preset, r in reports.items()}
-    parts = [f"{spread(summary)} GB/s during {preset}" for preset, summary in measured.items() if summary]
-    if not parts:
-        return ""
-    return "; memory read bandwidth (sum of a 1 GiB float32 tensor after each run) " + ", ".join(parts)
+    """The memory read rate probed around each run's batch-1 decode (the shares' roofs), else the
+    one measured after each run, if it was."""
+    around, after = [], []
+    for preset, r in reports.items():
+        rows = [row for row in r["results"] if row["key"] == "decode_gbps@1" and "memory_bandwidth_gbps" in row]
+        if rows and rows[0].get("bandwidth_probed") == "around each run's decode":
+            around += [f"{spread(row['memory_bandwidth_gbps'])} GB/s during {preset} {row['dtype']}" for row in rows]
+        elif r["provenance"].get("memory_bandwidth_gbps"):
+            after.append(f"{spread(r['provenance']['memory_bandwidth_gbps'])} GB/s during {preset}")
+    text = ""
+    if around:
+        text += ("; memory read rate (sum of a 256 MiB float32 tensor just before and after each run's batch-1 "
+                 "decode, the roof of that run's share) " + ", ".join(around))
+    if after:
+        text += "; memory read bandwidth (sum of a 1 GiB float32 tensor after each run) " + ", ".join(after)
+    return text
 
 
 def render(reports: dict[str, dict]) -> str:

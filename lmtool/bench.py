@@ -6,8 +6,10 @@ lmtool and transformers alternate (ABBA order) so that the machine's drift (memo
 shared host moves by tens of percent within minutes) falls on both alike. Each run records how
 much CPU other processes took meanwhile; a run on a busy machine is run again (max_foreign_cpu).
 Each metric is reported as the median over repeats with its min-max spread. Because that drift
-bounds batch-1 decode, the parent also measures the memory read bandwidth after every measured run
-(memory_read_bandwidth) and reports how close each runner's decode comes to it.
+bounds batch-1 decode, each run also reads a buffer just before and just after its batch-1 decode
+(best_read_gbps), and the report gives how close each run's decode came to that read rate (the
+median over runs); the parent's probe after every run (memory_read_bandwidth) goes to the
+provenance.
 
 Random-weight checkpoints (--preset, --config) are written once, in the standard layout, under
 the bench cache folder, so loading them is measured exactly as loading a downloaded model is.
@@ -36,6 +38,7 @@ import torch
 
 from . import __version__, hub
 from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, map_weights, write_weights
+from .bench_worker import best_read_gbps
 from .errors import LmtoolError
 from .inference import runtime
 from .loading import DTYPES, build_model, family_of, read_config
@@ -45,6 +48,10 @@ PEERS = ("transformers",)
 SHORT_PROMPT = 32  # prompt of the time-to-first-token and decode workloads
 INIT_STD = 0.02  # transformers' initializer_range
 WORKER = Path(__file__).with_name("bench_worker.py")
+# The worker's own read-rate probe, around its batch-1 decode: 8x a large L3 cache, far less
+# than the parent's 1 GiB (it adds to the worker's resident set, though not to its peak above
+# torch's own).
+WORKER_PROBE_BYTES = 2**28
 # runpy does not put the worker's folder on sys.path (that would shadow the standard library with
 # lmtool's inspect.py and config.py).
 BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
@@ -224,6 +231,7 @@ class Metric:
 # not counted). Runners may read different bytes (streamed_bytes), so this ratio can differ from
 # the tok/s ratio.
 EFFECTIVE = "decode_gbps@1"
+READ_RATE = "read_gbps@1"  # not a metric: the read probe around a run's batch-1 decode
 
 
 def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
@@ -254,6 +262,8 @@ def flatten(sample: dict, weights: int) -> dict[str, float]:
     values.update({f"decode@{b}": v for b, v in sample["decode_tokens_per_s"].items()})
     if "decode@1" in values:
         values[EFFECTIVE] = weights * values["decode@1"] / 1e9
+        if "read_gbps_around_decode" in sample:  # the memory's read rate just before and after
+            values[READ_RATE] = statistics.fmean(sample["read_gbps_around_decode"])
     if "peak_cuda_bytes" in sample:
         values["peak_cuda"] = sample["peak_cuda_bytes"] / 2**30
     return values
@@ -316,11 +326,7 @@ def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repea
         torch.set_num_threads(threads)
     try:
         tensor = torch.ones(nbytes // 4, dtype=torch.float32)  # written once, so its pages are mapped
-        best = 0.0
-        for _ in range(repeats):
-            start = time.perf_counter()
-            tensor.sum()
-            best = max(best, tensor.nbytes / (time.perf_counter() - start) / 1e9)
+        best = best_read_gbps(tensor, repeats)
         del tensor  # a tensor this large is unmapped at once, before the next run starts
         return best
     finally:
@@ -352,6 +358,7 @@ def spawn(spec: BenchSpec, runner: str, dtype: str) -> dict:
             "threads": spec.threads,
             "prompt_lens": spec.prompt_lens, "batches": spec.batches, "new_tokens": spec.new_tokens,
             "short_prompt": SHORT_PROMPT, "result_file": str(result_file),
+            "read_probe_bytes": WORKER_PROBE_BYTES if spec.bandwidth and spec.device == "cpu" else 0,
         }
         env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         job["spawned_at"] = time.time()
@@ -478,8 +485,18 @@ def compare(
         if metric.key in ("peak_rss", "model_rss"):
             row["weight_gib"] = weights / 2**30
             row["per_weight_bytes"] = {r: s["median"] * 2**30 / weights for r, s in row["runners"].items()}
-        if metric.key == EFFECTIVE and bandwidth:
+        if metric.key == EFFECTIVE and all(READ_RATE in run for runs in samples.values() for run in runs):
+            # How close each run's decode came to the read rate probed around it, the median over
+            # runs: a shared machine's rate drifts too much between runs for a common roof.
+            row["memory_bandwidth_gbps"] = summarize([run[READ_RATE] for runs in samples.values() for run in runs])
+            row["bandwidth_probed"] = "around each run's decode"
+            row["share_of_bandwidth"] = {
+                runner: statistics.median(run[EFFECTIVE] / run[READ_RATE] for run in runs)
+                for runner, runs in samples.items()
+            }
+        elif metric.key == EFFECTIVE and bandwidth:
             row["memory_bandwidth_gbps"] = summarize(bandwidth)
+            row["bandwidth_probed"] = "after each run"
             # Medians over the same stretch of time: how close each runner's decode gets to the roof.
             roof = row["memory_bandwidth_gbps"]["median"]
             row["share_of_bandwidth"] = {r: s["median"] / roof for r, s in row["runners"].items()}

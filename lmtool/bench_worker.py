@@ -171,15 +171,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def best_read_gbps(tensor, repeats: int) -> float:
+    """The best of `repeats` sums of a resident tensor, as GB/s (1e9 bytes) read: the memory's read
+    rate when the tensor is far larger than the caches."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tensor.sum()
+        best = max(best, tensor.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def run(spec: dict) -> dict:
     spawned_at = spec["spawned_at"]
     load = ForeignLoad()
     import torch
 
-    # What the runtime costs before any model: both runners import torch first.
-    baseline = peak_memory("cpu")["peak_rss_bytes"]
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    # The read-rate probe's buffer (read_probe_bytes; 0: none), made before anything is measured:
+    # the time it takes is not the run's, and its pages (all written, so all resident from here to
+    # the end) are taken off the peak and the baseline below.
+    probe, probe_rss = None, 0
+    if spec.get("read_probe_bytes"):
+        made = time.time()
+        probe = torch.ones(spec["read_probe_bytes"] // 4, dtype=torch.float32)
+        probe_rss = probe.nbytes
+        spawned_at += time.time() - made
+    # What the runtime costs before any model: both runners import torch first.
+    baseline = peak_memory("cpu")["peak_rss_bytes"] - probe_rss
     runner = RUNNERS[spec["runner"]](spec)
     runner.load()
     sync(spec["device"])
@@ -201,9 +221,15 @@ def run(spec: dict) -> dict:
     for batch in spec["batches"]:
         ids = random_ids(batch, short, vocab, seed=3)
         runner.generate(ids, new_tokens=3)
+        # Batch 1 reads the weights at the memory's rate at best, and a shared machine's rate drifts
+        # within minutes (37-79 GB/s on one host): so it is probed just before and just after.
+        read_before = best_read_gbps(probe, 3) if probe is not None and batch == 1 else None
         timing = runner.generate(ids, new_tokens=new_tokens)
+        if read_before is not None:
+            result["read_gbps_around_decode"] = [read_before, best_read_gbps(probe, 3)]
         result["decode_tokens_per_s"][str(batch)] = batch * (new_tokens - 1) / timing["decode_s"]
     result.update(peak_memory(spec["device"]))
+    result["peak_rss_bytes"] -= probe_rss
     result["torch_rss_bytes"] = baseline
     result["foreign_cpu_percent"] = load.percent()
     return result

@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import io
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 import lmtool
 from lmtool import bench
 from lmtool.bench import (
-    config_name, csv_rows, memory_read_bandwidth, preset_config, presets, random_checkpoint, run_order, weight_bytes,
+    EFFECTIVE, READ_RATE, BenchSpec, config_name, csv_rows, memory_read_bandwidth, preset_config, presets,
+    random_checkpoint, run_order, weight_bytes,
 )
 from lmtool.cli.bench import describe_setup
 from lmtool.errors import ExitCode, LmtoolError
@@ -40,6 +42,7 @@ def probe(monkeypatch) -> list:
     and disturb anything else timed on the machine. Returns the threads of each call."""
     calls: list = []
     monkeypatch.setattr(bench, "memory_read_bandwidth", lambda threads=None: calls.append(threads) or 12.5)
+    monkeypatch.setattr(bench, "WORKER_PROBE_BYTES", 2**20)  # the workers' own probe, around their decode
     return calls
 
 
@@ -172,9 +175,13 @@ def test_bandwidth_after_each_run_reaches_the_json_and_the_csv(capsys, tiny_conf
     effective, decode = rows["decode_gbps@1"], rows["decode@1"]["runners"]["lmtool"]
     assert effective["label"] == "decode b1 weight read rate (bytes read per token × tok/s)" and effective["unit"] == "GB/s"
     weights = weight_bytes(Path(report["model"]["folder"]), effective["dtype"])
-    assert effective["runners"]["lmtool"]["samples"] == pytest.approx([weights * v / 1e9 for v in decode["samples"]])
-    assert effective["memory_bandwidth_gbps"]["median"] == 12.5
-    assert effective["share_of_bandwidth"]["lmtool"] == pytest.approx(effective["runners"]["lmtool"]["median"] / 12.5)
+    read = effective["runners"]["lmtool"]["samples"]
+    assert read == pytest.approx([weights * v / 1e9 for v in decode["samples"]])
+    # the share's roof is each run's own probe around its decode, not the parent's between runs
+    assert effective["bandwidth_probed"] == "around each run's decode"
+    roofs = effective["memory_bandwidth_gbps"]["samples"]
+    assert len(roofs) == 2 and all(r > 0 and r != 12.5 for r in roofs)
+    assert effective["share_of_bandwidth"]["lmtool"] == pytest.approx(statistics.median(a / b for a, b in zip(read, roofs)))
 
     code, out, err = run_cli(capsys, *args, "--csv")
     assert code == 0, err
@@ -182,6 +189,26 @@ def test_bandwidth_after_each_run_reaches_the_json_and_the_csv(capsys, tiny_conf
     assert {r["memory_bandwidth_gbps_median"] for r in rows} == {"12.5"}
     [effective] = [r for r in rows if r["metric"] == "decode_gbps@1"]
     assert effective["unit"] == "GB/s" and float(effective["share_of_bandwidth"]) > 0
+
+
+def test_share_of_bandwidth_is_the_median_of_each_runs_own_share(monkeypatch):
+    """A run on a slow stretch of the machine is measured against that stretch's read rate: with
+    roofs 10 and 20 GB/s, decodes of 9 and 18 GB/s are both 90 %, though a common roof (15) would
+    give 60 % and 120 %."""
+    spec = BenchSpec(folder=Path("unused"), name="x", dtypes=["bfloat16"], against=["transformers"], prompt_lens=[8])
+    runs = {
+        "lmtool": [{EFFECTIVE: 9.0, READ_RATE: 10.0}, {EFFECTIVE: 18.0, READ_RATE: 20.0}, {EFFECTIVE: 17.0, READ_RATE: 20.0}],
+        "transformers": [{EFFECTIVE: 4.0, READ_RATE: 10.0}, {EFFECTIVE: 10.0, READ_RATE: 20.0}, {EFFECTIVE: 6.0, READ_RATE: 10.0}],
+    }
+    for samples in runs.values():
+        for sample in samples:
+            sample.update({m.key: 1.0 for m in bench.metrics_of(spec, "cpu") if m.key != EFFECTIVE})
+    monkeypatch.setattr(bench, "weight_bytes", lambda folder, dtype: 1)
+    [row] = [r for r in bench.compare(spec, "bfloat16", runs, [15.0, 15.0]) if r["key"] == EFFECTIVE]
+    assert row["bandwidth_probed"] == "around each run's decode"
+    assert row["share_of_bandwidth"]["lmtool"] == pytest.approx(0.9)
+    assert row["share_of_bandwidth"]["transformers"] == pytest.approx(0.5)
+    assert row["memory_bandwidth_gbps"]["median"] == 15.0  # all six probes
 
 
 def test_no_bandwidth_skips_the_probe(capsys, tiny_config, cache, probe):
