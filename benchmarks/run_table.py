@@ -169,14 +169,14 @@ def bandwidth(reports: dict[str, dict]) -> str:
     around, after = [], []
     for preset, r in reports.items():
         rows = [row for row in r["results"] if row["key"] == "decode_gbps@1" and "memory_bandwidth_gbps" in row]
-        if rows and rows[0].get("bandwidth_probed") == "around each run's decode":
+        if rows and rows[0].get("bandwidth_probed") == "between the parts of each run's decode":
             around += [f"{spread(row['memory_bandwidth_gbps'])} GB/s during {preset} {row['dtype']}" for row in rows]
         elif r["provenance"].get("memory_bandwidth_gbps"):
             after.append(f"{spread(r['provenance']['memory_bandwidth_gbps'])} GB/s during {preset}")
     text = ""
     if around:
-        text += ("; memory read rate (sum of a 256 MiB float32 tensor just before and after each run's batch-1 "
-                 "decode, the roof of that run's share) " + ", ".join(around))
+        text += ("; memory read rate (two sums of a 256 MiB float32 tensor before each quarter of a run's batch-1 "
+                 "decode and after the last, all bytes over all time: the roof of that run's share) " + ", ".join(around))
     if after:
         text += "; memory read bandwidth (sum of a 1 GiB float32 tensor after each run) " + ", ".join(after)
     return text

@@ -6,10 +6,10 @@ lmtool and transformers alternate (ABBA order) so that the machine's drift (memo
 shared host moves by tens of percent within minutes) falls on both alike. Each run records how
 much CPU other processes took meanwhile; a run on a busy machine is run again (max_foreign_cpu).
 Each metric is reported as the median over repeats with its min-max spread. Because that drift
-bounds batch-1 decode, each run also reads a buffer just before and just after its batch-1 decode
-(best_read_gbps), and the report gives how close each run's decode came to that read rate (the
-median over runs); the parent's probe after every run (memory_read_bandwidth) goes to the
-provenance.
+bounds batch-1 decode, each run times that decode in four parts with reads of a buffer between
+them (bench_worker.decode_between_reads), and the report gives how close each run's decode came
+to that read rate (the median over runs); the parent's probe after every run
+(memory_read_bandwidth) goes to the provenance.
 
 Random-weight checkpoints (--preset, --config) are written once, in the standard layout, under
 the bench cache folder, so loading them is measured exactly as loading a downloaded model is.
@@ -38,7 +38,7 @@ import torch
 
 from . import __version__, hub
 from .checkpoint import Checkpoint, PlannedTensor, atomic_folder, dtype_size, map_weights, write_weights
-from .bench_worker import best_read_gbps
+from .bench_worker import read_rates
 from .errors import LmtoolError
 from .inference import runtime
 from .loading import DTYPES, build_model, family_of, read_config
@@ -48,7 +48,7 @@ PEERS = ("transformers",)
 SHORT_PROMPT = 32  # prompt of the time-to-first-token and decode workloads
 INIT_STD = 0.02  # transformers' initializer_range
 WORKER = Path(__file__).with_name("bench_worker.py")
-# The worker's own read-rate probe, around its batch-1 decode: 8x a large L3 cache, far less
+# The worker's own read-rate probe, between the parts of its batch-1 decode: 8x a large L3 cache, far less
 # than the parent's 1 GiB (it adds to the worker's resident set, though not to its peak above
 # torch's own).
 WORKER_PROBE_BYTES = 2**28
@@ -262,8 +262,11 @@ def flatten(sample: dict, weights: int) -> dict[str, float]:
     values.update({f"decode@{b}": v for b, v in sample["decode_tokens_per_s"].items()})
     if "decode@1" in values:
         values[EFFECTIVE] = weights * values["decode@1"] / 1e9
-        if "read_gbps_around_decode" in sample:  # the memory's read rate just before and after
-            values[READ_RATE] = statistics.fmean(sample["read_gbps_around_decode"])
+        if "read_gbps_around_decode" in sample:
+            # The read rate of the sums between the decode's parts, as the decode's is taken: all the
+            # bytes over all the time (the harmonic mean of equal reads), not the best sum, which
+            # picks a noisy machine's fastest moment where the decode's average has its slow ones.
+            values[READ_RATE] = statistics.harmonic_mean(sample["read_gbps_around_decode"])
     if "peak_cuda_bytes" in sample:
         values["peak_cuda"] = sample["peak_cuda_bytes"] / 2**30
     return values
@@ -326,7 +329,7 @@ def memory_read_bandwidth(threads: int | None = None, nbytes: int = 2**30, repea
         torch.set_num_threads(threads)
     try:
         tensor = torch.ones(nbytes // 4, dtype=torch.float32)  # written once, so its pages are mapped
-        best = best_read_gbps(tensor, repeats)
+        best = max(read_rates(tensor, repeats))
         del tensor  # a tensor this large is unmapped at once, before the next run starts
         return best
     finally:
@@ -489,7 +492,7 @@ def compare(
             # How close each run's decode came to the read rate probed around it, the median over
             # runs: a shared machine's rate drifts too much between runs for a common roof.
             row["memory_bandwidth_gbps"] = summarize([run[READ_RATE] for runs in samples.values() for run in runs])
-            row["bandwidth_probed"] = "around each run's decode"
+            row["bandwidth_probed"] = "between the parts of each run's decode"
             row["share_of_bandwidth"] = {
                 runner: statistics.median(run[EFFECTIVE] / run[READ_RATE] for run in runs)
                 for runner, runs in samples.items()

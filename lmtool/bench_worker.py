@@ -10,7 +10,9 @@ runs once untimed before it is timed (llama-bench's warm-up):
 - load_s: process start (taken by the parent just before spawning) to a model ready to run;
 - ttft_s: process start to the first token of a short prompt (import + load + prefill + sample);
 - prefill: prompt tokens / (generate() call to the first logits), logits for the last position only;
-- decode: batch * (n - 1) / (first to last of n generated tokens), so the prefill is excluded.
+- decode: batch * (n - 1) / (first to last of n generated tokens), so the prefill is excluded;
+  with the read-rate probe, batch 1 is timed in four parts with reads of the probe between them
+  (decode_between_reads), the same steps per second over the parts' decode time.
 """
 
 from __future__ import annotations
@@ -171,15 +173,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_read_gbps(tensor, repeats: int) -> float:
-    """The best of `repeats` sums of a resident tensor, as GB/s (1e9 bytes) read: the memory's read
-    rate when the tensor is far larger than the caches."""
-    best = 0.0
+def read_rates(tensor, repeats: int) -> list[float]:
+    """The GB/s (1e9 bytes) at which each of `repeats` sums of a resident tensor read it: the
+    memory's read rate when the tensor is far larger than the caches."""
+    rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         tensor.sum()
-        best = max(best, tensor.nbytes / (time.perf_counter() - start) / 1e9)
-    return best
+        rates.append(tensor.nbytes / (time.perf_counter() - start) / 1e9)
+    return rates
+
+
+def decode_between_reads(runner, ids, new_tokens: int, probe, parts: int = 4) -> tuple[float, list[float]]:
+    """Batch-1 decode steps per second, timed in `parts` generations of new_tokens / parts tokens
+    with two reads of the probe before each and after the last; and the read rates. Batch 1 reads
+    the weights at the memory's rate at best, and a shared machine's rate moves within seconds
+    (23-52 GB/s between reads around one run, Zen 5 host): so the reads are spread over the
+    decode's own time, and the run's share is its decode against them."""
+    rates = read_rates(probe, 2)
+    steps, decode_s = 0, 0.0
+    per_part = max(2, new_tokens // parts)
+    for _ in range(parts):
+        timing = runner.generate(ids, new_tokens=per_part)
+        steps, decode_s = steps + per_part - 1, decode_s + timing["decode_s"]
+        rates += read_rates(probe, 2)
+    return steps / decode_s, rates
 
 
 def run(spec: dict) -> dict:
@@ -221,12 +239,11 @@ def run(spec: dict) -> dict:
     for batch in spec["batches"]:
         ids = random_ids(batch, short, vocab, seed=3)
         runner.generate(ids, new_tokens=3)
-        # Batch 1 reads the weights at the memory's rate at best, and a shared machine's rate drifts
-        # within minutes (37-79 GB/s on one host): so it is probed just before and just after.
-        read_before = best_read_gbps(probe, 3) if probe is not None and batch == 1 else None
+        if probe is not None and batch == 1:
+            steps_per_s, result["read_gbps_around_decode"] = decode_between_reads(runner, ids, new_tokens, probe)
+            result["decode_tokens_per_s"][str(batch)] = steps_per_s
+            continue
         timing = runner.generate(ids, new_tokens=new_tokens)
-        if read_before is not None:
-            result["read_gbps_around_decode"] = [read_before, best_read_gbps(probe, 3)]
         result["decode_tokens_per_s"][str(batch)] = batch * (new_tokens - 1) / timing["decode_s"]
     result.update(peak_memory(spec["device"]))
     result["peak_rss_bytes"] -= probe_rss

@@ -93,8 +93,8 @@ def describe_setup(report: dict[str, Any]) -> str:
         f"after each of {len(bandwidth['samples'])} runs)"
         if bandwidth else ""
     )
-    if any(r.get("bandwidth_probed") == "around each run's decode" for r in report["results"]):
-        measured += "; each run's share of read bandwidth against a read just before and after its batch-1 decode"
+    if any(r.get("bandwidth_probed") == "between the parts of each run's decode" for r in report["results"]):
+        measured += "; each run's share of read bandwidth against reads between the four parts of its batch-1 decode"
     from ..inference import cpu_line
 
     cpu = f"; {cpu_line(p['cpu_runtime'])}" if p.get("cpu_runtime") else ""
