@@ -3,14 +3,20 @@ each quantized by lmtool's own `quantize`: the speed ratios of issue #13 (int8 >
 2.8x bfloat16 decode; prefill >= 0.9x) and a run's peak memory against the checkpoint's bytes.
 
     python benchmarks/quant_decode.py [--preset gemma-2b] [--repeat 5] [--tokens 32]
-                                      [--prompt-len 128] [--json report.json]
+                                      [--prompt-len 128] [--alternating-rounds 11] [--json report.json]
 
 The bfloat16 checkpoint is `lmtool bench`'s (~/.cache/lmtool/bench/<preset>-bfloat16, written once);
 its int8 and int4 quantizations are written once beside it (<preset>-int8, <preset>-int4-g64, no
 verification: random weights have nothing to verify). Each round runs the three models one after
 the other, each in a fresh process (so its peak memory above torch's own is its own: the load's
 copies plus the mapped pages the run touched), and the rounds repeat:
-medians and min-max ranges over the rounds, ratios against bfloat16 within each round. Decode
+medians and min-max ranges over the rounds, ratios against bfloat16 within each round. Each run
+times its prefill after one untimed prefill of the same length (lmtool bench's warm-up). The
+decode speeds and ratios come from one more process that loads the three models and times their
+steps interleaved, one step of each in turn, `--alternating-rounds` rounds of `--tokens` steps of
+each (per round each model's median step; ratios within a round): on a host whose read rate moves
+within seconds, the fresh processes' decode ratios (column "x bf16 (fresh)") moved by half from
+round to round. Decode
 GB/s is the bytes a step streams (lmtool.bench.streamed_bytes: codes, scales and zero points for
 the quantized models) times the tokens per second; the machine's read bandwidth is measured once
 for comparison. Run it on a quiet machine: the figures are only as good as the CPU is idle.
@@ -56,6 +62,10 @@ def worker(folder: str, prompt_len: int, tokens: int) -> None:
     warmup = 3
     with torch.inference_mode():
         model(ids[:, :8], cache=model.make_cache(1, 16), logits_to_keep=1)  # first-call costs (kernel build, pages)
+        # the prompt's shape once untimed, as lmtool bench does (llama-bench's warm-up): the first
+        # product of each shape creates its oneDNN primitive, and the tiled prefill has shapes of
+        # its own; timed cold, int4's prefill ran 0.73-1.00x bfloat16 from round to round
+        model(ids, cache=model.make_cache(1, prompt_len), logits_to_keep=1)
         cache = model.make_cache(1, prompt_len + warmup + tokens + 1)
         started = time.perf_counter()
         token = model(ids, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
@@ -70,6 +80,37 @@ def worker(folder: str, prompt_len: int, tokens: int) -> None:
         "load_s": load_s, "peak_gib": peak_gib() - torch_own, "prefill_s": prefill_s,
         "decode_step_s": statistics.median(steps[warmup:]), "kernels": kernels.describe()["kernels"],
     }))
+
+
+def alternating_worker(folders: list[str], rounds: int, tokens: int) -> None:
+    """All the models in this one process, their batch-1 decode steps timed in turn, one step of
+    each model after another (the order reversed every other step), `tokens` steps of each a round:
+    so the models' steps of a round meet the machine in the same states (a host whose read rate
+    moves within seconds moved the separate runs' ratios by half, and runs of steps taken model by
+    model moved them too). A JSON line on stdout: each model's median step per round."""
+    import torch
+
+    import lmtool
+
+    models = [lmtool.load(folder, task="causal-lm", dtype="bfloat16", tokenizer=False).model for folder in folders]
+    steps: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        ids = torch.randint(10, 1000, (1, 16))
+        caches = [model.make_cache(1, 16 + rounds * (tokens + 2) + 8) for model in models]
+        tokens_now = []
+        for model, cache in zip(models, caches):
+            token = model(ids, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+            tokens_now.append(model(token, cache=cache, logits_to_keep=1)[:, -1].argmax(-1, keepdim=True))
+        for round_ in range(rounds):
+            times: list[list[float]] = [[] for _ in models]
+            for step in range(tokens):
+                for i in range(len(models)) if step % 2 == 0 else reversed(range(len(models))):
+                    started = time.perf_counter()
+                    tokens_now[i] = models[i](tokens_now[i], cache=caches[i], logits_to_keep=1)[:, -1].argmax(-1, keepdim=True)
+                    times[i].append(time.perf_counter() - started)
+            for i, model_times in enumerate(times):
+                steps[i].append(statistics.median(model_times))
+    print(json.dumps({"step_s": steps}))
 
 
 def checkpoints(preset: str, layers: int | None) -> dict[str, Path]:
@@ -108,10 +149,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per run (default 32)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
     parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--alternating-rounds", type=int, default=11,
+                        help="rounds of the decode steps of the three models alternating in one process (default 11)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--alternating-worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.prompt_len, args.tokens)
+        return
+    if args.alternating_worker:
+        alternating_worker(args.alternating_worker, args.alternating_rounds, args.tokens)
         return
 
     from lmtool.bench import memory_read_bandwidth, streamed_bytes
@@ -133,22 +180,34 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.repeat} {variant}: {1 / run['decode_step_s']:.2f} tok/s, "
                   f"prefill {run['prefill_s']:.2f} s", file=sys.stderr)
 
+    print(f"decode steps of the three models alternating in one process, {args.alternating_rounds} rounds",
+          file=sys.stderr)
+    done = subprocess.run(
+        [sys.executable, __file__, "--tokens", str(args.tokens), "--alternating-rounds", str(args.alternating_rounds),
+         "--alternating-worker", *map(str, folders.values())],
+        capture_output=True, text=True, check=True,
+    )
+    alternating = dict(zip(folders, json.loads(done.stdout.strip().splitlines()[-1])["step_s"]))
+
     report = {"preset": args.preset, "layers": args.layers, "tokens": args.tokens, "prompt_len": args.prompt_len,
-              "repeat": args.repeat, "read_bandwidth_gbs": bandwidth, "kernels": runs["bf16"][0]["kernels"],
-              "variants": {}}
+              "repeat": args.repeat, "alternating_rounds": args.alternating_rounds, "read_bandwidth_gbs": bandwidth,
+              "kernels": runs["bf16"][0]["kernels"], "variants": {}}
     print(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, kernels {report['kernels']}, "
-          f"machine read bandwidth {bandwidth:.1f} GB/s, {args.repeat} rounds")
-    print(f"{'':6} {'tok/s':>20} {'x bf16':>20} {'GB/s':>7} {'prefill x bf16':>20} {'peak / bytes':>13}")
+          f"machine read bandwidth {bandwidth:.1f} GB/s; decode alternating in one process "
+          f"({args.alternating_rounds} rounds), the rest {args.repeat} rounds of fresh processes")
+    print(f"{'':6} {'tok/s':>20} {'x bf16':>20} {'GB/s':>7} {'x bf16 (fresh)':>20} {'prefill x bf16':>20} "
+          f"{'peak / bytes':>13}")
     for variant in folders:
-        tok_s = [1 / r["decode_step_s"] for r in runs[variant]]
-        ratios = [b["decode_step_s"] / r["decode_step_s"] for b, r in zip(runs["bf16"], runs[variant])]
+        tok_s = [1 / step for step in alternating[variant]]
+        ratios = [b / step for b, step in zip(alternating["bf16"], alternating[variant])]
+        fresh = [b["decode_step_s"] / r["decode_step_s"] for b, r in zip(runs["bf16"], runs[variant])]
         prefill = [b["prefill_s"] / r["prefill_s"] for b, r in zip(runs["bf16"], runs[variant])]
         peak = [r["peak_gib"] * 2**30 / stored[variant] for r in runs[variant]]
         entry = {
             "folder": str(folders[variant]), "stored_bytes": stored[variant], "streamed_bytes": streamed[variant],
-            "tok_s": spread(tok_s), "decode_x_bf16": spread(ratios), "prefill_x_bf16": spread(prefill),
-            "decode_gbs": statistics.median(tok_s) * streamed[variant] / 1e9, "peak_over_bytes": spread(peak),
-            "runs": runs[variant],
+            "tok_s": spread(tok_s), "decode_x_bf16": spread(ratios), "fresh_decode_x_bf16": spread(fresh),
+            "prefill_x_bf16": spread(prefill), "decode_gbs": statistics.median(tok_s) * streamed[variant] / 1e9,
+            "peak_over_bytes": spread(peak), "alternating_step_s": alternating[variant], "runs": runs[variant],
         }
         report["variants"][variant] = entry
 
@@ -156,8 +215,8 @@ def main() -> None:
             return f"{s['median']:{fmt}} ({s['min']:{fmt}}-{s['max']:{fmt}})"
 
         print(f"{variant:6} {cell(entry['tok_s'], '.2f'):>20} {cell(entry['decode_x_bf16'], '.2f'):>20} "
-              f"{entry['decode_gbs']:7.1f} {cell(entry['prefill_x_bf16'], '.2f'):>20} "
-              f"{statistics.median(peak):13.2f}")
+              f"{entry['decode_gbs']:7.1f} {cell(entry['fresh_decode_x_bf16'], '.2f'):>20} "
+              f"{cell(entry['prefill_x_bf16'], '.2f'):>20} {statistics.median(peak):13.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
