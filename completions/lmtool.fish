@@ -229,7 +229,7 @@ complete -c lmtool -n 'test (__lmtool_command) = bench' -l against -r -f -d 'Als
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l device -r -f -a 'auto cpu cuda' -d 'Where the runs happen.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l threads -r -f -d 'torch threads (default: torch\'s).'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l max-foreign-cpu -r -f -d 'Re-run (twice at most) a run during which other processes used more than this % of the CPU; 100 = never.'
-complete -c lmtool -n 'test (__lmtool_command) = bench' -l bandwidth -l no-bandwidth -d 'Measure memory read bandwidth after each run (cpu; about 1 s each).'
+complete -c lmtool -n 'test (__lmtool_command) = bench' -l bandwidth -l no-bandwidth -d 'Measure the memory read rate around each run\'s batch-1 decode and after each run (cpu; about 1 s each).'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l checkpoint-dtype -r -f -a 'float32 bfloat16 float16' -d 'dtype of random weights on disk.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l cache-dir -r -F -d 'Where random checkpoints are kept.'
 complete -c lmtool -n 'test (__lmtool_command) = bench' -l force -d 'Write random weights even when larger than this machine\'s memory.'

@@ -150,7 +150,7 @@ def bench_command(
         20.0, "--max-foreign-cpu", min=0, help="Re-run (twice at most) a run during which other processes used more than this % of the CPU; 100 = never."
     ),
     bandwidth: bool = typer.Option(
-        True, "--bandwidth/--no-bandwidth", help="Measure memory read bandwidth after each run (cpu; about 1 s each)."
+        True, "--bandwidth/--no-bandwidth", help="Measure the memory read rate around each run's batch-1 decode and after each run (cpu; about 1 s each)."
     ),
     checkpoint_dtype: str = typer.Option("bfloat16", "--checkpoint-dtype", help="dtype of random weights on disk."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where random checkpoints are kept."),
