@@ -166,10 +166,12 @@ def machine(report: dict) -> str:
 def bandwidth(reports: dict[str, dict]) -> str:
     """The memory read rate probed around each run's batch-1 decode (the shares' roofs), else the
     one measured after each run, if it was."""
+    from lmtool.bench import PROBED_BETWEEN_PARTS
+
     around, after = [], []
     for preset, r in reports.items():
         rows = [row for row in r["results"] if row["key"] == "decode_gbps@1" and "memory_bandwidth_gbps" in row]
-        if rows and rows[0].get("bandwidth_probed") == "between the parts of each run's decode":
+        if rows and rows[0].get("bandwidth_probed") == PROBED_BETWEEN_PARTS:
             around += [f"{spread(row['memory_bandwidth_gbps'])} GB/s during {preset} {row['dtype']}" for row in rows]
         elif r["provenance"].get("memory_bandwidth_gbps"):
             after.append(f"{spread(r['provenance']['memory_bandwidth_gbps'])} GB/s during {preset}")

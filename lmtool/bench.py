@@ -7,7 +7,7 @@ shared host moves by tens of percent within minutes) falls on both alike. Each r
 much CPU other processes took meanwhile; a run on a busy machine is run again (max_foreign_cpu).
 Each metric is reported as the median over repeats with its min-max spread. Because that drift
 bounds batch-1 decode, each run times that decode in four parts with reads of a buffer between
-them (bench_worker.decode_between_reads), and the report gives how close each run's decode came
+them (bench_worker.timed_decode), and the report gives how close each run's decode came
 to that read rate (the median over runs); the parent's probe after every run
 (memory_read_bandwidth) goes to the provenance.
 
@@ -48,10 +48,11 @@ PEERS = ("transformers",)
 SHORT_PROMPT = 32  # prompt of the time-to-first-token and decode workloads
 INIT_STD = 0.02  # transformers' initializer_range
 WORKER = Path(__file__).with_name("bench_worker.py")
-# The worker's own read-rate probe, between the parts of its batch-1 decode: 8x a large L3 cache, far less
-# than the parent's 1 GiB (it adds to the worker's resident set, though not to its peak above
-# torch's own).
+# The worker's own read-rate probe, read between the parts of its batch-1 decode: 8x a large L3
+# cache, far less than the parent's 1 GiB (its pages are taken off the worker's peak RSS).
 WORKER_PROBE_BYTES = 2**28
+# How a report's decode_gbps@1 row probed the read rate its shares are of.
+PROBED_BETWEEN_PARTS, PROBED_AFTER_RUNS = "between the parts of each run's decode", "after each run"
 # runpy does not put the worker's folder on sys.path (that would shadow the standard library with
 # lmtool's inspect.py and config.py).
 BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
@@ -231,7 +232,7 @@ class Metric:
 # not counted). Runners may read different bytes (streamed_bytes), so this ratio can differ from
 # the tok/s ratio.
 EFFECTIVE = "decode_gbps@1"
-READ_RATE = "read_gbps@1"  # not a metric: the read probe around a run's batch-1 decode
+READ_RATE = "read_gbps@1"  # not a metric: the read probe between the parts of a run's batch-1 decode
 
 
 def metrics_of(spec: BenchSpec, device: str) -> list[Metric]:
@@ -262,11 +263,11 @@ def flatten(sample: dict, weights: int) -> dict[str, float]:
     values.update({f"decode@{b}": v for b, v in sample["decode_tokens_per_s"].items()})
     if "decode@1" in values:
         values[EFFECTIVE] = weights * values["decode@1"] / 1e9
-        if "read_gbps_around_decode" in sample:
+        if "read_gbps_between_decode_parts" in sample:
             # The read rate of the sums between the decode's parts, as the decode's is taken: all the
             # bytes over all the time (the harmonic mean of equal reads), not the best sum, which
             # picks a noisy machine's fastest moment where the decode's average has its slow ones.
-            values[READ_RATE] = statistics.harmonic_mean(sample["read_gbps_around_decode"])
+            values[READ_RATE] = statistics.harmonic_mean(sample["read_gbps_between_decode_parts"])
     if "peak_cuda_bytes" in sample:
         values["peak_cuda"] = sample["peak_cuda_bytes"] / 2**30
     return values
@@ -489,17 +490,17 @@ def compare(
             row["weight_gib"] = weights / 2**30
             row["per_weight_bytes"] = {r: s["median"] * 2**30 / weights for r, s in row["runners"].items()}
         if metric.key == EFFECTIVE and all(READ_RATE in run for runs in samples.values() for run in runs):
-            # How close each run's decode came to the read rate probed around it, the median over
+            # How close each run's decode came to the read rate probed during it, the median over
             # runs: a shared machine's rate drifts too much between runs for a common roof.
             row["memory_bandwidth_gbps"] = summarize([run[READ_RATE] for runs in samples.values() for run in runs])
-            row["bandwidth_probed"] = "between the parts of each run's decode"
+            row["bandwidth_probed"] = PROBED_BETWEEN_PARTS
             row["share_of_bandwidth"] = {
                 runner: statistics.median(run[EFFECTIVE] / run[READ_RATE] for run in runs)
                 for runner, runs in samples.items()
             }
         elif metric.key == EFFECTIVE and bandwidth:
             row["memory_bandwidth_gbps"] = summarize(bandwidth)
-            row["bandwidth_probed"] = "after each run"
+            row["bandwidth_probed"] = PROBED_AFTER_RUNS
             # Medians over the same stretch of time: how close each runner's decode gets to the roof.
             roof = row["memory_bandwidth_gbps"]["median"]
             row["share_of_bandwidth"] = {r: s["median"] / roof for r, s in row["runners"].items()}

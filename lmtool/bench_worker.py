@@ -12,7 +12,7 @@ runs once untimed before it is timed (llama-bench's warm-up):
 - prefill: prompt tokens / (generate() call to the first logits), logits for the last position only;
 - decode: batch * (n - 1) / (first to last of n generated tokens), so the prefill is excluded;
   with the read-rate probe, batch 1 is timed in four parts with reads of the probe between them
-  (decode_between_reads), the same steps per second over the parts' decode time.
+  (timed_decode), the same tokens per second over the parts' decode time.
 """
 
 from __future__ import annotations
@@ -184,18 +184,22 @@ def read_rates(tensor, repeats: int) -> list[float]:
     return rates
 
 
-def decode_between_reads(runner, ids, new_tokens: int, probe, parts: int = 4) -> tuple[float, list[float]]:
-    """Batch-1 decode steps per second, timed in `parts` generations of new_tokens / parts tokens
-    with two reads of the probe before each and after the last; and the read rates. Batch 1 reads
-    the weights at the memory's rate at best, and a shared machine's rate moves within seconds
-    (23-52 GB/s between reads around one run, Zen 5 host): so the reads are spread over the
-    decode's own time, and the run's share is its decode against them."""
+def timed_decode(runner, ids, new_tokens: int, probe=None, parts: int = 4) -> tuple[float, list[float] | None]:
+    """Decode tokens per second: batch * (n - 1) over the first to last of n generated tokens.
+    With a probe (batch 1), timed instead in `parts` generations of new_tokens / parts tokens with
+    two reads of the probe before each and after the last, and those reads' rates returned too:
+    batch 1 reads the weights at the memory's rate at best, and a shared machine's rate moves
+    within seconds (23-52 GB/s between reads around one run, Zen 5 host), so the reads are spread
+    over the decode's own time and the run's share is its decode against them."""
+    if probe is None:
+        timing = runner.generate(ids, new_tokens=new_tokens)
+        return ids.shape[0] * (new_tokens - 1) / timing["decode_s"], None
     rates = read_rates(probe, 2)
     steps, decode_s = 0, 0.0
     per_part = max(2, new_tokens // parts)
     for _ in range(parts):
         timing = runner.generate(ids, new_tokens=per_part)
-        steps, decode_s = steps + per_part - 1, decode_s + timing["decode_s"]
+        steps, decode_s = steps + ids.shape[0] * (per_part - 1), decode_s + timing["decode_s"]
         rates += read_rates(probe, 2)
     return steps / decode_s, rates
 
@@ -239,12 +243,10 @@ def run(spec: dict) -> dict:
     for batch in spec["batches"]:
         ids = random_ids(batch, short, vocab, seed=3)
         runner.generate(ids, new_tokens=3)
-        if probe is not None and batch == 1:
-            steps_per_s, result["read_gbps_around_decode"] = decode_between_reads(runner, ids, new_tokens, probe)
-            result["decode_tokens_per_s"][str(batch)] = steps_per_s
-            continue
-        timing = runner.generate(ids, new_tokens=new_tokens)
-        result["decode_tokens_per_s"][str(batch)] = batch * (new_tokens - 1) / timing["decode_s"]
+        tokens_per_s, reads = timed_decode(runner, ids, new_tokens, probe if batch == 1 else None)
+        result["decode_tokens_per_s"][str(batch)] = tokens_per_s
+        if reads:
+            result["read_gbps_between_decode_parts"] = reads
     result.update(peak_memory(spec["device"]))
     result["peak_rss_bytes"] -= probe_rss
     result["torch_rss_bytes"] = baseline

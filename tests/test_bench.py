@@ -42,7 +42,7 @@ def probe(monkeypatch) -> list:
     and disturb anything else timed on the machine. Returns the threads of each call."""
     calls: list = []
     monkeypatch.setattr(bench, "memory_read_bandwidth", lambda threads=None: calls.append(threads) or 12.5)
-    monkeypatch.setattr(bench, "WORKER_PROBE_BYTES", 2**20)  # the workers' own probe, around their decode
+    monkeypatch.setattr(bench, "WORKER_PROBE_BYTES", 2**20)  # the workers' own probe, during their decode
     return calls
 
 
@@ -178,7 +178,7 @@ def test_bandwidth_after_each_run_reaches_the_json_and_the_csv(capsys, tiny_conf
     read = effective["runners"]["lmtool"]["samples"]
     assert read == pytest.approx([weights * v / 1e9 for v in decode["samples"]])
     # the share's roof is each run's own reads between its decode's parts, not the parent's between runs
-    assert effective["bandwidth_probed"] == "between the parts of each run's decode"
+    assert effective["bandwidth_probed"] == bench.PROBED_BETWEEN_PARTS
     roofs = effective["memory_bandwidth_gbps"]["samples"]
     assert len(roofs) == 2 and all(r > 0 and r != 12.5 for r in roofs)
     assert effective["share_of_bandwidth"]["lmtool"] == pytest.approx(statistics.median(a / b for a, b in zip(read, roofs)))
@@ -205,7 +205,7 @@ def test_share_of_bandwidth_is_the_median_of_each_runs_own_share(monkeypatch):
             sample.update({m.key: 1.0 for m in bench.metrics_of(spec, "cpu") if m.key != EFFECTIVE})
     monkeypatch.setattr(bench, "weight_bytes", lambda folder, dtype: 1)
     [row] = [r for r in bench.compare(spec, "bfloat16", runs, [15.0, 15.0]) if r["key"] == EFFECTIVE]
-    assert row["bandwidth_probed"] == "between the parts of each run's decode"
+    assert row["bandwidth_probed"] == bench.PROBED_BETWEEN_PARTS
     assert row["share_of_bandwidth"]["lmtool"] == pytest.approx(0.9)
     assert row["share_of_bandwidth"]["transformers"] == pytest.approx(0.5)
     assert row["memory_bandwidth_gbps"]["median"] == 15.0  # all six probes

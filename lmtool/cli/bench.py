@@ -93,9 +93,11 @@ def describe_setup(report: dict[str, Any]) -> str:
         f"after each of {len(bandwidth['samples'])} runs)"
         if bandwidth else ""
     )
-    if any(r.get("bandwidth_probed") == "between the parts of each run's decode" for r in report["results"]):
-        measured += "; each run's share of read bandwidth against reads between the four parts of its batch-1 decode"
+    from ..bench import PROBED_BETWEEN_PARTS
     from ..inference import cpu_line
+
+    if any(r.get("bandwidth_probed") == PROBED_BETWEEN_PARTS for r in report["results"]):
+        measured += "; each run's share of read bandwidth against reads between the four parts of its batch-1 decode"
 
     cpu = f"; {cpu_line(p['cpu_runtime'])}" if p.get("cpu_runtime") else ""
     return (
