@@ -137,6 +137,7 @@ class SafetensorsFile:
             self.infos[name] = info
             self.offsets[name] = (begin, end)
         self._map: mmap.mmap | None = None
+        self._released: list[tuple[int, int]] = []  # (first byte, length) of every release
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
@@ -176,7 +177,16 @@ class SafetensorsFile:
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            self._released.append((first, last - first))
         return True
+
+    def release_again(self) -> None:
+        """Drop the released tensors' pages once more, at the end of a load: reading a tensor maps
+        the pages around the ones read (fault-around, and whole 2 MB folios of a file cached in
+        huge pages), released neighbours among them. Gemma-2B int4 got 57 MiB of released pages
+        back over a load, 3.5 % of its peak."""
+        for first, length in self._released:
+            self._map.madvise(mmap.MADV_DONTNEED, first, length)
 
 
 class Checkpoint:
@@ -229,6 +239,11 @@ class Checkpoint:
     def release(self, tensor: torch.Tensor) -> None:
         """Drop a consumed tensor's pages from memory (see SafetensorsFile.release)."""
         any(f.release(tensor) for f in self.files.values())
+
+    def release_again(self) -> None:
+        """Drop every released tensor's pages once more (see SafetensorsFile.release_again)."""
+        for f in self.files.values():
+            f.release_again()
 
 
 # --- writing ---------------------------------------------------------------------------------

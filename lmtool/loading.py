@@ -29,6 +29,12 @@ from .registry import TASK_SUFFIX, Family, check_task, families, get_family
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A quantized load copies most of the file (int4 rows are interleaved for the kernel) and releases
+# the mapped pages under what it copied. A small tensor left mapped among them (a norm's weight)
+# maps its whole 2 MB folio back when decode reads it, released neighbours included: Gemma-2B int4
+# had 70 MiB of released nibbles and scales back after a few steps. Tensors below this are copied
+# too, read once at load.
+SMALL_TENSOR_BYTES = 2 * 2**20
 
 
 @dataclass
@@ -278,6 +284,8 @@ def load_weights(
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         copy = tensor.to(dtype) if tensor.dtype != dtype and tensor.is_floating_point() else tensor
+        if copy is tensor and quantized and tensor.numel() * tensor.element_size() < SMALL_TENSOR_BYTES:
+            copy = tensor.clone()
         state[name] = copy.to(device)
         if state[name] is not tensor:
             checkpoint.release(tensor)
@@ -285,6 +293,7 @@ def load_weights(
     if not backend and not isinstance(model.backbone.embed_tokens, QuantizedEmbedding):
         model.tie_weights()
     model.to(device)  # the buffers (rotary tables); parameters are already there
+    checkpoint.release_again()
 
 
 def load(

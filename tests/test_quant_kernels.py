@@ -7,6 +7,7 @@ qemu-user where an aarch64 cross compiler and qemu are installed."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import torch
 
 from lmtool import kernels
 from lmtool.quantize import linear
-from lmtool.quantize.format import QuantizedWeight, compressed_tensors
+from lmtool.quantize.format import ROW_BLOCK, QuantizedWeight, compressed_tensors
 from lmtool.quantize.linear import native_kernel, native_matmul, prepare, quantized_matmul, tiled_matmul
 from lmtool.quantize.schemes import quantize_int4_groups, quantize_int8_rows
 
@@ -160,12 +161,41 @@ def test_int4_kernel_matches_the_dequantized_product(dtype, out_features, in_fea
     torch.manual_seed(out_features * in_features + group)
     for scale_dtype, symmetric in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)):
         weight = int4_weight(out_features, in_features, group, scale_dtype, symmetric)
-        assert native_kernel(weight, dtype)
+        loaded = prepared(weight, dtype)  # as a model of this dtype loads it: rows interleaved where the kernel wants
+        assert native_kernel(weight, dtype) and native_kernel(loaded, dtype)
         for rows in ROWS:
             x = torch.randn(rows, in_features).to(dtype)
             assert_matches(native_matmul(x, weight), x, weight)
+            assert_matches(native_matmul(x, loaded), x, weight)
         x = strided_rows(3, in_features, dtype)
         assert_matches(native_matmul(x, weight), x, weight)
+        assert_matches(native_matmul(x, loaded), x, weight)
+
+
+def prepared(weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """A copy of weight prepared for a model of dtype, checked to be interleaved exactly where this
+    build's kernel reads rows interleaved (x86, bfloat16 activations, groups of 32, 64 or multiples of
+    128), over its whole blocks of rows."""
+    loaded = copy.deepcopy(weight)
+    prepare(loaded, NoFile(), dtype)
+    block = kernels.library().lm_int4_row_block(int(dtype == torch.bfloat16), weight.group_size)
+    assert block in (1, ROW_BLOCK)
+    assert loaded.interleaved == (weight.out_features // ROW_BLOCK * ROW_BLOCK if block > 1 else 0)
+    return loaded
+
+
+@pytest.mark.parametrize("out_features", [8, 13, 37])
+def test_interleaved_rows_give_back_the_stored_tensors_and_rows(out_features):
+    """A weight whose rows were interleaved at load still saves the checkpoint's tensors and
+    dequantizes any rows (a slice, indices across blocks and the rows after them) as stored."""
+    torch.manual_seed(out_features)
+    for symmetric in (False, True):
+        weight = int4_weight(out_features, 128, 32, torch.bfloat16, symmetric)
+        loaded = prepared(weight, torch.bfloat16)
+        for name, tensor in weight.stored().items():
+            assert torch.equal(loaded.stored()[name], tensor), name
+        for rows in (slice(None), slice(3, 11), torch.tensor([out_features - 1, 0, 9 % out_features, 7, 7])):
+            assert torch.equal(loaded.dequantize_rows(rows, torch.float32), weight.dequantize_rows(rows, torch.float32))
 
 
 def test_int4_kernel_rounds_bfloat16_activations_to_int8_only_where_it_multiplies_in_integers():
@@ -200,12 +230,13 @@ def test_int4_kernel_keeps_small_activations_beside_a_large_one_in_another_block
 
 
 def test_int4_kernel_gives_nan_for_an_infinite_or_nan_activation():
-    weight = int4_weight(5, 320, 64, torch.bfloat16, symmetric=False)
-    for bad in (float("nan"), float("inf")):
-        x = torch.randn(2, 320).to(torch.bfloat16)
-        x[0, 7] = bad
-        got = native_matmul(x, weight).float()
-        assert not got[0].isfinite().any() and got[1].isfinite().all()
+    weight = int4_weight(13, 320, 64, torch.bfloat16, symmetric=False)
+    for loaded in (weight, prepared(weight, torch.bfloat16)):
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(2, 320).to(torch.bfloat16)
+            x[0, 7] = bad
+            got = native_matmul(x, loaded).float()
+            assert not got[0].isfinite().any() and got[1].isfinite().all()
 
 
 def test_int4_kernel_reads_one_scale_per_tensor_and_float16_scales():
@@ -219,22 +250,32 @@ def test_int4_kernel_reads_one_scale_per_tensor_and_float16_scales():
     assert_matches(native_matmul(x, weight), x, weight)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, monkeypatch):
-    """Up to MAX_ROWS rows go to the kernel; more to the fallback path; both agree with the reference."""
+def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, dtype, monkeypatch):
+    """Up to MAX_ROWS rows go to the kernel; more to the fallback path; both agree with the reference
+    (bfloat16 prefill multiplies the weight rounded to bfloat16: within 1 %). The weight prepared as
+    a model of that dtype loads it (for bfloat16 on x86, its rows interleaved)."""
     torch.manual_seed(bits)
     weight = int8_weight(48, 128, torch.bfloat16) if bits == 8 else int4_weight(48, 128, 32, torch.bfloat16, False)
-    prepare(weight, NoFile(), torch.bfloat16)
+    as_stored = copy.deepcopy(weight)
+    prepare(weight, NoFile(), dtype)
     calls = []
     monkeypatch.setattr("lmtool.quantize.linear.native_matmul", lambda x, w: calls.append(x.shape[0]) or native_matmul(x, w))
     for rows in (1, kernels.MAX_ROWS, kernels.MAX_ROWS + 1, 40):
-        x = torch.randn(rows, 128)
-        assert_matches(quantized_matmul(x, weight), x, weight)
+        x = torch.randn(rows, 128).to(dtype)
+        got = quantized_matmul(x, weight)
+        if dtype == torch.float32 or rows <= kernels.MAX_ROWS:
+            assert_matches(got, x, as_stored)
+        else:
+            want = reference(x, as_stored)[0]
+            assert (got.double() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
     assert calls == [1, kernels.MAX_ROWS]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,out_features,in_features,group", [(8, 37, 100, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2)])
+@pytest.mark.parametrize("bits,out_features,in_features,group",
+                         [(8, 37, 100, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2), (4, 43, 256, 64)])
 def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_features, in_features, group, monkeypatch):
     """Prefill's tiles (lm_int8_dequantize / lm_int4_dequantize) are bit for bit what
     schemes.dequantize gives, rounded once to the model dtype: the identity times the weight
@@ -244,21 +285,37 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_featu
     weight = int8_weight(out_features, in_features, torch.bfloat16) if bits == 8 else int4_weight(
         out_features, in_features, group, torch.bfloat16, symmetric=False)
     identity = torch.eye(in_features, dtype=dtype)
-    assert torch.equal(tiled_matmul(identity, weight).T, weight.dequantize_rows(slice(None), dtype))
+    loaded = copy.deepcopy(weight)
+    prepare(loaded, NoFile(), torch.bfloat16)  # int4 rows interleaved where the kernel wants
+    for tiles_of in (weight, loaded):
+        assert torch.equal(tiled_matmul(identity, tiles_of).T, weight.dequantize_rows(slice(None), dtype))
     x = torch.randn(kernels.MAX_ROWS + 3, in_features).to(dtype)
     want = x.float() @ weight.dequantize_rows(slice(None), dtype).float().T
     assert (quantized_matmul(x, weight).float() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
 
 
-def test_prepare_keeps_the_mapped_nibbles_where_the_kernel_runs():
+def test_prepare_keeps_the_mapped_nibbles_where_the_kernel_reads_them_as_stored():
     """No repack into torch's int4 layout (the load-time copy that raised peak memory) when the
-    kernel takes the weight; float16 models, which it does not take, still get the repack."""
+    kernel takes the weight: float32 models read the mapped nibbles, bfloat16 ones interleaved
+    rows where the kernel multiplies in integers (a copy that replaces the mapped pages, which
+    are released); float16 models, which it does not take, still get torch's repack."""
     torch.manual_seed(2)
+    released = []
+
+    class File:
+        def release(self, tensor):
+            released.append(tensor)
+
     weight = int4_weight(64, 128, 64, torch.bfloat16, False)
     nibbles = weight.nibbles
-    prepare(weight, NoFile(), torch.bfloat16)
-    assert weight.int4pack is None and weight.nibbles is nibbles
-    prepare(weight, NoFile(), torch.float16)
+    prepare(weight, File(), torch.float32)
+    assert weight.int4pack is None and weight.nibbles is nibbles and not released
+    interleaved = copy.deepcopy(weight)
+    stored = (interleaved.nibbles, interleaved.scale, interleaved.zero_point)
+    prepare(interleaved, File(), torch.bfloat16)
+    if interleaved.interleaved:
+        assert interleaved.int4pack is None and [t.data_ptr() for t in released] == [t.data_ptr() for t in stored]
+    prepare(weight, File(), torch.float16)
     assert weight.int4pack is not None
 
 
@@ -301,7 +358,7 @@ int main(void) {
                       x, w, s, z, o) != 11) return 4;
             y = malloc((size_t)(M * N * 4));
             status = lm_int4_linear((int)bf16, slurp(x), K, M, K, slurp(w), slurp(s), (int)scale_bf16, K / group,
-                                    strcmp(z, "-") ? slurp(z) : NULL, group, N, y, N);
+                                    strcmp(z, "-") ? slurp(z) : NULL, group, N, y, N, 0);
         }
         if (status) return 5;
         FILE* f = fopen(o, "wb");

@@ -28,6 +28,8 @@ QUANT_METHOD = "compressed-tensors"
 NAIVE = "naive-quantized"
 PACKED = "pack-quantized"
 # Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
+# quant.c's ROW_BLOCK: the rows its x86 int4 kernel reads interleaved as one block.
+ROW_BLOCK = 8
 PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
@@ -168,6 +170,12 @@ class QuantizedWeight:
     # The zero points as the checkpoint packs them (mapped), for stored(): packing them again at
     # every state_dict() (one at each load) left their temporaries on the heap.
     _stored_zero_point: torch.Tensor | None = field(default=None, repr=False)
+    # 4 bits: how many leading rows of nibbles, scale and zero_point are interleaved by blocks of
+    # ROW_BLOCK for lmtool's kernel (lmtool.quantize.linear.interleave, at load); 0: all as stored.
+    interleaved: int = 0
+    # What stored() gave before the interleaving: views of the mapping, whose pages were dropped
+    # (a state_dict, as every load takes one, reads none of them; a save faults them back in).
+    _stored_before: dict | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> int:
@@ -214,6 +222,8 @@ class QuantizedWeight:
         """The module's tensors in the compressed-tensors layout (views, nothing dequantized)."""
         if self.bits == 8:
             return {"weight": self.codes, "weight_scale": self.scale}
+        if self._stored_before is not None:
+            return dict(self._stored_before)
         tensors = {"weight_packed": self.nibbles.view(torch.int32), "weight_scale": self.scale,
                    "weight_shape": torch.tensor([self.out_features, self.in_features])}
         if self.zero_point is not None:
@@ -221,9 +231,26 @@ class QuantizedWeight:
             tensors["weight_zero_point"] = stored if stored is not None else pack_int32(self.zero_point, 4, dim=0)
         return tensors
 
+    def in_row_order(self, tensor: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """rows of nibbles, scale or zero_point as stored, undoing the interleaving (blocks of
+        ROW_BLOCK rows, each [units][ROW_BLOCK], a unit 4 bytes of nibbles or one scale or zero
+        point) where there is one."""
+        if not self.interleaved:
+            return tensor[rows]
+        index = torch.arange(self.out_features)[rows]
+        width = tensor.shape[1]
+        unit = 4 if tensor is self.nibbles else 1
+        blocks = tensor[: self.interleaved].view(-1, width // unit, ROW_BLOCK, unit)
+        out = tensor.new_empty(index.numel(), width)
+        inside = index < self.interleaved
+        out[inside] = blocks[index[inside] // ROW_BLOCK, :, index[inside] % ROW_BLOCK].reshape(-1, width)
+        out[~inside] = tensor[index[~inside]]
+        return out
+
     def to(self, device: torch.device) -> "QuantizedWeight":
         if device.type == "cpu":
             return self
+        assert not self.interleaved, "rows are interleaved at load, for the CPU kernel only"
         moved = {name: getattr(self, name) for name in ("scale", "zero_point", "codes", "nibbles")}
         moved = {name: None if t is None else t.to(device) for name, t in moved.items()}
         return QuantizedWeight(self.name, self.out_features, self.in_features, self.bits, **moved)
@@ -233,10 +260,10 @@ class QuantizedWeight:
         if self.bits == 8:
             codes = self.codes[rows]
         else:
-            packed = self.nibbles[rows]
+            packed = self.in_row_order(self.nibbles, rows)
             codes = torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).view(torch.int8) - 8
-        zero_point = None if self.zero_point is None else self.zero_point[rows]
-        return dequantize(codes, self.scale[rows], zero_point, dtype)
+        zero_point = None if self.zero_point is None else self.in_row_order(self.zero_point, rows)
+        return dequantize(codes, self.in_row_order(self.scale, rows), zero_point, dtype)
 
 
 def quantized_modules(checkpoint: Checkpoint) -> list[str]:

@@ -7,11 +7,13 @@ memory-mapped codes and scales: no full-size dequantized copy is ever made.
 
 Every product goes through `quantized_matmul`. Decode (up to kernels.MAX_ROWS activation rows)
 runs on lmtool's own kernels (lmtool/kernels/quant.c), which read the stored int8 codes and int4
-nibbles where they lie: a step streams the compressed bytes once, at memory speed. PyTorch's int8
-and int4 CPU kernels remain the fallback (LMTOOL_NATIVE=0, no C compiler, float16 models); for
-them two copies replace the mapping rather than add to it (its pages are dropped):
-llm-compressor's 8-bit pack-quantized bytes become int8 codes (always), and int4 weights are
-repacked into the layout of torch's int4 kernel (only where lmtool's kernel cannot take them).
+nibbles where they lie: a step streams the compressed bytes once, at memory speed. On x86 with
+bfloat16 activations the int4 kernel wants rows interleaved by blocks of 8 (`interleave`): that
+copy is made at load and replaces the mapping rather than adding to it (its pages are dropped).
+PyTorch's int8 and int4 CPU kernels remain the fallback (LMTOOL_NATIVE=0, no C compiler, float16
+models), with copies that replace the mapping in the same way: llm-compressor's 8-bit
+pack-quantized bytes become int8 codes (always), and int4 weights are repacked into the layout of
+torch's int4 kernel (only where lmtool's kernel cannot take them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .. import kernels
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..inference import prefill_linear
-from .format import QuantizedWeight, quantized_modules, read_weight
+from .format import ROW_BLOCK, QuantizedWeight, quantized_modules, read_weight
 
 # Weight elements dequantized at a time by the tiled path (bounds its temporary buffers: 8 MB in
 # bfloat16). Large enough that every tile is a wide product: at 2**20 a down projection's input
@@ -61,7 +63,15 @@ def native_kernel(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
         return False
     if weight.bits == 8:
         return weight.zero_point is None and weight.groups == 1
+    if weight.interleaved and row_block(weight, dtype) != ROW_BLOCK:
+        return False  # interleaved for bfloat16 activations; others take the dequantized tiles
     return weight.group_size % 2 == 0 and (weight.zero_point is None or weight.zero_point.is_contiguous())
+
+
+def row_block(weight: QuantizedWeight, dtype: torch.dtype) -> int:
+    """The rows lmtool's int4 kernel reads interleaved together for activations of dtype (1: as
+    stored)."""
+    return kernels.library().lm_int4_row_block(int(dtype == torch.bfloat16), weight.group_size)
 
 
 def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -88,23 +98,28 @@ def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, 
         call = functools.partial(
             lib.lm_int4_linear, bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(),
             int(scale.dtype == torch.bfloat16), scale.stride(0), zero.data_ptr() if zero is not None else None,
-            weight.group_size, N, y, ldy,
+            weight.group_size, N, y, ldy, weight.interleaved,
         )
 
     def run() -> None:
-        if call():
+        status = call()
+        if status == -1:
             raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
+        if status:
+            raise RuntimeError(f"the int{weight.bits} kernel does not take {weight.name}'s layout (status {status})")
 
     return run
 
 
 def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
-    """4-bit weights on CPU that lmtool's kernel cannot take: repack the stored nibbles into the
-    layout of torch's int4 CPU kernel (which depends on the CPU, so it is made here and never
-    stored), a block of rows at a time, then drop the mapped pages: the repacked copy replaces
-    them, it does not add to them. Where lmtool's kernel runs, nothing is copied: it reads the
-    mapped nibbles, and prefill dequantizes tiles of them."""
+    """The layout a 4-bit weight on CPU is read in, made at load from the stored one (which depends
+    on the CPU, so it is made here and never stored), a copy that replaces the mapped pages (they
+    are dropped), never one beside them. Where lmtool's kernel multiplies in integers (x86, bfloat16
+    activations): its rows interleaved by blocks (`interleave`). Where it runs otherwise: nothing,
+    it reads the mapped nibbles, and prefill dequantizes tiles of them. Where it cannot run: the
+    layout of torch's int4 CPU kernel, a block of rows at a time."""
     if native_kernel(weight, dtype):
+        interleave(weight, checkpoint, dtype)
         return
     if not (
         weight.bits == 4 and weight.nibbles.device.type == "cpu" and weight.out_features % 16 == 0
@@ -122,6 +137,35 @@ def prepare(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype)
     if dtype in KERNEL_DTYPES:
         weight.scale_and_zeros(dtype)  # the kernel's copy of the scales, made now...
         checkpoint.release(weight.scale)  # ...so the mapped ones leave memory too
+
+
+def interleave(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+    """Interleave an int4 weight's rows by blocks of ROW_BLOCK (nibbles, scales and zero points,
+    lm_int4_interleave) where lmtool's kernel reads them so, for activations of dtype: one 32-byte
+    load then feeds 8 rows, and their sums are scaled once per 32 weights for all 8 (quant.c says
+    why and by how much). Rows after the last whole block stay as stored. Float16 scales (converted
+    for the kernel) keep the stored layout, so that stored() gives back the checkpoint's tensors."""
+    if weight.bits != 4 or weight.interleaved or weight.scale.dtype not in (torch.bfloat16, torch.float32):
+        return
+    rows = weight.out_features // ROW_BLOCK * ROW_BLOCK
+    if rows == 0 or row_block(weight, dtype) != ROW_BLOCK:
+        return
+    stored = (weight.nibbles, weight.scale.contiguous(), weight.zero_point)  # one scale per tensor (stride 0) made whole
+    made = tuple(None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format) for t in stored)
+    for old, new in zip(stored, made):
+        if old is not None:
+            new[rows:] = old[rows:]  # the rows after the last block, as stored
+    address = [None if t is None else t.data_ptr() for t in stored + made]
+    kernels.library().lm_int4_interleave(address[0], address[1], stored[1].element_size(), address[2], weight.groups,
+                                         weight.in_features, rows, *address[3:])
+    old = (weight.nibbles, weight.scale, weight.zero_point)
+    weight._stored_before = weight.stored()
+    weight.nibbles, weight.scale, weight.zero_point = made
+    weight.interleaved = rows
+    weight._group_scale = None
+    for tensor in old:
+        if tensor is not None and tensor.is_contiguous():
+            checkpoint.release(tensor)
 
 
 def quantized_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
@@ -163,6 +207,8 @@ def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     x = x.to(compute).contiguous()
     out = x.new_empty(x.shape[0], weight.out_features)
     rows = max(1, TILE_ELEMENTS * 2 // x.element_size() // weight.in_features)  # 8 MB, float32 or bfloat16
+    if weight.interleaved:
+        rows = max(ROW_BLOCK, rows // ROW_BLOCK * ROW_BLOCK)  # whole blocks of interleaved rows
     tile = torch.empty(min(rows, weight.out_features), weight.in_features, dtype=compute)
     to_bf16 = int(compute == torch.bfloat16)
     lib = kernels.library()
@@ -180,7 +226,7 @@ def tiled_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
             lib.lm_int4_dequantize(
                 weight.nibbles[start].data_ptr(), scale[start:].data_ptr(), int(scale.dtype == torch.bfloat16),
                 scale.stride(0), zero[start].data_ptr() if zero is not None else None, weight.group_size,
-                weight.in_features, stop - start, to_bf16, dense.data_ptr(),
+                weight.in_features, stop - start, to_bf16, dense.data_ptr(), max(0, min(stop, weight.interleaved) - start),
             )
         out[:, start:stop] = prefill_linear(x, dense, None)
     return out.to(dtype)
