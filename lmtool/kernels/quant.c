@@ -677,9 +677,11 @@ static void int4_group_to_f32(const uint8_t* bytes, int64_t stride, float s, flo
  * vector of the rows' group scales; the zero points' share is one vector per group.
  * Per 64 weights: 7 integer operations (AVX2: and, shift, and, two vpmaddubsw, two 16-bit adds:
  * each 16-bit lane sums at most 8 products of 15 x 127, 30480) or 5 (AVX-512 VNNI's vpdpbusd
- * into 32-bit lanes), and a quarter of a conversion and FMA, where a row took 11. Gemma-2B int4's
- * decode kernels were 1.40x faster capped to AVX2 and 1.17x on AVX-512 (the AVX2 form of this
- * tile there), one process alternating 21 rounds; 1.49x at four activation rows. */
+ * into 32-bit lanes), and a quarter of a conversion and FMA, where a row took 11. Against the row
+ * tiles (Zen 5, two threads, alternating in one process): in cache 1.35-1.50x capped to AVX2 and
+ * 1.21x on AVX-512; Gemma-2B int4's decode kernels from memory 1.03-1.25x, the more the faster the
+ * host's memory answered (1.49x at four activation rows); its whole decode steps 1.12x capped to
+ * AVX2 and 1.10x on AVX-512. */
 #if I8_TILES && defined(__AVX2__)
 #define ROW_BLOCK 8
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
