@@ -240,14 +240,19 @@ def test_int4_kernel_gives_nan_for_an_infinite_or_nan_activation():
 
 
 def test_int4_kernel_reads_one_scale_per_tensor_and_float16_scales():
-    """A scale broadcast over rows (stride 0, one per tensor) and a float16 one (copied to float32)."""
+    """A scale broadcast over rows (stride 0, one per tensor) and a float16 one (copied to float32),
+    as stored and interleaved at load; stored() still gives the scale as the checkpoint has it."""
     torch.manual_seed(1)
     weight = int4_weight(12, 64, 32, torch.float32, symmetric=False)
     weight.scale = weight.scale[:1].expand(12, -1)
     x = torch.randn(4, 64).bfloat16()
-    assert_matches(native_matmul(x, weight), x, weight)
-    weight.scale = weight.scale.to(torch.float16)
-    assert_matches(native_matmul(x, weight), x, weight)
+    for scale_dtype in (torch.float32, torch.float16):
+        weight.scale = weight.scale.to(scale_dtype)
+        loaded = prepared(weight, torch.bfloat16)
+        assert_matches(native_matmul(x, weight), x, weight)
+        assert_matches(native_matmul(x, loaded), x, weight)
+        kept = loaded.stored()["weight_scale"]
+        assert kept.dtype == scale_dtype and torch.equal(kept, weight.scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -143,14 +143,15 @@ def interleave(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dty
     """Interleave an int4 weight's rows by blocks of ROW_BLOCK (nibbles, scales and zero points,
     lm_int4_interleave) where lmtool's kernel reads them so, for activations of dtype: one 32-byte
     load then feeds 8 rows, and their sums are scaled once per 32 weights for all 8 (quant.c says
-    why and by how much). Rows after the last whole block stay as stored. Float16 scales (converted
-    for the kernel) keep the stored layout, so that stored() gives back the checkpoint's tensors."""
-    if weight.bits != 4 or weight.interleaved or weight.scale.dtype not in (torch.bfloat16, torch.float32):
+    why and by how much). Rows after the last whole block stay as stored; stored() keeps giving the
+    checkpoint's own tensors (the mapped views from before)."""
+    if weight.bits != 4 or weight.interleaved:
         return
     rows = weight.out_features // ROW_BLOCK * ROW_BLOCK
     if rows == 0 or row_block(weight, dtype) != ROW_BLOCK:
         return
-    stored = (weight.nibbles, weight.scale.contiguous(), weight.zero_point)  # one scale per tensor (stride 0) made whole
+    # the scales as the kernel reads them (float16 ones as float32), one per tensor (stride 0) made whole
+    stored = (weight.nibbles, weight.group_scale().contiguous(), weight.zero_point)
     made = tuple(None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format) for t in stored)
     for old, new in zip(stored, made):
         if old is not None:
