@@ -183,8 +183,8 @@ class SafetensorsFile:
     def release_again(self) -> None:
         """Drop the released tensors' pages once more, at the end of a load: reading a tensor maps
         the pages around the ones read (fault-around, and whole 2 MB folios of a file cached in
-        huge pages), released neighbours among them. Gemma-2B int4 got 57 MiB of released pages
-        back over a load, 3.5 % of its peak."""
+        huge pages), released neighbours among them. Gemma-2B int4 had 70 MiB of released pages
+        back by the end of its load (its peak 1852 MiB without this, 1784 with)."""
         for first, length in self._released:
             self._map.madvise(mmap.MADV_DONTNEED, first, length)
 

@@ -27,9 +27,9 @@ from .schemes import Quantized, dequantize, pack_int32, unpack_int32
 QUANT_METHOD = "compressed-tensors"
 NAIVE = "naive-quantized"
 PACKED = "pack-quantized"
-# Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
 # quant.c's ROW_BLOCK: the rows its x86 int4 kernel reads interleaved as one block.
 ROW_BLOCK = 8
+# Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
 PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
