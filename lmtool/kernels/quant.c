@@ -96,12 +96,6 @@ static inline uint16_t bf16_rounded(float f) {
    (contiguous), 4 * ROW_BLOCK for a row of interleaved blocks (lm_int4_interleave). */
 #define ROW_BYTE(p, j, stride) ((p)[(j) / 4 * (stride) + (j) % 4])
 #if defined(__AVX2__)
-static inline __m128i row_bytes16(const uint8_t* p, int64_t stride) {
-    if (stride == 4) return _mm_loadu_si128((const __m128i*)p);
-    int32_t a, b, c, d;
-    memcpy(&a, p, 4), memcpy(&b, p + stride, 4), memcpy(&c, p + 2 * stride, 4), memcpy(&d, p + 3 * stride, 4);
-    return _mm_setr_epi32(a, b, c, d);
-}
 static inline __m128i row_bytes8(const uint8_t* p, int64_t stride) {
     if (stride == 4) return _mm_loadl_epi64((const __m128i*)p);
     int32_t a, b;
@@ -388,14 +382,18 @@ static inline __m512i looked_up_pairs(__m128i bytes, __m512i table) {
     const __m512i index = _mm512_or_si512(_mm512_and_si512(v, _mm512_set1_epi32(15)), _mm512_slli_epi32(_mm512_srli_epi32(v, 4), 16));
     return _mm512_permutexvar_epi16(index, table);
 }
-static void int4_group_to_bf16(const uint8_t* bytes, int64_t stride, float s, float z, int64_t group, uint16_t* out) {
+/* A group's 16 dequantized values (u - z) * s in bfloat16, the table looked_up_pairs reads. */
+static inline __m512i group_table(float s, float z) {
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i table = _mm512_castsi256_si512(
-        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s))));
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s))));
+}
+/* A group of a row as stored (contiguous bytes); interleaved rows go through int4_block_group_to_bf16. */
+static void int4_group_to_bf16(const uint8_t* bytes, float s, float z, int64_t group, uint16_t* out) {
+    const __m512i table = group_table(s, z);
     int64_t b = 0;
     for (; b + 16 <= group / 2; b += 16)
-        _mm512_storeu_si512(out + 2 * b, looked_up_pairs(row_bytes16(bytes + b / 4 * stride, stride), table));
-    if (b < group / 2) { /* a row as stored: interleaved rows have groups of whole 16 bytes */
+        _mm512_storeu_si512(out + 2 * b, looked_up_pairs(_mm_loadu_si128((const __m128i*)(bytes + b)), table));
+    if (b < group / 2) {
         const __mmask16 mask = (__mmask16)((1u << (group / 2 - b)) - 1);
         _mm512_mask_storeu_epi32(out + 2 * b, mask, looked_up_pairs(_mm_maskz_loadu_epi8(mask, bytes + b), table));
     }
@@ -406,11 +404,8 @@ static void int4_group_to_bf16(const uint8_t* bytes, int64_t stride, float s, fl
    bfloat16 that way). */
 static void int4_block_group_to_bf16(const uint8_t* block, const float* s, const float* z, int64_t g, int64_t group,
                                      uint16_t* out, int64_t ld_out) {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512i table[8];
-    for (int r = 0; r < 8; r++)
-        table[r] = _mm512_castsi256_si512(
-            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z[r])), _mm512_set1_ps(s[r]))));
+    for (int r = 0; r < 8; r++) table[r] = group_table(s[r], z[r]);
     for (int64_t c = g * group / 8; c < (g + 1) * group / 8; c += 4) {
         const __m512i first = _mm512_loadu_si512(block + c * 32), second = _mm512_loadu_si512(block + c * 32 + 64);
         for (int r = 0; r < 8; r++) {
@@ -1164,8 +1159,8 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
         /* Each block's scales, 8 + zero points and their products as float32, TILE_ROWS rows of
            groups; zeroed, for the int8 tiles' reads of up to 3 scales past a row's last group
            (always multiplied by zero sums there). */
-        float* sz = calloc((size_t)(3 * TILE_ROWS * groups + 4), sizeof(float));
-        if (!sz) {
+        float* sz = N > interleaved ? calloc((size_t)(3 * TILE_ROWS * groups + 4), sizeof(float)) : NULL;
+        if (N > interleaved && !sz) {
             #pragma omp atomic write
             failed = 1;
         }
@@ -1286,8 +1281,8 @@ static void int4_row_dequantize(const uint8_t* nibbles, int64_t stride, const vo
         const float z = 8.0f + (zero_point ? (float)zero_point[g * step] : 0.0f);
         const uint8_t* bytes = &ROW_BYTE(nibbles, g * (group / 2), stride);
 #if BF16_DEQUANT
-        if (out_bf16) {
-            int4_group_to_bf16(bytes, stride, s, z, group, (uint16_t*)out + g * group);
+        if (out_bf16 && stride == 4) { /* interleaved rows: lm_int4_dequantize's block path */
+            int4_group_to_bf16(bytes, s, z, group, (uint16_t*)out + g * group);
             continue;
         }
 #endif
@@ -1326,8 +1321,10 @@ void lm_int4_dequantize(const uint8_t* nibbles, const void* scale, int scale_bf1
                        int64_t interleaved) {
     const int64_t groups = K / group, scale_size = scale_bf16 ? 2 : 4;
     const size_t size = out_bf16 ? 2 : 4;
+    int64_t first = 0; /* the first row left to the row loop */
 #if BF16_DEQUANT && ROW_BLOCK == 8
     if (out_bf16 && interleaved) { /* whole blocks (see int4_block_group_to_bf16), then the rows after them */
+        first = interleaved;
         #pragma omp parallel for schedule(static)
         for (int64_t r0 = 0; r0 < interleaved; r0 += ROW_BLOCK)
             for (int64_t g = 0; g < groups; g++) {
@@ -1339,14 +1336,10 @@ void lm_int4_dequantize(const uint8_t* nibbles, const void* scale, int scale_bf1
                 }
                 int4_block_group_to_bf16(nibbles + r0 * (K / 2), s, z, g, group, (uint16_t*)out + r0 * K, K);
             }
-        lm_int4_dequantize(nibbles + interleaved * (K / 2), (const char*)scale + interleaved * groups * scale_size, scale_bf16,
-                           ld_scale, zero_point ? zero_point + interleaved * groups : NULL, group, K, rows - interleaved, out_bf16,
-                           (char*)out + interleaved * K * size, 0);
-        return;
     }
 #endif
     #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = first; r < rows; r++) {
         const int64_t r0 = r < interleaved ? r / ROW_BLOCK * ROW_BLOCK : r, j = r - r0; /* block, row in it */
         const int64_t stride = r < interleaved ? 4 * ROW_BLOCK : 4, step = r < interleaved ? ROW_BLOCK : 1;
         const char* s = (const char*)scale + (r < interleaved ? (r0 * groups + j) * scale_size : r * ld_scale * scale_size);
