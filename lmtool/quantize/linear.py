@@ -159,12 +159,12 @@ def interleave(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dty
     address = [None if t is None else t.data_ptr() for t in stored + made]
     kernels.library().lm_int4_interleave(address[0], address[1], stored[1].element_size(), address[2], weight.groups,
                                          weight.in_features, rows, *address[3:])
-    old = (weight.nibbles, weight.scale, weight.zero_point)
+    replaced = (weight.nibbles, weight.scale, weight.zero_point)
     weight._stored_before = weight.stored()
     weight.nibbles, weight.scale, weight.zero_point = made
     weight.interleaved = rows
     weight._group_scale = None
-    for tensor in old:
+    for tensor in replaced:
         if tensor is not None and tensor.is_contiguous():
             checkpoint.release(tensor)
 
