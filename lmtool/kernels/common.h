@@ -256,7 +256,9 @@ static inline __attribute__((always_inline)) float row_##NAME(const XT* x, const
 void lm_gelu_tanh_mul(int bf16, const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
                       void* out, int64_t out_stride, int64_t rows, int64_t n) {
     const int64_t chunks = (n + 255) / 256, size = bf16 ? 2 : 4;
-    #pragma omp parallel for schedule(static) if (rows * n >= 65536)
+    /* two threads from 16384 elements (Gemma-2B's width): 9.1 us against 16.7 on one (AVX2; AVX-512
+       5.4 against 8.1, Zen 5) */
+    #pragma omp parallel for schedule(static) if (rows * n >= 16384)
     for (int64_t t = 0; t < rows * chunks; t++) {
         const int64_t r = t / chunks, begin = (t % chunks) * 256, end = begin + 256 < n ? begin + 256 : n;
         gelu_span(bf16, (const char*)gate + r * gate_stride * size,

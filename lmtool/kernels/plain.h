@@ -30,6 +30,7 @@ static inline void store_lanes(void* p, int64_t i, int64_t n, int bf16, const fl
     else for (int l = 0; l < n; l++) store_f32(p, i + l, bf16, v[l]);
 }
 
+#ifndef OWN_GELU_SPAN /* an instruction set's own (avx2.c) */
 /* v = gelu_tanh(x) * u over one block of lanes; kept out of line, where GCC vectorizes it (inlined
    among the loads' branches it stays scalar). */
 static __attribute__((noinline)) void gelu_lanes(const float* x, const float* u, float* v) {
@@ -50,6 +51,7 @@ static void gelu_span(int bf16, const void* gate, const void* up, void* out, int
         store_lanes(out, i, n, bf16, v);
     }
 }
+#endif
 
 static float dot(int bf16, const void* a, const void* b, int64_t n) {
     float acc[LANES] = {0};
