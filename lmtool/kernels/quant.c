@@ -742,6 +742,14 @@ static INLINED_TILE void int4_x8_tile_##MB(const int8_t* xs, int64_t ldxs, int64
     const uint8_t* chunk = w;                                                                                  \
     for (int64_t g = 0; g < groups; g++) {                                                                     \
         const __m256 scale = block_scales(s, scale_bf16, g);                                                   \
+        { /* the zero points' share, s (8 + zero point) xsum, with the group's scale: in a loop of its   \
+             own after the groups' (reading the block's zero points at its end) int4 ran 0.90-0.97x in  \
+             cache and Gemma-2B's down projections 0.94x from memory (AVX2 and AVX-512, Zen 5) */      \
+            const __m256 zero = z ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(z + g * 8)))) \
+                                  : _mm256_setzero_ps();                                                       \
+            const __m256 shift = _mm256_mul_ps(scale, _mm256_add_ps(zero, _mm256_set1_ps(8.0f)));              \
+            UNROLLED for (int i = 0; i < MB; i++) total[i] = _mm256_fnmadd_ps(shift, _mm256_broadcast_ss(xsum + i * groups + g), total[i]); \
+        }                                                                                                      \
         for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; b++) {                          \
             __m256i sums[MB];                                                                                  \
             UNROLLED for (int i = 0; i < MB; i++) sums[i] = _mm256_setzero_si256();                            \
@@ -760,12 +768,6 @@ static INLINED_TILE void int4_x8_tile_##MB(const int8_t* xs, int64_t ldxs, int64
                 total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(X8_INT32(sums[i])),                              \
                                            _mm256_mul_ps(scale, _mm256_broadcast_ss(xscale + i * ldscale + b * 4)), total[i]); \
         }                                                                                                      \
-    }                                                                                                          \
-    for (int64_t g = 0; g < groups; g++) { /* the zero points' share: sum_g s (8 + zero point) xsum */        \
-        const __m256 zero = z ? _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(z + g * 8)))) \
-                              : _mm256_setzero_ps();                                                           \
-        const __m256 shift = _mm256_mul_ps(block_scales(s, scale_bf16, g), _mm256_add_ps(zero, _mm256_set1_ps(8.0f))); \
-        UNROLLED for (int i = 0; i < MB; i++) total[i] = _mm256_fnmadd_ps(shift, _mm256_broadcast_ss(xsum + i * groups + g), total[i]); \
     }                                                                                                          \
     UNROLLED for (int i = 0; i < MB; i++) _mm256_storeu_ps(out + i * ROW_BLOCK, total[i]);                     \
 }
