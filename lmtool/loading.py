@@ -233,7 +233,7 @@ def load_weights(
     """
     family = model.family
     # Quantized checkpoints: their modules are swapped for quantized ones first (lmtool.quantize).
-    quantized = swap_quantized(model, checkpoint, dtype, device, source) if quantized_modules(checkpoint) else set()
+    quantized = swap_quantized(model, checkpoint, dtype, device, source, fuse=frozen) if quantized_modules(checkpoint) else set()
     available: dict[str, str] = {}
     for key in checkpoint.keys():
         if key in quantized:

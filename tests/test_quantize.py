@@ -25,7 +25,9 @@ from transformers import (
 )
 
 import lmtool
+from lmtool import kernels
 from lmtool.quantize import build
+from lmtool.quantize.linear import FusedQuantizedLinear
 from lmtool.quantize.build import Recipe, quantize
 from lmtool.quantize.schemes import pack_int32, quantize_int4_groups, quantize_int8_rows, snr_db, unpack_int32
 
@@ -229,6 +231,34 @@ def test_round_trip_every_family_equals_compressed_tensors_decompression(family_
                 assert name in f.keys(), name
                 assert torch.equal(tensor, f.get_tensor(name)), name
     assert sum(p.numel() for p in ours.model.parameters()) < sum(p.numel() for p in reference.parameters()) / 2
+
+
+def test_int4_layers_read_alike_run_as_one_and_give_what_the_separate_ones_give(family_source, tmp_path):
+    # Where lmtool's kernel interleaves int4 rows (x86, bfloat16 activations), an owner's `fusion`
+    # group (q/k/v, gate/up, RecurrentGemma's y/x with their biases) loads as one layer over a
+    # joined copy. It must give what the separate layers give (frozen=False keeps them apart): the
+    # same bits at every decode step, the prefill within a bfloat16 rounding, the same greedy tokens,
+    # and a state_dict that is theirs.
+    family, src = family_source
+    out = tmp_path / "q"
+    quantize(str(src), out, Recipe("int4", group_size=32), verify=False)
+    joined = lmtool.load(out, dtype="bfloat16").model
+    separate = lmtool.load(out, dtype="bfloat16", frozen=False).model
+    fused = [m for m in joined.modules() if isinstance(m, FusedQuantizedLinear)]
+    assert not any(isinstance(m, FusedQuantizedLinear) for m in separate.modules())
+    if kernels.available() and kernels.library().lm_int4_row_block(1, 32) > 1 and family in ("gemma", "recurrent_gemma"):
+        assert fused and all(len(m.parts) > 1 for m in fused)
+    ours, theirs = joined.state_dict(), separate.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.inference_mode():
+        caches = [joined.make_cache(1, 32), separate.make_cache(1, 32)]
+        a, b = (model(IDS[:, :5], cache=cache) for model, cache in zip((joined, separate), caches))
+        assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()
+        tokens = [a[:, -1:].argmax(-1), b[:, -1:].argmax(-1)]
+        for _ in range(6):
+            a, b = (model(token, cache=cache) for model, token, cache in zip((joined, separate), tokens, caches))
+            assert torch.equal(a, b)
+            tokens = [a[:, -1:].argmax(-1), b[:, -1:].argmax(-1)]
 
 
 def test_untied_head_is_quantized_on_its_own(tmp_path):
