@@ -12,11 +12,12 @@ the other, each in a fresh process (so its peak memory above torch's own is its 
 copies plus the mapped pages the run touched), and the rounds repeat:
 medians and min-max ranges over the rounds, ratios against bfloat16 within each round. Each run
 times its prefill after one untimed prefill of the same length (lmtool bench's warm-up). The
-decode speeds and ratios come from one more process that loads the three models and times their
-steps interleaved, one step of each in turn, `--alternating-rounds` rounds of `--tokens` steps of
-each (per round each model's median step; ratios within a round): on a host whose read rate moves
-within seconds, the fresh processes' decode ratios (column "x bf16 (fresh)") moved by half from
-round to round. Decode
+decode and prefill speeds and ratios come from one more process that loads the three models and
+times them interleaved, `--alternating-rounds` rounds of one prefill of each and then `--tokens`
+decode steps of each, one step of each in turn (per round each model's prefill and median step;
+ratios within a round): on a host whose read rate moves within seconds, the fresh processes'
+decode ratios (column "x bf16 (fresh)") moved by half from round to round, and their prefill
+ratios ("prefill (fresh)") by a third from run to run. Decode
 GB/s is the bytes a step streams (lmtool.bench.streamed_bytes: codes, scales and zero points for
 the quantized models) times the tokens per second; the machine's read bandwidth is measured once
 for comparison. Run it on a quiet machine: the figures are only as good as the CPU is idle.
@@ -91,19 +92,26 @@ def worker(folder: str, prompt_len: int, tokens: int) -> None:
     }))
 
 
-def alternating_worker(folders: list[str], rounds: int, tokens: int) -> None:
-    """All the models in this one process, their batch-1 decode steps timed in turn, one step of
-    each model after another (the order reversed every other step), `tokens` steps of each a round:
-    so the models' steps of a round meet the machine in the same states (a host whose read rate
-    moves within seconds moved the separate runs' ratios by half, and runs of steps taken model by
-    model moved them too). A JSON line on stdout: each model's median step per round."""
+def alternating_worker(folders: list[str], rounds: int, tokens: int, prompt_len: int) -> None:
+    """All the models in this one process, timed in turn: each round one prefill of `prompt_len`
+    tokens of each model (a fresh cache each, the order reversed every other round), then `tokens`
+    batch-1 decode steps of each, one step of each model after another (the order reversed every
+    other step): so the models of a round meet the machine in the same states (a host whose read
+    rate moves within seconds moved the separate runs' decode ratios by half, and their prefill
+    ratios by a third: 0.79-1.07x int4 capped to AVX2 in runs minutes apart, where in one process
+    they stayed within 0.93-1.02x). A JSON line on stdout: each model's prefill and median step per
+    round."""
     import torch
 
     import lmtool
 
     models = [lmtool.load(folder, task="causal-lm", dtype="bfloat16", tokenizer=False).model for folder in folders]
     steps: list[list[float]] = [[] for _ in models]
+    prefills: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
+        prompt = torch.randint(10, 1000, (1, prompt_len))
+        for model in models:  # untimed: first-call costs and each prefill shape's oneDNN primitives
+            model(prompt, cache=model.make_cache(1, prompt_len), logits_to_keep=1)
         ids = torch.randint(10, 1000, (1, 16))
         caches = [model.make_cache(1, 16 + rounds * (tokens + 2) + 8) for model in models]
         tokens_now = []
@@ -111,6 +119,10 @@ def alternating_worker(folders: list[str], rounds: int, tokens: int) -> None:
             token = greedy(model(ids, cache=cache, logits_to_keep=1))
             tokens_now.append(greedy(model(token, cache=cache, logits_to_keep=1)))
         for round_ in range(rounds):
+            for i in range(len(models)) if round_ % 2 == 0 else reversed(range(len(models))):
+                started = time.perf_counter()
+                models[i](prompt, cache=models[i].make_cache(1, prompt_len), logits_to_keep=1)
+                prefills[i].append(time.perf_counter() - started)
             times: list[list[float]] = [[] for _ in models]
             for step in range(tokens):
                 for i in range(len(models)) if step % 2 == 0 else reversed(range(len(models))):
@@ -119,7 +131,7 @@ def alternating_worker(folders: list[str], rounds: int, tokens: int) -> None:
                     times[i].append(time.perf_counter() - started)
             for i, model_times in enumerate(times):
                 steps[i].append(statistics.median(model_times))
-    print(json.dumps({"step_s": steps}))
+    print(json.dumps({"step_s": steps, "prefill_s": prefills}))
 
 
 def checkpoints(preset: str, layers: int | None) -> dict[str, Path]:
@@ -167,7 +179,7 @@ def main() -> None:
         worker(args.worker, args.prompt_len, args.tokens)
         return
     if args.alternating_worker:
-        alternating_worker(args.alternating_worker, args.alternating_rounds, args.tokens)
+        alternating_worker(args.alternating_worker, args.alternating_rounds, args.tokens, args.prompt_len)
         return
 
     from lmtool.bench import memory_read_bandwidth, streamed_bytes
@@ -189,34 +201,38 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.repeat} {variant}: {1 / run['decode_step_s']:.2f} tok/s, "
                   f"prefill {run['prefill_s']:.2f} s", file=sys.stderr)
 
-    print(f"decode steps of the three models alternating in one process, {args.alternating_rounds} rounds",
+    print(f"prefills and decode steps of the three models alternating in one process, {args.alternating_rounds} rounds",
           file=sys.stderr)
     done = subprocess.run(
         [sys.executable, __file__, "--tokens", str(args.tokens), "--alternating-rounds", str(args.alternating_rounds),
-         "--alternating-worker", *map(str, folders.values())],
+         "--prompt-len", str(args.prompt_len), "--alternating-worker", *map(str, folders.values())],
         capture_output=True, text=True, check=True,
     )
-    alternating = dict(zip(folders, json.loads(done.stdout.strip().splitlines()[-1])["step_s"]))
+    timed = json.loads(done.stdout.strip().splitlines()[-1])
+    alternating = dict(zip(folders, timed["step_s"]))
+    alternating_prefill = dict(zip(folders, timed["prefill_s"]))
 
     report = {"preset": args.preset, "layers": args.layers, "tokens": args.tokens, "prompt_len": args.prompt_len,
               "repeat": args.repeat, "alternating_rounds": args.alternating_rounds, "read_bandwidth_gbs": bandwidth,
               "kernels": runs["bf16"][0]["kernels"], "variants": {}}
     print(f"{args.preset}{f' ({args.layers} layers)' if args.layers else ''}, kernels {report['kernels']}, "
-          f"machine read bandwidth {bandwidth:.1f} GB/s; decode alternating in one process "
-          f"({args.alternating_rounds} rounds), the rest {args.repeat} rounds of fresh processes")
+          f"machine read bandwidth {bandwidth:.1f} GB/s; decode and prefill alternating in one process "
+          f"({args.alternating_rounds} rounds), \"fresh\" and peak {args.repeat} rounds of fresh processes")
     print(f"{'':6} {'tok/s':>20} {'x bf16':>20} {'GB/s':>7} {'x bf16 (fresh)':>20} {'prefill x bf16':>20} "
-          f"{'peak / bytes':>13}")
+          f"{'prefill (fresh)':>20} {'peak / bytes':>13}")
     for variant in folders:
         tok_s = [1 / step for step in alternating[variant]]
         ratios = [b / step for b, step in zip(alternating["bf16"], alternating[variant])]
         fresh = [b["decode_step_s"] / r["decode_step_s"] for b, r in zip(runs["bf16"], runs[variant])]
-        prefill = [b["prefill_s"] / r["prefill_s"] for b, r in zip(runs["bf16"], runs[variant])]
+        prefill = [b / r for b, r in zip(alternating_prefill["bf16"], alternating_prefill[variant])]
+        fresh_prefill = [b["prefill_s"] / r["prefill_s"] for b, r in zip(runs["bf16"], runs[variant])]
         peak = [r["peak_gib"] * 2**30 / stored[variant] for r in runs[variant]]
         entry = {
             "folder": str(folders[variant]), "stored_bytes": stored[variant], "streamed_bytes": streamed[variant],
             "tok_s": spread(tok_s), "decode_x_bf16": spread(ratios), "fresh_decode_x_bf16": spread(fresh),
-            "prefill_x_bf16": spread(prefill), "decode_gbs": statistics.median(tok_s) * streamed[variant] / 1e9,
-            "peak_over_bytes": spread(peak), "alternating_step_s": alternating[variant], "runs": runs[variant],
+            "prefill_x_bf16": spread(prefill), "fresh_prefill_x_bf16": spread(fresh_prefill), "decode_gbs": statistics.median(tok_s) * streamed[variant] / 1e9,
+            "peak_over_bytes": spread(peak), "alternating_step_s": alternating[variant],
+            "alternating_prefill_s": alternating_prefill[variant], "runs": runs[variant],
         }
         report["variants"][variant] = entry
 
@@ -225,7 +241,8 @@ def main() -> None:
 
         print(f"{variant:6} {cell(entry['tok_s'], '.2f'):>20} {cell(entry['decode_x_bf16'], '.2f'):>20} "
               f"{entry['decode_gbs']:7.1f} {cell(entry['fresh_decode_x_bf16'], '.2f'):>20} "
-              f"{cell(entry['prefill_x_bf16'], '.2f'):>20} {statistics.median(peak):13.2f}")
+              f"{cell(entry['prefill_x_bf16'], '.2f'):>20} {cell(entry['fresh_prefill_x_bf16'], '.2f'):>20} "
+              f"{statistics.median(peak):13.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 
