@@ -3,6 +3,7 @@
  * rows are read from a vector boundary (see common.h). */
 #include <immintrin.h>
 #include "common.h"
+#include "fastmath.h" /* exp_ps shares its steps */
 
 /* ---- loads of one step: 32 bf16 elements (bf16 x bf16), 16 for the f32 paths; `left` < 16
  * means a masked tail ----------------------------------------------------------------------------- */
@@ -164,18 +165,10 @@ static inline __m512 exp_ps(__m512 x) {
     const __m512 lo = _mm512_set1_ps(-104.0f), hi = _mm512_set1_ps(88.7f);
     const __mmask16 finite = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
     x = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512 r = EXP_REDUCED(x, n, _mm512_fnmadd_ps, _mm512_set1_ps);
+    const __m512 p = EXP_TAYLOR7(r, _mm512_fmadd_ps, _mm512_set1_ps);
     return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
 }
 

@@ -11,19 +11,22 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The steps shared with the vector kernels' exp_ps (avx2.c, avx512.c), for any vector type:
+   FNMADD(a, b, c) = c - a b, FMADD(a, b, c) = a b + c, SET1 a broadcast. */
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_REDUCED(x, n, FNMADD, SET1) FNMADD(n, SET1(1.42860682030941723212e-6f), FNMADD(n, SET1(0.693145751953125f), x))
+#define EXP_TAYLOR7(r, FMADD, SET1)                                                                    \
+    FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(FMADD(SET1(1.0f / 5040), r, SET1(1.0f / 720)), r, SET1(1.0f / 120)), r, \
+                                    SET1(1.0f / 24)), r, SET1(1.0f / 6)), r, SET1(0.5f)), r, SET1(1.0f)), r, SET1(1.0f))
+#define EXP_SCALAR_FNMADD(a, b, c) ((c) - (a) * (b))
+#define EXP_SCALAR_FMADD(a, b, c) ((a) * (b) + (c))
+#define EXP_SCALAR_SET1(v) (v)
+
 static inline float exp_f32(float x) {
     x = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = x - n * 0.693145751953125f;
-    r = r - n * 1.42860682030941723212e-6f;
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const float n = (x * EXP_LOG2E + 12582912.0f) - 12582912.0f;
+    const float r = EXP_REDUCED(x, n, EXP_SCALAR_FNMADD, EXP_SCALAR_SET1);
+    const float p = EXP_TAYLOR7(r, EXP_SCALAR_FMADD, EXP_SCALAR_SET1);
     const int32_t half = (int32_t)n / 2;
     const uint32_t e1 = (uint32_t)(half + 127) << 23, e2 = (uint32_t)((int32_t)n - half + 127) << 23;
     float s1, s2;

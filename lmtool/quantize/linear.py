@@ -9,7 +9,9 @@ Every product goes through `quantized_matmul`. Decode (up to kernels.MAX_ROWS ac
 runs on lmtool's own kernels (lmtool/kernels/quant.c), which read the stored int8 codes and int4
 nibbles where they lie: a step streams the compressed bytes once, at memory speed. On x86 with
 bfloat16 activations the int4 kernel wants rows interleaved by blocks of 8 (`interleave`): that
-copy is made at load and replaces the mapping rather than adding to it (its pages are dropped).
+copy is made at load and replaces the mapping rather than adding to it (its pages are dropped);
+layers that read the same input (q/k/v, gate/up) are interleaved into one joined copy and called
+as one FusedQuantizedLinear (`join_interleaved`), as dense layers are fused.
 PyTorch's int8 and int4 CPU kernels remain the fallback (LMTOOL_NATIVE=0, no C compiler, float16
 models), with copies that replace the mapping in the same way: llm-compressor's 8-bit
 pack-quantized bytes become int8 codes (always), and int4 weights are repacked into the layout of
@@ -210,7 +212,7 @@ def _interleave_into(weight: QuantizedWeight, rows: int, made: tuple) -> None:
     stored = (weight.nibbles, weight.group_scale().contiguous(), weight.zero_point)
     for old, new in zip(stored, made):
         if old is not None:
-            new[rows:] = old[rows:]
+            new[rows:] = old[rows:]  # the rows after the last block, as stored
     address = [None if t is None else t.data_ptr() for t in stored + made]
     kernels.library().lm_int4_interleave(address[0], address[1], stored[1].element_size(), address[2], weight.groups,
                                          weight.in_features, rows, *address[3:])

@@ -1,8 +1,8 @@
 """Gemma's one-token decode step as a captured sequence of native calls (see lmtool.captured).
 
-Per layer: RMSNorm, the q/k/v projection (one fused call, or three for quantized layers), RoPE on
-the queries and keys in place, the KV append, one-query attention, the output projection and the
-residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual add. These are the
+Per layer: RMSNorm, the q/k/v projection (one call where the layers were fused at load, else
+three), RoPE on the queries and keys in place, the KV append, one-query attention, the output
+projection and the residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual add. These are the
 calls the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on the same values in the
 same order, so a planned step gives exactly what the modules give. Where any part is not on the
 kernels (autograd, float16, an activation other than tanh GELU, a linear layer on another backend,
@@ -23,7 +23,7 @@ from ...layers import gelu_tanh
 
 def linear_calls(layer, dtype: torch.dtype) -> dict | None:
     """The layer's four projections as prepared calls (q/k/v and gate/up fused at load, or one
-    call per quantized part), or None where one is not on the kernels."""
+    call per part where they were not), or None where one is not on the kernels."""
     attention, mlp = layer.self_attn, layer.mlp
     fused_qkv, fused_gate_up = attention.fused_qkv, mlp.fused_gate_up
     calls = dict(
