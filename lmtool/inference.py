@@ -140,6 +140,12 @@ class CastScratch:
         return self.buffer[: rows.numel()].view(rows.shape).copy_(rows)
 
 
+def owner_prefix(prefix: str) -> str:
+    """A fused layer's state_dict prefix "<owner>.<fused name>." -> "<owner>.": its parts' entries
+    live beside it, under their own names."""
+    return prefix[: prefix.rstrip(".").rfind(".") + 1]
+
+
 class FrozenLinear(nn.Module):
     """An inference-only linear layer. A fused one keeps the names and row counts of the layers it
     joins (`parts`), so its state_dict entries are theirs."""
@@ -178,8 +184,7 @@ class FrozenLinear(nn.Module):
             if self.bias is not None:
                 destination[prefix + "bias"] = self.bias
             return
-        # prefix is "<owner>.<fused name>."; the parts live beside it under the owner.
-        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]
+        owner = owner_prefix(prefix)
         for (name, _), weight, bias in zip(self.parts, self.dense_weights(), self.biases):
             destination[f"{owner}{name}.weight"] = weight
             if bias is not None:

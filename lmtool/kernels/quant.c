@@ -1283,7 +1283,7 @@ static void int4_row_dequantize(const uint8_t* nibbles, int64_t stride, const vo
         const float z = 8.0f + (zero_point ? (float)zero_point[g * step] : 0.0f);
         const uint8_t* bytes = &ROW_BYTE(nibbles, g * (group / 2), stride);
 #if BF16_DEQUANT
-        if (out_bf16 && stride == 4) { /* interleaved rows: lm_int4_dequantize's block path */
+        if (out_bf16 && stride == 4) { /* rows as stored; interleaved ones take lm_int4_dequantize's block path */
             int4_group_to_bf16(bytes, s, z, group, (uint16_t*)out + g * group);
             continue;
         }

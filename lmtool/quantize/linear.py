@@ -30,7 +30,7 @@ from torch import nn
 from .. import kernels
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
-from ..inference import prefill_linear
+from ..inference import owner_prefix, prefill_linear
 from .format import ROW_BLOCK, QuantizedWeight, quantized_modules, read_weight
 
 # Weight elements dequantized at a time by the tiled path (bounds its temporary buffers: 8 MB in
@@ -147,10 +147,8 @@ def interleave(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dty
     load then feeds 8 rows, and their sums are scaled once per 32 weights for all 8 (quant.c says
     why and by how much). Rows after the last whole block stay as stored; stored() keeps giving the
     checkpoint's own tensors (the mapped views from before)."""
-    if weight.bits != 4 or weight.interleaved:
-        return
     rows = weight.out_features // ROW_BLOCK * ROW_BLOCK
-    if rows == 0 or row_block(weight, dtype) != ROW_BLOCK:
+    if rows == 0 or not _interleavable(weight, dtype):
         return
     made = _kernel_copies(weight, weight.out_features)
     _interleave_into(weight, rows, made)
@@ -172,11 +170,10 @@ def join_interleaved(parts: list[QuantizedWeight], checkpoint: Checkpoint, dtype
 
     def alike(weight: QuantizedWeight) -> bool:
         return (
-            weight.bits == 4 and not weight.interleaved and weight.out_features % ROW_BLOCK == 0
+            _interleavable(weight, dtype) and weight.out_features % ROW_BLOCK == 0
             and weight.in_features == first.in_features and weight.group_size == first.group_size
             and (weight.zero_point is None) == (first.zero_point is None)
             and weight.group_scale().dtype == first.group_scale().dtype
-            and native_kernel(weight, dtype) and row_block(weight, dtype) == ROW_BLOCK
         )
 
     if len(parts) < 2 or not all(alike(weight) for weight in parts):
@@ -192,6 +189,13 @@ def join_interleaved(parts: list[QuantizedWeight], checkpoint: Checkpoint, dtype
     nibbles, scale, zero_point = made
     return QuantizedWeight("+".join(weight.name for weight in parts), rows, first.in_features, 4, scale, zero_point,
                            nibbles=nibbles, interleaved=rows, _stored_before={})
+
+
+def _interleavable(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
+    """Whether lmtool's kernel reads this int4 weight's rows interleaved, for activations of dtype,
+    and they are not yet."""
+    return (weight.bits == 4 and not weight.interleaved and native_kernel(weight, dtype)
+            and row_block(weight, dtype) == ROW_BLOCK)
 
 
 def _kernel_copies(weight: QuantizedWeight, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -342,7 +346,7 @@ class FusedQuantizedLinear(QuantizedLinear):
         return list(self.forward(x).split([weight.out_features for _, weight, _ in self.parts], dim=-1))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "<owner>.<fused name>." -> "<owner>."
+        owner = owner_prefix(prefix)
         for name, weight, bias in self.parts:
             _save_stored(weight, destination, f"{owner}{name}.")
             if bias is not None:

@@ -2,12 +2,12 @@
 
 Per layer: RMSNorm, the q/k/v projection (one call where the layers were fused at load, else
 three), RoPE on the queries and keys in place, the KV append, one-query attention, the output
-projection and the residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual add. These are the
-calls the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on the same values in the
-same order, so a planned step gives exactly what the modules give. Where any part is not on the
-kernels (autograd, float16, an activation other than tanh GELU, a linear layer on another backend,
-a cache that is not the plain KV cache, more rows than the kernels take) there is no plan and the
-modules run. The activation buffers are the plan's own, reused every step: a model runs one
+projection and the residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual
+add. These are the calls the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on the
+same values in the same order, so a planned step gives exactly what the modules give. Where any
+part is not on the kernels (autograd, float16, an activation other than tanh GELU, a linear layer
+on another backend, a cache that is not the plain KV cache, more rows than the kernels take) there
+is no plan and the modules run. The activation buffers are the plan's own, reused every step: a model runs one
 forward at a time, as everywhere in lmtool.
 """
 
