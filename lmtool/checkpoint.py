@@ -160,18 +160,26 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._mapping(), dtype=info.dtype, count=info.numel, offset=offset)
         return flat.reshape(info.shape)
 
-    def release(self, tensor: torch.Tensor) -> bool:
-        """Drop the pages under `tensor` (a contiguous view of this file's mapping) from this
-        process's memory, once its values have been copied elsewhere (cast, packed). Nothing is
-        lost: a later read faults them back in from the file. False if the tensor is not ours."""
-        if self._map is None or tensor.numel() == 0 or not hasattr(mmap, "MADV_DONTNEED"):
-            return False
+    def span(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """Where `tensor` lies in this file's mapping (byte offsets), or None where it does not."""
+        if self._map is None or tensor.numel() == 0:
+            return None
         view = ctypes.c_char.from_buffer(self._map)
         start = tensor.data_ptr() - ctypes.addressof(view)
         del view  # an exported buffer would keep the mapping from ever closing
         end = start + tensor.numel() * tensor.element_size()
-        if start < 0 or end > len(self._map):
+        return (start, end) if 0 <= start and end <= len(self._map) else None
+
+    def release(self, tensor: torch.Tensor) -> bool:
+        """Drop the pages under `tensor` (a contiguous view of this file's mapping) from this
+        process's memory, once its values have been copied elsewhere (cast, packed). Nothing is
+        lost: a later read faults them back in from the file. False if the tensor is not ours."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
             return False
+        span = self.span(tensor)
+        if span is None:
+            return False
+        start, end = span
         # Whole pages only: the partial pages at either end may hold a neighbour's bytes.
         first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
         last = end // mmap.PAGESIZE * mmap.PAGESIZE
@@ -239,6 +247,10 @@ class Checkpoint:
     def release(self, tensor: torch.Tensor) -> None:
         """Drop a consumed tensor's pages from memory (see SafetensorsFile.release)."""
         any(f.release(tensor) for f in self.files.values())
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether tensor lies in one of this checkpoint's mappings (not a copy made from it)."""
+        return any(f.span(tensor) is not None for f in self.files.values())
 
     def release_again(self) -> None:
         """Drop every released tensor's pages once more (see SafetensorsFile.release_again)."""

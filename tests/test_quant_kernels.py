@@ -36,6 +36,9 @@ class NoFile:
     def release(self, tensor: torch.Tensor) -> None:
         pass
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return True
+
 
 def int8_weight(out_features: int, in_features: int, scale_dtype: torch.dtype) -> QuantizedWeight:
     q = quantize_int8_rows(torch.randn(out_features, in_features), scale_dtype)
@@ -63,11 +66,15 @@ def rounded_to_int8_blocks(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 
 
 def kernel_activations(x: torch.Tensor, weight: QuantizedWeight, lib=None) -> torch.Tensor:
-    """The activations the kernel multiplies: bfloat16 ones meeting int4 weights are rounded to int8
-    blocks where the CPU's kernels multiply in integers (the build says where; lib: another build
-    than this process's, or False for one that never rounds)."""
+    """The activations the kernel multiplies: bfloat16 ones meeting int4 weights, or int8 weights
+    whose rows were interleaved at load, are rounded to int8 blocks where the CPU's kernels multiply
+    so in integers (the build says where; lib: another build than this process's, or False for one
+    that never rounds)."""
     lib = kernels.library() if lib is None else lib
-    if weight.bits == 4 and lib and lib.lm_int4_int8_activations(int(x.dtype == torch.bfloat16), weight.group_size):
+    bf16 = int(x.dtype == torch.bfloat16)
+    if weight.bits == 4 and lib and lib.lm_int4_int8_activations(bf16, weight.group_size):
+        return rounded_to_int8_blocks(x)
+    if weight.bits == 8 and lib and lib.lm_int8_int8_activations(bf16, weight.in_features, weight.interleaved):
         return rounded_to_int8_blocks(x)
     return x.double()
 
@@ -118,37 +125,60 @@ def test_int8_kernel_matches_the_dequantized_product(dtype, out_features, in_fea
     torch.manual_seed(out_features * in_features)
     for scale_dtype in (torch.bfloat16, torch.float32):
         weight = int8_weight(out_features, in_features, scale_dtype)
-        assert native_kernel(weight, dtype)
+        loaded = prepared(weight, dtype)  # as a model of this dtype loads it: rows interleaved where the kernel wants
+        assert native_kernel(weight, dtype) and native_kernel(loaded, dtype)
         for rows in ROWS:
             x = torch.randn(rows, in_features).to(dtype)
             assert_matches(native_matmul(x, weight), x, weight)
+            assert_matches(native_matmul(x, loaded), x, loaded)
         x = strided_rows(3, in_features, dtype)
         assert_matches(native_matmul(x, weight), x, weight)
+        assert_matches(native_matmul(x, loaded), x, loaded)
+        assert all(torch.equal(loaded.stored()[k], t) for k, t in weight.stored().items())
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_int8_kernel_keeps_small_activations_beside_a_large_one_in_another_block(rows):
-    """Where bfloat16 activations go to int16 for the integer products (AVX-512), each block of 128
-    has its own scale: a block of values around 1e-3 after a block holding 1000 keeps its precision.
-    The weights are zero over the first block, so the output is the small block's alone (with one
-    scale per row it would round to 0)."""
+    """Where bfloat16 activations go to int16 for the integer products (rows as stored), each block
+    of 128 has its own scale, and where they go to int8 (rows interleaved at load, AVX2) each block
+    of 32: a block of values around 1e-3 after a block holding 1000 keeps its precision. The weights
+    are zero over the first block, so the output is the small block's alone (with one scale per row
+    it would round to 0). 14 rows: a block of 8 interleaved and 6 after it."""
     torch.manual_seed(rows)
-    dense = torch.randn(6, 256)
+    dense = torch.randn(14, 256)
     dense[:, :128] = 0
-    stored = compressed_tensors(quantize_int8_rows(dense, torch.float32), (6, 256))
-    weight = QuantizedWeight("w", 6, 256, 8, stored["weight_scale"], None, codes=stored["weight"])
+    stored = compressed_tensors(quantize_int8_rows(dense, torch.float32), (14, 256))
+    weight = QuantizedWeight("w", 14, 256, 8, stored["weight_scale"], None, codes=stored["weight"])
     x = (torch.randn(rows, 256) * 1e-3).to(torch.bfloat16)
     x[:, 5] = 1000.0
     assert_matches(native_matmul(x, weight), x, weight)
+    loaded = prepared(weight, torch.bfloat16)
+    assert_matches(native_matmul(x, loaded), x, loaded)
+
+
+def test_int8_rows_holding_minus_128_stay_as_stored():
+    """AVX2's int8 tile multiplies by the sign trick, which cannot negate -128 (a code other tools'
+    int8 may hold; lmtool's quantizer writes none): such a weight keeps its rows as stored, and the
+    kernel's products stay exact."""
+    torch.manual_seed(0)
+    for row in (3, 12):  # in the interleaved block, and after it
+        weight = int8_weight(13, 64, torch.float32)
+        weight.codes[row, 5] = -128
+        loaded = copy.deepcopy(weight)
+        prepare(loaded, NoFile(), torch.bfloat16)
+        assert loaded.interleaved == 0 and torch.equal(loaded.codes, weight.codes)
+        x = -torch.rand(4, 64).to(torch.bfloat16)
+        assert_matches(native_matmul(x, loaded), x, loaded)
 
 
 def test_int8_kernel_gives_nan_for_an_infinite_or_nan_activation():
-    weight = int8_weight(5, 300, torch.float32)
-    for bad in (float("nan"), float("inf")):
-        x = torch.randn(2, 300).to(torch.bfloat16)
-        x[0, 7] = bad
-        got = native_matmul(x, weight).float()
-        assert not got[0].isfinite().any() and got[1].isfinite().all()
+    weight = int8_weight(13, 300, torch.float32)
+    for loaded in (weight, prepared(weight, torch.bfloat16)):
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(2, 300).to(torch.bfloat16)
+            x[0, 7] = bad
+            got = native_matmul(x, loaded).float()
+            assert not got[0].isfinite().any() and got[1].isfinite().all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,19 +196,21 @@ def test_int4_kernel_matches_the_dequantized_product(dtype, out_features, in_fea
         for rows in ROWS:
             x = torch.randn(rows, in_features).to(dtype)
             assert_matches(native_matmul(x, weight), x, weight)
-            assert_matches(native_matmul(x, loaded), x, weight)
+            assert_matches(native_matmul(x, loaded), x, loaded)
         x = strided_rows(3, in_features, dtype)
         assert_matches(native_matmul(x, weight), x, weight)
-        assert_matches(native_matmul(x, loaded), x, weight)
+        assert_matches(native_matmul(x, loaded), x, loaded)
 
 
 def prepared(weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
     """A copy of weight prepared for a model of dtype, checked to be interleaved exactly where this
-    build's kernel reads rows interleaved (x86, bfloat16 activations, groups of 32, 64 or multiples of
-    128), over its whole blocks of rows."""
+    build's kernel reads rows interleaved (x86, bfloat16 activations; int4: groups of 32, 64 or
+    multiples of 128, int8: rows of whole 4-byte chunks), over its whole blocks of rows."""
     loaded = copy.deepcopy(weight)
     prepare(loaded, NoFile(), dtype)
-    block = kernels.library().lm_int4_row_block(int(dtype == torch.bfloat16), weight.group_size)
+    bf16 = int(dtype == torch.bfloat16)
+    block = (kernels.library().lm_int8_row_block(bf16, weight.in_features) if weight.bits == 8
+             else kernels.library().lm_int4_row_block(bf16, weight.group_size))
     assert block in (1, ROW_BLOCK)
     assert loaded.interleaved == (weight.out_features // ROW_BLOCK * ROW_BLOCK if block > 1 else 0)
     return loaded
@@ -189,8 +221,8 @@ def test_interleaved_rows_give_back_the_stored_tensors_and_rows(out_features):
     """A weight whose rows were interleaved at load still saves the checkpoint's tensors and
     dequantizes any rows (a slice, indices across blocks and the rows after them) as stored."""
     torch.manual_seed(out_features)
-    for symmetric in (False, True):
-        weight = int4_weight(out_features, 128, 32, torch.bfloat16, symmetric)
+    weights = [int4_weight(out_features, 128, 32, torch.bfloat16, symmetric) for symmetric in (False, True)]
+    for weight in weights + [int8_weight(out_features, 128, torch.bfloat16)]:
         loaded = prepared(weight, torch.bfloat16)
         for name, tensor in weight.stored().items():
             assert torch.equal(loaded.stored()[name], tensor), name
@@ -271,7 +303,7 @@ def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, dtyp
         x = torch.randn(rows, 128).to(dtype)
         got = quantized_matmul(x, weight)
         if dtype == torch.float32 or rows <= kernels.MAX_ROWS:
-            assert_matches(got, x, as_stored)
+            assert_matches(got, x, weight)
         else:
             want = reference(x, as_stored)[0]
             assert (got.double() - want).abs().max() <= 1e-2 * (1 + want.abs().max())
@@ -280,7 +312,7 @@ def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, dtyp
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,out_features,in_features,group",
-                         [(8, 37, 100, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2), (4, 43, 256, 64)])
+                         [(8, 37, 100, None), (8, 43, 256, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2), (4, 43, 256, 64)])
 def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_features, in_features, group, monkeypatch):
     """Prefill's tiles (lm_int8_dequantize / lm_int4_dequantize) are bit for bit what
     schemes.dequantize gives, rounded once to the model dtype: the identity times the weight
@@ -291,7 +323,7 @@ def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_featu
         out_features, in_features, group, torch.bfloat16, symmetric=False)
     identity = torch.eye(in_features, dtype=dtype)
     loaded = copy.deepcopy(weight)
-    prepare(loaded, NoFile(), torch.bfloat16)  # int4 rows interleaved where the kernel wants
+    prepare(loaded, NoFile(), torch.bfloat16)  # rows interleaved where the kernel wants
     for tiles_of in (weight, loaded):
         assert torch.equal(tiled_matmul(identity, tiles_of).T, weight.dequantize_rows(slice(None), dtype))
     x = torch.randn(kernels.MAX_ROWS + 3, in_features).to(dtype)
@@ -357,7 +389,7 @@ int main(void) {
         if (!strcmp(kind, "int8")) {
             if (scanf("%ld %ld %ld %ld %4095s %4095s %4095s %4095s", &bf16, &M, &K, &N, x, w, s, o) != 8) return 4;
             y = malloc((size_t)(M * N * 4));
-            status = lm_int8_linear((int)bf16, slurp(x), K, M, K, slurp(w), slurp(s), N, y, N);
+            status = lm_int8_linear((int)bf16, slurp(x), K, M, K, slurp(w), slurp(s), N, y, N, 0);
         } else {
             if (scanf("%ld %ld %ld %ld %ld %ld %4095s %4095s %4095s %4095s %4095s", &bf16, &M, &K, &N, &group, &scale_bf16,
                       x, w, s, z, o) != 11) return 4;
@@ -417,3 +449,29 @@ def test_neon_builds_match_under_qemu(isa, tmp_path):
     for out, x, weight in checks:
         got = torch.frombuffer(bytearray(Path(out).read_bytes()), dtype=x.dtype).view(x.shape[0], weight.out_features)
         assert_matches(got, x, weight, lib=False)  # the plain C tiles: activations as they are
+
+
+def test_interleaved_copies_ask_for_huge_pages_over_their_whole_aligned_span(monkeypatch):
+    """The copies made at load ask for 2 MB pages (MADV_HUGEPAGE) over exactly the 2 MB-aligned
+    pages inside them, before anything is written there; a copy under 2 MB asks for nothing."""
+    import mmap
+
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this platform")
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, start, length, advice):
+            calls.append((start, length, advice))
+            return 0
+
+    monkeypatch.setattr(linear, "_libc", lambda: FakeLibc())
+    huge = linear.HUGE_PAGE
+    big = torch.empty(5 * huge + 123, dtype=torch.uint8)
+    assert linear._in_huge_pages(big) is big
+    (start, length, advice), = calls
+    assert advice == mmap.MADV_HUGEPAGE and start % huge == 0 and length % huge == 0 and length >= 4 * huge
+    assert big.data_ptr() <= start < big.data_ptr() + huge and start + length <= big.data_ptr() + big.numel()
+    calls.clear()
+    linear._in_huge_pages(torch.empty(huge - 1, dtype=torch.uint8))
+    assert calls == []

@@ -234,12 +234,15 @@ _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes
 # The exported functions and their C argument types (common.h, steps.c); a new kernel adds a row here.
 ARGTYPES = {
     "lm_linear": [_int, _ptr, _i64, _i64, ctypes.POINTER(Part), _i64, _ptr, _i64],
-    "lm_int8_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64],
+    "lm_int8_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64],
+    "lm_int8_row_block": [_int, _i64],
+    "lm_int8_int8_activations": [_int, _i64, _i64],
+    "lm_int8_interleave": [_ptr, _i64, _i64, _ptr],
     "lm_int4_linear": [_int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _ptr, _i64, _i64],
     "lm_int4_int8_activations": [_int, _i64],
     "lm_int4_row_block": [_int, _i64],
     "lm_int4_interleave": [_ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _ptr],
-    "lm_int8_dequantize": [_ptr, _ptr, _i64, _i64, _int, _ptr],
+    "lm_int8_dequantize": [_ptr, _ptr, _i64, _i64, _int, _ptr, _i64],
     "lm_int4_dequantize": [_ptr, _ptr, _int, _i64, _ptr, _i64, _i64, _i64, _int, _ptr, _i64],
     "lm_gelu_tanh_mul": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64],
     "lm_attend_one": [
@@ -263,7 +266,9 @@ ARGTYPES = {
 }
 # Functions that return a status (0 = done) or an answer; the others return nothing.
 RETURNS_INT = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step",
-               "lm_int4_int8_activations", "lm_int4_row_block")
+               "lm_int4_int8_activations", "lm_int4_row_block", "lm_int8_row_block",
+               "lm_int8_int8_activations")
+RETURNS_I64 = ("lm_int8_interleave",)  # counts
 
 
 def load_library(path: Path) -> ctypes.CDLL:
@@ -274,7 +279,7 @@ def load_library(path: Path) -> ctypes.CDLL:
         if hasattr(lib, name):
             function = getattr(lib, name)
             function.argtypes = argtypes
-            function.restype = ctypes.c_int if name in RETURNS_INT else None
+            function.restype = ctypes.c_int if name in RETURNS_INT else ctypes.c_int64 if name in RETURNS_I64 else None
     return lib
 
 

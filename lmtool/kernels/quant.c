@@ -55,6 +55,8 @@ enum { TILE_ROWS = 4 };
 /* Activation elements per int16 block (I16_TILES): 4 steps of 32. Each int32 lane then sums at most
    8 products of |code| <= 127 and |x| <= 2^15, far from overflowing. */
 enum { I16_BLOCK = 128 };
+/* Activation elements per int8 block (I8_TILES, INT8_X8): llama.cpp's Q8_0 blocks. */
+enum { I8_BLOCK = 32 };
 /* How far ahead of its loads a tile prefetches its weight stream, in bytes (a thread's rows are one
    contiguous stream), and into L2 (T1). Without it a single core streamed int8 codes at ~10 GB/s
    where bf16 reached 20-24 (Zen 4): the hardware prefetcher alone keeps too few lines in flight
@@ -774,6 +776,69 @@ static INLINED_TILE void int4_x8_tile_##MB(const int8_t* xs, int64_t ldxs, int64
 X8_TILE(1)
 X8_TILE(2)
 X8_TILE(4)
+
+/* int8 rows interleaved by 8 likewise (lm_int8_interleave): chunk c of a block is 4 bytes (4
+   weights, 4c..4c+3) of each of its 8 rows, 32 bytes. Read row by row with int16 activations, the
+   AVX2 int8 tile took about 6 cycles per 64 weights on one Zen 5 thread in L2: 3 operations per 16
+   weights (widen, vpmaddwd, add) and as much again in each row's per-block scaling and final
+   horizontal sum; Gemma-2B int8 then streamed 87 % of bfloat16's bytes per second where memory
+   answered fast. Here the activations are rounded to int8 per block of 32 (llama.cpp's Q8_0, as
+   for int4) and a chunk's 32 products are vpmaddubsw's, unsigned times signed, by the sign trick
+   (llama.cpp's Q8_0 on AVX2): |x| times w with x's sign; 4 operations per 32 weights (vpsignb,
+   vpmaddubsw, vpmaddwd, add; |x| is rounded with x), and a block's 8 rows scaled at once: about
+   3.4 cycles per 64 weights in a microbenchmark; 1.29-1.38x the row tiles in cache on two threads,
+   and Gemma-2B int8's whole decode steps 1.02-1.19x where bfloat16 streamed 58-62 GB/s (1.00x where
+   memory is the bound; with the copy in 2 MB pages: in 4 KB pages 0.91-0.95x, lmtool.quantize.
+   linear._in_huge_pages). vpsignb cannot negate -128: lm_int8_interleave counts such codes
+   (lmtool's quantizer writes none) and the rows of a weight holding one stay as stored. A pair of
+   products is at most 2 x 127 x 127 in 16 bits, and an int32 lane sums 32 products of a block.
+   AVX2 only: AVX-512 multiplies int8 weights by int16 activations in 512 bits (vpdpwssd) as fast as
+   its memory streams them. */
+#if !defined(__AVX512F__)
+#define INT8_X8 1
+#define X8_I8_PRODUCTS(SUMS, CODES, X, SIZE) \
+    SUMS = _mm256_add_epi32(SUMS, _mm256_madd_epi16(_mm256_maddubs_epi16(SIZE, _mm256_sign_epi8(CODES, X)), _mm256_set1_epi16(1)))
+/* chunk k / 4 of the block's 32-byte chunks times the MB rows' 4 activations at k (FETCH: a line
+   ahead, every other chunk) */
+#define X8_I8_CHUNK(MB, k, FETCH)                                                                              \
+    {                                                                                                          \
+        const int8_t* chunk = w + (k) * ROW_BLOCK;                                                             \
+        if (FETCH) __builtin_prefetch(chunk + PREFETCH_AHEAD, 0, 2);                                           \
+        const __m256i codes = _mm256_loadu_si256((const __m256i*)chunk);                                       \
+        UNROLLED for (int i = 0; i < MB; i++) {                                                                \
+            int32_t four, size; /* the chunk's 4 activations and their magnitudes */                          \
+            memcpy(&four, xs + i * ldxs + (k), 4);                                                             \
+            memcpy(&size, xabs + i * ldxs + (k), 4);                                                           \
+            X8_I8_PRODUCTS(sums[i], codes, _mm256_set1_epi32(four), _mm256_set1_epi32(size));                 \
+        }                                                                                                      \
+    }
+/* out[i * 8 + r] = x row i . weight row r of one interleaved block (before the rows' scales), for
+   MB activation rows: xs and their magnitudes xabs in natural order, xscale their lane scales
+   (quantize_activations_i8 with natural order). K % 4 == 0. */
+#define X8_I8_TILE(MB)                                                                                         \
+static INLINED_TILE void int8_x8_tile_##MB(const int8_t* xs, const int8_t* xabs, int64_t ldxs, const float* xscale, \
+                                           int64_t ldscale, int64_t K, const int8_t* w, float* out)            \
+{                                                                                                              \
+    __m256 total[MB];                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) total[i] = _mm256_setzero_ps();                                      \
+    for (int64_t b = 0; b * I8_BLOCK < K; b++) {                                                               \
+        const int64_t begin = b * I8_BLOCK, end = begin + I8_BLOCK < K ? begin + I8_BLOCK : K;                 \
+        __m256i sums[MB];                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++) sums[i] = _mm256_setzero_si256();                                \
+        if (end - begin == I8_BLOCK) { /* a whole block: its 8 chunks unrolled */                              \
+            UNROLLED for (int c = 0; c < I8_BLOCK / 4; c++) X8_I8_CHUNK(MB, begin + 4 * c, c % 2 == 0)          \
+        } else {                                                                                               \
+            for (int64_t k = begin; k < end; k += 4) X8_I8_CHUNK(MB, k, k % 8 == 0)                            \
+        }                                                                                                      \
+        UNROLLED for (int i = 0; i < MB; i++)                                                                  \
+            total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i]), _mm256_broadcast_ss(xscale + i * ldscale + b * 4), total[i]); \
+    }                                                                                                          \
+    UNROLLED for (int i = 0; i < MB; i++) _mm256_storeu_ps(out + i * ROW_BLOCK, total[i]);                     \
+}
+X8_I8_TILE(1)
+X8_I8_TILE(2)
+X8_I8_TILE(4)
+#endif
 #else
 #define ROW_BLOCK 1 /* the plain C builds read the rows as stored */
 #endif
@@ -791,6 +856,9 @@ X8_TILE(4)
 #endif
 #ifndef I16_NARROW
 #define I16_NARROW 0
+#endif
+#ifndef INT8_X8
+#define INT8_X8 0 /* int8 rows as stored, always */
 #endif
 #ifndef I16_TILES
 #define I16_TILES 0 /* no int16 tiles: int8 weights take the float32 or bfloat16 tiles */
@@ -941,9 +1009,15 @@ static int quantize_activations(const uint16_t* x, int64_t ldx, int64_t M, int64
    1 / d, in float32). Each row: the even elements' q (`half` bytes, a multiple of 64, zero
    padded), then the odd ones'; each lane's scale (a lane: 8 consecutive elements, 4 bytes of each
    half; ldscale a row) and each group's sum of d q, for the zero points. An infinite or NaN
-   activation makes its block's scales NaN, and so its output rows, as a float product would. */
-enum { I8_BLOCK = 32 };
-typedef struct { int8_t* rows; int64_t ldxs, half; float* lane_scale; int64_t ldscale; float* xsum; } int8_activations_t;
+   activation makes its block's scales NaN, and so its output rows, as a float product would.
+   Where asked (the interleaved int8 tile), also each row in natural order and its magnitudes |q|. */
+typedef struct {
+    int8_t *rows, *natural, *magnitude;
+    int64_t ldxs, half;
+    float* lane_scale;
+    int64_t ldscale;
+    float* xsum;
+} int8_activations_t;
 
 /* Groups the int8-activation tiles take: a lane of 8 weights in one group, and a step's groups
    found without a division (32 and 64: 4 and 2 in a 128-weight step; a multiple of 128: one). */
@@ -1022,17 +1096,40 @@ static int32_t plain_block_i8(const uint16_t* x, int64_t n, int8_t* even, int8_t
     return total;
 }
 
-static int quantize_activations_i8(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t group,
+/* n even and n odd int8 activations (n a multiple of 16) back in their order, and their magnitudes */
+static void natural_order_i8(const int8_t* even, const int8_t* odd, int64_t n, int8_t* natural, int8_t* magnitude) {
+#if defined(__AVX2__)
+    for (int64_t k = 0; k < n; k += 16) {
+        const __m128i e = _mm_loadu_si128((const __m128i*)(even + k)), o = _mm_loadu_si128((const __m128i*)(odd + k));
+        const __m128i low = _mm_unpacklo_epi8(e, o), high = _mm_unpackhi_epi8(e, o);
+        _mm_storeu_si128((__m128i*)(natural + 2 * k), low);
+        _mm_storeu_si128((__m128i*)(natural + 2 * k + 16), high);
+        _mm_storeu_si128((__m128i*)(magnitude + 2 * k), _mm_abs_epi8(low));
+        _mm_storeu_si128((__m128i*)(magnitude + 2 * k + 16), _mm_abs_epi8(high));
+    }
+#else
+    for (int64_t k = 0; k < n; k++) {
+        natural[2 * k] = even[k];
+        natural[2 * k + 1] = odd[k];
+        magnitude[2 * k] = (int8_t)abs(even[k]);
+        magnitude[2 * k + 1] = (int8_t)abs(odd[k]);
+    }
+#endif
+}
+
+static int quantize_activations_i8(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, int64_t group, int natural,
                                    int8_activations_t* a) {
     const int64_t half = (K / 2 + 63) / 64 * 64, groups = K / group, blocks = (K + I8_BLOCK - 1) / I8_BLOCK;
     a->half = half;
     a->ldxs = 2 * half;
     a->ldscale = half / 4;
-    const size_t row_floats = (size_t)(M * a->ldxs) / 4 + SCRATCH_TAIL;
+    const size_t row_floats = (size_t)(M * a->ldxs) / 4 * (natural ? 3 : 1) + SCRATCH_TAIL;
     float* buffer = scratch_floats(row_floats + (size_t)(M * (a->ldscale + groups)));
     if (!buffer) return -1;
     memset(buffer, 0, (row_floats + (size_t)(M * (a->ldscale + groups))) * sizeof(float));
     a->rows = (int8_t*)buffer;
+    a->natural = natural ? a->rows + M * a->ldxs : NULL;
+    a->magnitude = natural ? a->natural + M * a->ldxs : NULL;
     a->lane_scale = buffer + row_floats;
     a->xsum = a->lane_scale + M * a->ldscale;
     for (int64_t m = 0; m < M; m++) {
@@ -1049,6 +1146,7 @@ static int quantize_activations_i8(const uint16_t* x, int64_t ldx, int64_t M, in
             for (int l = 0; l < I8_BLOCK / 8; l++) a->lane_scale[m * a->ldscale + begin / 8 + l] = d;
             a->xsum[m * groups + begin / group] += d * (float)total; /* NaN with d */
         }
+        if (natural) natural_order_i8(even, odd, half, a->natural + m * a->ldxs, a->magnitude + m * a->ldxs);
     }
     return 0;
 }
@@ -1075,10 +1173,70 @@ static void store_block(int bf16, void* y, int64_t ldy, int64_t M, int64_t n0, i
         }
 }
 
+/* The rows lm_int8_linear wants interleaved together (lm_int8_interleave) for these activations:
+   ROW_BLOCK where it multiplies bfloat16 ones in int8 on AVX2 and K is whole chunks, else 1. */
+int lm_int8_row_block(int bf16, int64_t K) { return INT8_X8 && bf16 && K % 4 == 0 ? ROW_BLOCK : 1; }
+
+#if INT8_X8
+/* x row . one weight row as int8_x8_tile sums it (the same int32 block sums and float32 FMAs, so the
+   same value): the rows after the last whole block. */
+static float int8_row_i8(const int8_t* xs, const float* xscale, int64_t K, const int8_t* w) {
+    float total = 0.0f;
+    for (int64_t b = 0; b * I8_BLOCK < K; b++) {
+        const int64_t begin = b * I8_BLOCK, end = begin + I8_BLOCK < K ? begin + I8_BLOCK : K;
+        int32_t sum = 0;
+        for (int64_t k = begin; k < end; k++) sum += (int32_t)xs[k] * w[k];
+        total = fmaf((float)sum, xscale[b * 4], total);
+    }
+    return total;
+}
+
+/* lm_int8_linear over rows interleaved by ROW_BLOCK up to `interleaved` (the rows after them as
+   stored), bfloat16 activations rounded to int8 for all of them. */
+static int int8_linear_x8(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes, const float* scale,
+                          int64_t N, int64_t interleaved, uint16_t* y, int64_t ldy) {
+    int8_activations_t q = {0};
+    if (quantize_activations_i8(x, ldx, M, K, K, 1, &q)) return -1;
+    #pragma omp parallel for schedule(static)
+    for (int64_t block = 0; block < (N + ROW_BLOCK - 1) / ROW_BLOCK; block++) {
+        const int64_t n0 = block * ROW_BLOCK;
+        if (n0 >= interleaved) {
+            for (int64_t n = n0; n < N && n < n0 + ROW_BLOCK; n++)
+                for (int64_t i = 0; i < M; i++)
+                    y[i * ldy + n] = bf16_rounded(int8_row_i8(q.natural + i * q.ldxs, q.lane_scale + i * q.ldscale, K, codes + n * K) * scale[n]);
+            continue;
+        }
+        float out[16 * ROW_BLOCK];
+#define X8_I8_CALL(MB, m) int8_x8_tile_##MB(q.natural + (m) * q.ldxs, q.magnitude + (m) * q.ldxs, q.ldxs, \
+                                            q.lane_scale + (m) * q.ldscale, q.ldscale, K, codes + n0 * K, out + (m) * ROW_BLOCK)
+        int64_t m = 0;
+        for (; M - m >= 4; m += 4) X8_I8_CALL(4, m);
+        for (; M - m >= 2; m += 2) X8_I8_CALL(2, m);
+        for (; m < M; m++) X8_I8_CALL(1, m);
+        for (int64_t i = 0; i < M; i++)
+            for (int r = 0; r < ROW_BLOCK; r++) y[i * ldy + n0 + r] = bf16_rounded(out[i * ROW_BLOCK + r] * scale[n0 + r]);
+    }
+    return 0;
+}
+#endif
+
+/* Whether lm_int8_linear rounds these activations to int8 for weights with `interleaved` rows (for
+   the tests' reference): where it reads interleaved rows at all. */
+int lm_int8_int8_activations(int bf16, int64_t K, int64_t interleaved) {
+    return interleaved > 0 && lm_int8_row_block(bf16, K) == ROW_BLOCK;
+}
+
 /* y[M, N] (row stride ldy) = x[M, K] (bf16 != 0: bfloat16, else float32; row stride ldx) times the
-   int8 codes [N, K] scaled per row. Returns 0, or -1 when the scratch copy could not be allocated. */
+   int8 weight codes [N, K] with one float32 scale per row. The first `interleaved` rows (a multiple
+   of ROW_BLOCK, 0 for none) are interleaved as lm_int8_interleave leaves them: only where
+   lm_int8_row_block says so. Returns 0, -1 when memory could not be allocated, -2 for interleaved
+   rows this build or these activations do not take. */
 int lm_int8_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, const int8_t* codes,
-                   const float* scale, int64_t N, void* y, int64_t ldy) {
+                   const float* scale, int64_t N, void* y, int64_t ldy, int64_t interleaved) {
+    if (interleaved && (lm_int8_row_block(bf16, K) == 1 || interleaved % ROW_BLOCK || interleaved > N)) return -2;
+#if INT8_X8
+    if (interleaved) return int8_linear_x8(x, ldx, M, K, codes, scale, N, interleaved, y, ldy);
+#endif
     const int as_i16 = I16_TILES && bf16;
     activations_t a = {0};
     int16_activations_t q = {0};
@@ -1149,7 +1307,7 @@ int lm_int4_linear(int bf16, const void* x, int64_t ldx, int64_t M, int64_t K, c
         return -2;
     activations_t a = {0};
     int8_activations_t q = {0};
-    if (as_i8 ? quantize_activations_i8(x, ldx, M, K, group, &q) : widen_activations(bf16, x, ldx, M, K, 1, group, sums_codes, &a))
+    if (as_i8 ? quantize_activations_i8(x, ldx, M, K, group, 0, &q) : widen_activations(bf16, x, ldx, M, K, 1, group, sums_codes, &a))
         return -1;
     const float* xsum = as_i8 ? q.xsum : a.xsum;
     int failed = 0;
@@ -1251,23 +1409,58 @@ static inline void store_values(void* out, int out_bf16, const float* values, in
 enum { DEQUANT_CHUNK = 256 }; /* elements dequantized into float32 before the rounding pass */
 
 /* out[rows, K] = rows [0, rows) of the int8 codes [., K] times their float32 row scales. */
-void lm_int8_dequantize(const int8_t* codes, const float* scale, int64_t K, int64_t rows, int out_bf16, void* out) {
+/* Row r of an int8 weight whose first rows are interleaved by ROW_BLOCK (from codes, its first
+   row; r < interleaved), put back in order into row (K bytes). */
+static void int8_interleaved_row(const int8_t* codes, int64_t K, int64_t r, int8_t* row) {
+    const int8_t* block = codes + r / ROW_BLOCK * ROW_BLOCK * K + r % ROW_BLOCK * 4;
+    for (int64_t c = 0; c < K / 4; c++) memcpy(row + 4 * c, block + c * 4 * ROW_BLOCK, 4);
+}
+
+/* rows of an int8 weight from codes (its first row; the first `interleaved` of them interleaved,
+   as lm_int8_linear reads them) dequantized, (code * scale) rounded once to the output dtype. */
+void lm_int8_dequantize(const int8_t* codes, const float* scale, int64_t K, int64_t rows, int out_bf16, void* out,
+                        int64_t interleaved) {
     const size_t size = out_bf16 ? 2 : 4;
+    #pragma omp parallel
+    {
+        int8_t gathered[interleaved ? K : 1]; /* an interleaved row, in order (K bytes: a few KB) */
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const int8_t* row = codes + r * K;
+            if (r < interleaved) {
+                int8_interleaved_row(codes, K, r, gathered);
+                row = gathered;
+            }
 #if BF16_DEQUANT
-    if (out_bf16) {
-        #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; r++) int8_row_to_bf16(codes + r * K, scale[r], K, (uint16_t*)out + r * K);
-        return;
-    }
+            if (out_bf16) {
+                int8_row_to_bf16(row, scale[r], K, (uint16_t*)out + r * K);
+                continue;
+            }
 #endif
-    #pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t k = 0; k < K; k += DEQUANT_CHUNK) {
-            const int64_t n = K - k < DEQUANT_CHUNK ? K - k : DEQUANT_CHUNK;
-            float values[DEQUANT_CHUNK];
-            for (int64_t i = 0; i < n; i++) values[i] = (float)codes[r * K + k + i] * scale[r];
-            store_values((char*)out + (r * K + k) * size, out_bf16, values, n);
+            for (int64_t k = 0; k < K; k += DEQUANT_CHUNK) {
+                const int64_t n = K - k < DEQUANT_CHUNK ? K - k : DEQUANT_CHUNK;
+                float values[DEQUANT_CHUNK];
+                for (int64_t i = 0; i < n; i++) values[i] = (float)row[k + i] * scale[r];
+                store_values((char*)out + (r * K + k) * size, out_bf16, values, n);
+            }
         }
+    }
+}
+
+/* The first `rows` rows (a multiple of ROW_BLOCK) of int8 codes [.., K] (K % 4 == 0) interleaved by
+   blocks of ROW_BLOCK into out, as lm_int8_linear reads them: chunk c of a block holds 4 bytes of
+   each of its rows. Returns how many of the codes are -128, which the AVX2 tile cannot negate
+   (the caller then keeps the rows as stored). */
+int64_t lm_int8_interleave(const int8_t* codes, int64_t K, int64_t rows, int8_t* out) {
+    int64_t unnegatable = 0;
+    #pragma omp parallel for schedule(static) reduction(+ : unnegatable)
+    for (int64_t block = 0; block < rows / ROW_BLOCK; block++) {
+        int8_t* to = out + block * ROW_BLOCK * K;
+        for (int64_t c = 0; c < K / 4; c++)
+            for (int r = 0; r < ROW_BLOCK; r++) memcpy(to + c * 4 * ROW_BLOCK + r * 4, codes + (block * ROW_BLOCK + r) * K + c * 4, 4);
+        for (int64_t i = 0; i < ROW_BLOCK * K; i++) unnegatable += to[i] == -128;
+    }
+    return unnegatable;
 }
 
 /* One row of an int4 weight dequantized (a group at a time: its scale and zero point are constants

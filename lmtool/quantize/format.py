@@ -170,8 +170,9 @@ class QuantizedWeight:
     # The zero points as the checkpoint packs them (mapped), for stored(): packing them again at
     # every state_dict() (one at each load) left their temporaries on the heap.
     _stored_zero_point: torch.Tensor | None = field(default=None, repr=False)
-    # 4 bits: how many leading rows of nibbles, scale and zero_point are interleaved by blocks of
-    # ROW_BLOCK for lmtool's kernel (lmtool.quantize.linear.interleave, at load); 0: all as stored.
+    # How many leading rows are interleaved by blocks of ROW_BLOCK for lmtool's kernel
+    # (lmtool.quantize.linear.interleave, at load): 4 bits' nibbles, scale and zero_point, 8 bits'
+    # codes (their scale is one per row); 0: all as stored.
     interleaved: int = 0
     # What stored() gave before the interleaving: views of the mapping, whose pages were dropped
     # (a state_dict, as every load takes one, reads none of them; a save faults them back in).
@@ -220,10 +221,10 @@ class QuantizedWeight:
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The module's tensors in the compressed-tensors layout (views, nothing dequantized)."""
-        if self.bits == 8:
-            return {"weight": self.codes, "weight_scale": self.scale}
         if self._stored_before is not None:
             return dict(self._stored_before)
+        if self.bits == 8:
+            return {"weight": self.codes, "weight_scale": self.scale}
         tensors = {"weight_packed": self.nibbles.view(torch.int32), "weight_scale": self.scale,
                    "weight_shape": torch.tensor([self.out_features, self.in_features])}
         if self.zero_point is not None:
@@ -232,14 +233,18 @@ class QuantizedWeight:
         return tensors
 
     def in_row_order(self, tensor: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-        """rows of nibbles, scale or zero_point as stored, undoing the interleaving (blocks of
-        ROW_BLOCK rows, each [units][ROW_BLOCK], a unit 4 bytes of nibbles or one scale or zero
-        point) where there is one."""
-        if not self.interleaved:
+        """rows of codes, nibbles, scale or zero_point as stored, undoing the interleaving (blocks of
+        ROW_BLOCK rows, each [units][ROW_BLOCK], a unit 4 bytes of codes or nibbles or one scale or
+        zero point) where there is one: 8 bits interleave their codes only."""
+        if not self.interleaved or (self.bits == 8 and tensor is not self.codes):
             return tensor[rows]
-        index = torch.arange(self.out_features)[rows]
+        # row indices as given (an embedding's lookups: no arange over a 256000-row vocabulary per token)
+        if isinstance(rows, torch.Tensor):
+            index = torch.where(rows < 0, rows + self.out_features, rows).reshape(-1)
+        else:
+            index = torch.arange(self.out_features)[rows]
         width = tensor.shape[1]
-        unit = 4 if tensor is self.nibbles else 1
+        unit = 4 if tensor is self.nibbles or tensor is self.codes else 1
         blocks = tensor[: self.interleaved].view(-1, width // unit, ROW_BLOCK, unit)
         out = tensor.new_empty(index.numel(), width)
         inside = index < self.interleaved
@@ -258,7 +263,7 @@ class QuantizedWeight:
     def dequantize_rows(self, rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The float rows (a slice, or row indices) of the weight."""
         if self.bits == 8:
-            codes = self.codes[rows]
+            codes = self.in_row_order(self.codes, rows)
         else:
             packed = self.in_row_order(self.nibbles, rows)
             codes = torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).view(torch.int8) - 8
