@@ -207,7 +207,7 @@ def _interleave_codes(weight: QuantizedWeight, checkpoint: Checkpoint, rows: int
         return
     codes = _in_huge_pages(stored.new_empty(stored.shape))
     codes[rows:] = stored[rows:]  # the rows after the last block, as stored
-    step = max(ROW_BLOCK, PACK_ELEMENTS * 32 // weight.in_features // ROW_BLOCK * ROW_BLOCK)
+    step = max(ROW_BLOCK, PACK_ELEMENTS * 32 // weight.in_features // ROW_BLOCK * ROW_BLOCK)  # 32 MB
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         if kernels.library().lm_int8_interleave(stored[start].data_ptr(), weight.in_features, stop - start,
@@ -477,6 +477,7 @@ def swap_quantized(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype,
         weight, used = read_weight(checkpoint, stored, source)
         weights[rename(f"{stored}.weight")[: -len(".weight")]] = (weight.to(device), stored)
         consumed.update(used)
+    return_freed_memory()  # the reads' temporaries, before the copies: else on top of them at the peak
     if fuse:
         consumed.update(_fuse_groups(model, weights, checkpoint, dtype, source))
     for ours, (weight, stored) in weights.items():
