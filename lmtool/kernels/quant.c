@@ -1408,7 +1408,6 @@ static inline void store_values(void* out, int out_bf16, const float* values, in
 
 enum { DEQUANT_CHUNK = 256 }; /* elements dequantized into float32 before the rounding pass */
 
-/* out[rows, K] = rows [0, rows) of the int8 codes [., K] times their float32 row scales. */
 /* Row r of an int8 weight whose first rows are interleaved by ROW_BLOCK (from codes, its first
    row; r < interleaved), put back in order into row (K bytes). */
 static void int8_interleaved_row(const int8_t* codes, int64_t K, int64_t r, int8_t* row) {
@@ -1416,8 +1415,9 @@ static void int8_interleaved_row(const int8_t* codes, int64_t K, int64_t r, int8
     for (int64_t c = 0; c < K / 4; c++) memcpy(row + 4 * c, block + c * 4 * ROW_BLOCK, 4);
 }
 
-/* rows of an int8 weight from codes (its first row; the first `interleaved` of them interleaved,
-   as lm_int8_linear reads them) dequantized, (code * scale) rounded once to the output dtype. */
+/* out[rows, K] = rows [0, rows) of the int8 codes [., K] (the first `interleaved` of them
+   interleaved, as lm_int8_linear reads them) times their float32 row scales, rounded once to the
+   output dtype. */
 void lm_int8_dequantize(const int8_t* codes, const float* scale, int64_t K, int64_t rows, int out_bf16, void* out,
                         int64_t interleaved) {
     const size_t size = out_bf16 ? 2 : 4;

@@ -75,7 +75,6 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-
 def _int8_rows(weight: QuantizedWeight, x: torch.Tensor) -> bool:
     # CPU only: the CUDA build of the op is untested here (no GPU), the tiled path is exact anywhere.
     # Rows interleaved for lmtool's kernel go to the tiled path (it puts them back in order).
@@ -180,8 +179,9 @@ def interleave(weight: QuantizedWeight, checkpoint: Checkpoint, dtype: torch.dty
     activations of dtype: int4 nibbles, scales and zero points (lm_int4_interleave), int8 codes
     (lm_int8_interleave, AVX2 only; their scales are one per row already side by side). One 32-byte
     load then feeds 8 rows, and their sums are scaled once per block of activations for all 8
-    (quant.c says why and by how much). The copies go in 2 MB pages where Linux gives them. Rows after the last whole block stay as stored; stored() keeps giving the
-    checkpoint's own tensors (the mapped views from before)."""
+    (quant.c says why and by how much). The copies go in 2 MB pages where Linux gives them. Rows
+    after the last whole block stay as stored; stored() keeps giving the checkpoint's own tensors
+    (the mapped views from before)."""
     rows = weight.out_features // ROW_BLOCK * ROW_BLOCK
     if rows == 0 or not _interleavable(weight, dtype):
         return
