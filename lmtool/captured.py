@@ -105,14 +105,22 @@ class RMSNormCall:
         self.scale_after_cast = int(not norm.weight_before_cast)
         self.eps, self.width = norm.eps, norm.weight.shape[0]
 
-    def bound(self, x: torch.Tensor, out: torch.Tensor):
+    def bound(self, x: torch.Tensor, out: torch.Tensor, delta: torch.Tensor | None = None, total: torch.Tensor | None = None):
         """out = norm(x) with every argument bound, x and out [B, width] (rows of x may be strided)
-        staying where they are."""
-        call = functools.partial(
-            kernels.library().lm_rms_norm, int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), x.shape[0],
-            self.width, self.scale.data_ptr(), self.scale_after_cast, self.eps, out.data_ptr(),
-        )
-        call.keeps = (self.scale, x, out)  # the addresses it was given stay valid while it lives
+        staying where they are. With delta (a residual branch's output, [B, width]): the residual
+        add first, in the same call, total = x + delta rounded as PyTorch's add (total: x itself
+        by default, the residual stream updated in place; rows contiguous), then out = norm(total)."""
+        lib, bf16 = kernels.library(), int(x.dtype == torch.bfloat16)
+        if delta is None:
+            call = functools.partial(lib.lm_rms_norm, bf16, x.data_ptr(), x.stride(0), x.shape[0], self.width,
+                                     self.scale.data_ptr(), self.scale_after_cast, self.eps, out.data_ptr())
+        else:
+            total = x if total is None else total
+            assert total.stride(-1) == 1 and (total.shape[0] == 1 or total.stride(0) == self.width), "contiguous rows"
+            call = functools.partial(lib.lm_add_rms_norm, bf16, x.data_ptr(), x.stride(0), delta.data_ptr(), delta.stride(0),
+                                     x.shape[0], self.width, self.scale.data_ptr(), self.scale_after_cast, self.eps,
+                                     total.data_ptr(), out.data_ptr())
+        call.keeps = (self.scale, x, out, delta, total)  # the addresses it was given stay valid while it lives
         return call
 
 
@@ -134,42 +142,41 @@ class StepPlan:
 class KVAttention:
     """A decode step's attention after a q/k/v projection into one buffer of rows [q heads | k heads
     | v heads] (Gemma, Zamba2's shared blocks): RoPE on q and k in place (when given), the KV
-    append, one-query attention into `context`, as SelfAttention and scaled_dot_product make them."""
+    append, one-query attention into `context`, as SelfAttention and scaled_dot_product make them,
+    in one call per layer (lm_attention_step)."""
 
     def __init__(self, plan: StepPlan, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, scale: float,
                  context: torch.Tensor):
         self.plan, self.heads, self.kv_heads, self.head_dim, self.scale = plan, heads, kv_heads, head_dim, scale
         self.width, self.q = qkv.shape[1], qkv.data_ptr()
-        self.k = self.q + heads * head_dim * plan.size
-        self.v = self.q + (heads + kv_heads) * head_dim * plan.size
         self.context = context.data_ptr()
-        self.scores = plan.buffer(plan.batch * heads * plan.max_len, dtype=torch.float32)
-        self.keeps = (qkv, context)  # the addresses above stay valid while it lives
+        scores = plan.buffer(plan.batch * heads * plan.max_len, dtype=torch.float32)  # lm_attend_one's scratch
+        self.scores = scores.data_ptr()
+        self.keeps = (qkv, context, scores)  # the addresses above stay valid while it lives
+        self.step_tensors = None  # this step's RoPE rows and key mask, alive while the kernels read them
 
     def begin(self, step, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None):
         """This step's position, RoPE rows (cos, sin [B, d] contiguous, or None) and key mask
-        [B, S] (or None) as the kernels read them: made once per step, used by every layer."""
+        [B, S] (or None) as the kernels read them: made once per step, used by every layer, and
+        passed to each layer's call as (position, (d, cos, sin addresses), mask address)."""
         position, S = step.start, step.start + 1
         if S > self.plan.max_len:
             raise RuntimeError(f"KV cache is full: {S} positions needed, {self.plan.max_len} allocated")
         B = self.plan.batch
         rope_rows = tuple(t.reshape(B, -1).contiguous() for t in rope) if rope is not None else None
         key_mask = mask[:, 0, 0, :S].contiguous() if mask is not None else None
-        return position, rope_rows, key_mask
+        self.step_tensors = (rope_rows, key_mask)
+        rope_at = (rope_rows[0].shape[1], rope_rows[0].data_ptr(), rope_rows[1].data_ptr()) if rope_rows else (0, None, None)
+        return position, rope_at, key_mask.data_ptr() if key_mask is not None else None
 
-    def __call__(self, keys: int, values: int, position: int, rope_rows, key_mask: torch.Tensor | None) -> None:
+    def __call__(self, keys: int, values: int, position: int, rope_at: tuple, key_mask: int | None) -> None:
         """One layer's attention over its KV cache (keys and values: the addresses of its
-        [B, kv_heads, max_len, head_dim] tensors) at this step's position."""
-        plan, lib, bf, B = self.plan, self.plan.lib, self.plan.bf, self.plan.batch
-        H, KV, hd, width, max_len, S = self.heads, self.kv_heads, self.head_dim, self.width, plan.max_len, position + 1
-        if rope_rows is not None:
-            cos, sin = rope_rows
-            lib.lm_rope(bf, self.q, width, hd, B, H, cos.shape[1], cos.data_ptr(), sin.data_ptr())
-            lib.lm_rope(bf, self.k, width, hd, B, KV, cos.shape[1], cos.data_ptr(), sin.data_ptr())
-        lib.lm_kv_append(bf, self.k, width, hd, self.v, width, hd, keys, values, B, KV, max_len, hd, position)
-        lib.lm_attend_one(bf, self.q, width, hd, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd,
-                          self.scale, None, 0, key_mask.data_ptr() if key_mask is not None else None, S, self.context,
-                          self.scores.data_ptr())
+        [B, kv_heads, max_len, head_dim] tensors) at this step's position, with begin's RoPE rows
+        and key mask."""
+        plan = self.plan
+        plan.lib.lm_attention_step(plan.bf, self.q, self.width, plan.batch, self.heads, self.kv_heads, self.head_dim,
+                                   *rope_at, keys, values, plan.max_len, position, self.scale, key_mask, self.context,
+                                   self.scores)
 
 
 class CapturedDecoding:

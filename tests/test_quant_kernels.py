@@ -230,6 +230,25 @@ def test_interleaved_rows_give_back_the_stored_tensors_and_rows(out_features):
             assert torch.equal(loaded.dequantize_rows(rows, torch.float32), weight.dequantize_rows(rows, torch.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_features", [8, 13, 37])
+def test_embedding_lookups_are_the_dequantized_rows(dtype, out_features):
+    """A quantized embedding's few lookups of a decode step (one kernel call per row, from its
+    block where rows are interleaved) give exactly the rows dequantize_rows gives, and a prompt's
+    many lookups too; an index out of range is refused as nn.Embedding refuses it."""
+    torch.manual_seed(out_features)
+    weights = [int4_weight(out_features, 128, 32, torch.bfloat16, symmetric) for symmetric in (False, True)]
+    for weight in weights + [int8_weight(out_features, 128, torch.bfloat16)]:
+        for loaded in (weight, prepared(weight, dtype)):
+            embedding = linear.QuantizedEmbedding(loaded, dtype)
+            for ids in ([[out_features - 1, 0, 9 % out_features]], [[7], [out_features - 1]], [list(range(out_features)) * 2]):
+                ids = torch.tensor(ids)
+                want = weight.dequantize_rows(ids.reshape(-1), dtype).view(*ids.shape, -1)
+                assert torch.equal(embedding(ids), want)
+            with pytest.raises(IndexError):
+                embedding(torch.tensor([[out_features]]))
+
+
 def test_int4_kernel_rounds_bfloat16_activations_to_int8_only_where_it_multiplies_in_integers():
     """AVX-512 (VNNI) and AVX2 multiply int4 nibbles by int8 activations, for groups a step's lanes
     divide (32, 64, multiples of 128); float32 activations, other groups and the plain C builds keep

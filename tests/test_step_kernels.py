@@ -176,6 +176,31 @@ def test_rms_norm_kernel_matches_the_operations_it_replaces(dtype, unit_offset, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unit_offset,weight_before_cast", [(True, True), (False, False)])
+@pytest.mark.parametrize("rows,n", [(1, 37), (3, 300)])
+def test_residual_add_in_the_norms_call_is_the_add_then_the_norm(dtype, unit_offset, weight_before_cast, rows, n):
+    """A decode plan's norm that makes the residual add before it (lm_add_rms_norm): the sum
+    written where asked (x itself, or another buffer with x left as it was), rounded as PyTorch's
+    add, and the norm of it, bit for bit what the add and the norm kernel give; x rows strided."""
+    from lmtool.captured import RMSNormCall
+    from lmtool.layers import RMSNorm
+
+    torch.manual_seed(n)
+    norm = RMSNorm(n, 1e-6, unit_offset=unit_offset, weight_before_cast=weight_before_cast).to(dtype)
+    norm.weight.data.normal_()
+    x, delta = strided(rows, n, dtype), torch.randn(rows, n, dtype=dtype) * 3
+    want_sum = x + delta
+    with torch.no_grad():
+        want = norm(want_sum)
+    before, total, out = x.clone(), torch.empty(rows, n, dtype=dtype), torch.empty(rows, n, dtype=dtype)
+    RMSNormCall(norm).bound(x, out, delta=delta, total=total)()  # the sum into another buffer
+    assert torch.equal(total, want_sum) and torch.equal(out, want) and torch.equal(x, before)
+    residual, out = x.contiguous(), torch.empty(rows, n, dtype=dtype)
+    RMSNormCall(norm).bound(residual, out, delta=delta)()  # the residual stream updated in place
+    assert torch.equal(residual, want_sum) and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("y_float32", [False, True])
 @pytest.mark.parametrize("rows,n,groups", [(1, 48, 1), (3, 60, 4), (300, 1000, 2)])
 def test_gated_rms_norm_kernel_matches_the_operations_it_replaces(dtype, y_float32, rows, n, groups):

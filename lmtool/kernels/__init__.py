@@ -252,6 +252,7 @@ ARGTYPES = {
     "lm_conv_step": [_int, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int, _ptr, _i64],
     "lm_rglru_step": [_int, _ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr],
     "lm_rms_norm": [_int, _ptr, _i64, _i64, _i64, _ptr, _int, _float, _ptr],
+    "lm_add_rms_norm": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _int, _float, _ptr, _ptr],
     "lm_gated_rms_norm": [_int, _ptr, _i64, _int, _ptr, _i64, _i64, _i64, _i64, _ptr, _float, _ptr],
     "lm_soft_cap": [_int, _ptr, _i64, _float],
     "lm_ssd_step": [_int, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr],
@@ -263,6 +264,9 @@ ARGTYPES = {
     "lm_add_layer_norm": [_int, _ptr, _i64, _ptr, _i64, _i64, _i64, _ptr, _ptr, _float, _ptr, _ptr],
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
     "lm_rope": [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr],
+    "lm_attention_step": [
+        _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _ptr, _ptr, _ptr,
+    ],
 }
 # Functions that return a status (0 = done) or an answer; the others return nothing.
 RETURNS_INT = ("lm_int8_linear", "lm_int4_linear", "lm_gated_rms_norm", "lm_ssd_step", "lm_ssd_scan", "lm_mamba2_step",

@@ -331,6 +331,24 @@ void lm_rms_norm(int bf, const void *x, int64_t x_stride, int64_t rows, int64_t 
     }
 }
 
+/* The residual add before an RMSNorm: sum = x + delta, rounded to the model dtype as PyTorch's add
+ * (sum may be x itself: the residual stream updated in place), then out = lm_rms_norm(sum). Rows
+ * of x and delta have strides; sum and out [rows, n] contiguous.
+ * Why: at batch 1 a decode step's small operations cost what their code and data take to come
+ * back into the caches after the weights streamed through them, not their arithmetic: Gemma-2B's
+ * 36 residual adds took 0.17-0.21 ms of each step as PyTorch operations (5 us each, 1.2 us when
+ * hot; Zen 5 capped to AVX2, int4). One call instead of two per residual add. */
+void lm_add_rms_norm(int bf, const void *x, int64_t x_stride, const void *delta, int64_t delta_stride, int64_t rows,
+                     int64_t n, const float *scale, int after_cast, float eps, void *sum, void *out) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * n >= ROWS_IN_PARALLEL)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < n; i++)
+            st(sum, r * n + i, ld(x, r * x_stride + i, bf) + ld(delta, r * delta_stride + i, bf), bf); /* st rounds */
+        if (bf) rms_norm_row(1, sum, n, r, n, scale, after_cast, eps, out);
+        else rms_norm_row(0, sum, n, r, n, scale, after_cast, eps, out);
+    }
+}
+
 /* Mamba2's gated norm: h = y silu(z) in float32, normalized over each of `groups` equal parts of
  * a row, times the weight (model dtype), as transformers' Zamba2RMSNormGated. y in the model dtype
  * (the decode step): the normalized h is rounded to it before the product, which is rounded too.
@@ -514,4 +532,31 @@ void lm_rope(int bf, void *x, int64_t x_sb, int64_t x_sh, int64_t B, int64_t H, 
                 st(x, at + half + i, rnd(second * c2, bf) + rnd(first * s2, bf), bf);
             }
         }
+}
+
+/* --- one decode step's attention over a KV cache, in one call --------------------------------------
+ * A q/k/v projection's rows [B, width] holding [H query heads | KV key heads | KV value heads] of hd
+ * (Gemma, Zamba2's shared blocks): RoPE on the queries' and keys' first rope_d channels (cos and
+ * sin [B, rope_d]; cos NULL: none), the KV append at `position`, and one-query attention over the
+ * position + 1 cached keys (key_mask [B, position + 1] or NULL) into context [B, H * hd] (scores:
+ * lm_attend_one's scratch), the calls lmtool.captured.KVAttention made one by one: one call instead
+ * of four per layer (see lm_add_rms_norm for why that matters; in Gemma-2B's steps the four took
+ * 0.6-0.8 ms, the one 0.47-0.65, most of it now the cold KV cache's reads). lm_attend_one is each
+ * instruction set's own (common.h), linked into the same library. */
+void lm_attend_one(int bf16, const void *q, int64_t q_bs, int64_t q_hs, const void *k, const void *v, int64_t kv_bs,
+                   int64_t kv_hs, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd, float scale, const void *bias,
+                   int64_t bias_rs, const uint8_t *mask, int64_t mask_bs, void *out, float *scores);
+
+void lm_attention_step(int bf, void *qkv, int64_t width, int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t rope_d,
+                       const void *cos, const void *sin, void *keys, void *values, int64_t max_len, int64_t position,
+                       float scale, const uint8_t *key_mask, void *context, float *scores) {
+    const int64_t size = bf ? 2 : 4, S = position + 1;
+    char *q = (char *)qkv, *k = q + H * hd * size, *v = k + KV * hd * size;
+    if (cos) {
+        lm_rope(bf, q, width, hd, B, H, rope_d, cos, sin);
+        lm_rope(bf, k, width, hd, B, KV, rope_d, cos, sin);
+    }
+    lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, max_len, hd, position);
+    lm_attend_one(bf, q, width, hd, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd, scale, NULL, 0,
+                  key_mask, S, context, scores);
 }

@@ -1,14 +1,15 @@
 """Gemma's one-token decode step as a captured sequence of native calls (see lmtool.captured).
 
 Per layer: RMSNorm, the q/k/v projection (one call where the layers were fused at load, else
-three), RoPE on the queries and keys in place, the KV append, one-query attention, the output
-projection and the residual add; RMSNorm, gate/up, GeGLU, the down projection and the residual
-add. These are the calls the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on the
-same values in the same order, so a planned step gives exactly what the modules give. Where any
-part is not on the kernels (autograd, float16, an activation other than tanh GELU, a linear layer
-on another backend, a cache that is not the plain KV cache, more rows than the kernels take) there
-is no plan and the modules run. The activation buffers are the plan's own, reused every step: a model runs one
-forward at a time, as everywhere in lmtool.
+three), RoPE on the queries and keys in place, the KV append and one-query attention (one call),
+the output projection and the residual add; RMSNorm, gate/up, GeGLU, the down projection and the
+residual add. Each residual add is made in the call of the RMSNorm after it (lm_add_rms_norm).
+These are the operations the modules make (lmtool.layers' RMSNorm, SelfAttention, GatedMLP) on
+the same values in the same order, so a planned step gives exactly what the modules give. Where
+any part is not on the kernels (autograd, float16, an activation other than tanh GELU, a linear
+layer on another backend, a cache that is not the plain KV cache, more rows than the kernels take)
+there is no plan and the modules run. The activation buffers are the plan's own, reused every
+step: a model runs one forward at a time, as everywhere in lmtool.
 """
 
 from __future__ import annotations
@@ -51,14 +52,16 @@ class DecodePlan(StepPlan):
         scale = model.layers[0].self_attn.scale if len(model.layers) else 1.0
         self.attention = KVAttention(self, self.qkv, H, KV, hd, scale, self.context)
 
-        # Every call bound to the buffers it reads and writes, once.
+        # Every call bound to the buffers it reads and writes, once. Each residual add is made by
+        # the norm after it, in the same call: the previous layer's MLP output is added by ln1
+        # (the first layer's by none), the attention's by ln2, the last MLP's by the final norm.
         self.layers = []
-        for layer, layer_cache in zip(model.layers, cache.layers):
+        for i, (layer, layer_cache) in enumerate(zip(model.layers, cache.layers)):
             calls = linear_calls(layer, dtype)
             self.layers.append(dict(
-                ln1=RMSNormCall(layer.input_layernorm).bound(self.x, self.h),
+                ln1=RMSNormCall(layer.input_layernorm).bound(self.x, self.h, delta=self.mlp_out if i else None),
                 qkv=bound_parts(calls["qkv"], self.h, self.qkv), o=bound_parts(calls["o"], self.context, self.attn_out),
-                ln2=RMSNormCall(layer.post_attention_layernorm).bound(self.x, self.h),
+                ln2=RMSNormCall(layer.post_attention_layernorm).bound(self.x, self.h, delta=self.attn_out),
                 gate_up=bound_parts(calls["gate_up"], self.h, self.mid), down=bound_parts(calls["down"], self.act, self.mlp_out),
                 # Addresses only: the plan must not keep a finished generation's cache alive.
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
@@ -89,20 +92,18 @@ class DecodePlan(StepPlan):
         """The backbone's output [B,1,D] for one new token per row: embedded [B,1,D] (the scaled
         token embeddings), rope and mask as the layers get them."""
         B, D, I, size, lib, bf = self.batch, self.hidden, self.inner, self.size, self.lib, self.bf
-        position, rope_rows, key_mask = self.attention.begin(step, rope, mask)
+        position, rope_at, key_mask = self.attention.begin(step, rope, mask)
         mid = self.mid.data_ptr()
         self.x.copy_(embedded.view(B, D))
         for layer in self.layers:
             layer["ln1"]()
             layer["qkv"]()
-            self.attention(layer["keys"], layer["values"], position, rope_rows, key_mask)
+            self.attention(layer["keys"], layer["values"], position, rope_at, key_mask)
             layer["o"]()
-            torch.add(self.x, self.attn_out, out=self.x)
-            layer["ln2"]()
+            layer["ln2"]()  # after x += the attention's output
             layer["gate_up"]()
             lib.lm_gelu_tanh_mul(bf, mid, 2 * I, mid + I * size, 2 * I, self.act.data_ptr(), I, B, I)
             layer["down"]()
-            torch.add(self.x, self.mlp_out, out=self.x)
         out = torch.empty(B, 1, D, dtype=self.dtype)
-        self.final_norm.bound(self.x, out.view(B, D))()
+        self.final_norm.bound(self.x, out.view(B, D), delta=self.mlp_out if self.layers else None)()
         return out

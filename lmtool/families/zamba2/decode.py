@@ -96,10 +96,12 @@ class DecodePlan(StepPlan):
             hybrid = is_hybrid(layer)
             decoder = layer.mamba_decoder if hybrid else layer
             calls = mixer_calls(decoder, dtype)
-            mixer_in = self.mixer_in if hybrid else self.x
+            norm = RMSNormCall(decoder.input_layernorm)
+            # A hybrid layer's mixer reads x + the shared block's output, added by its norm's call
+            # into mixer_in (the residual stays x).
+            norm = norm.bound(self.x, self.h, delta=self.extra, total=self.mixer_in) if hybrid else norm.bound(self.x, self.h)
             self.layers.append(dict(
-                shared=self.bind_shared_block(layer, entry, dtype) if hybrid else None,
-                norm=RMSNormCall(decoder.input_layernorm).bound(mixer_in, self.h),
+                shared=self.bind_shared_block(layer, entry, dtype) if hybrid else None, norm=norm,
                 in_proj=calls["in_proj"].bound(self.h, self.zxbcdt), mamba=self.bind_mamba2_step(decoder.mamba),
                 out_proj=calls["out_proj"].bound(self.y, self.mixed),
             ))
@@ -201,7 +203,7 @@ class DecodePlan(StepPlan):
         if states is None:
             return None
         B, D = self.batch, self.hidden
-        position, rope_rows, key_mask = self.attention.begin(step, rope, mask)
+        position, rope_at, key_mask = self.attention.begin(step, rope, mask)
         x, mixed = self.x, self.mixed
         x.copy_(embedded.view(B, D))
         self.joined[:, D:].copy_(x)  # concat(x, original embeddings): the second half stays
@@ -211,11 +213,10 @@ class DecodePlan(StepPlan):
                 self.joined[:, :D].copy_(x)
                 for call in shared["before"]:
                     call()
-                self.attention(shared["keys"], shared["values"], position, rope_rows, key_mask)
+                self.attention(shared["keys"], shared["values"], position, rope_at, key_mask)
                 for call in shared["after"]:
                     call()
-                torch.add(x, self.extra, out=self.mixer_in)  # the mixer's input; the residual stays x
-            layer["norm"]()
+            layer["norm"]()  # of x, or in a hybrid layer of x + the shared block's output
             layer["in_proj"]()
             layer["mamba"](conv, ssm)
             layer["out_proj"]()
