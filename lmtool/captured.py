@@ -174,9 +174,10 @@ class KVAttention:
         [B, kv_heads, max_len, head_dim] tensors) at this step's position, with begin's RoPE rows
         and key mask."""
         plan = self.plan
-        plan.lib.lm_attention_step(plan.bf, self.q, self.width, plan.batch, self.heads, self.kv_heads, self.head_dim,
-                                   *rope_at, keys, values, plan.max_len, position, self.scale, key_mask, self.context,
-                                   self.scores)
+        H, KV, hd = self.heads, self.kv_heads, self.head_dim
+        plan.lib.lm_attention_step(plan.bf, self.q, self.width, hd, H * hd, (H + KV) * hd, plan.batch, H, KV, hd,
+                                   *rope_at, keys, values, plan.max_len, position, self.scale, None, 0, key_mask,
+                                   self.context, self.scores)
 
 
 class CapturedDecoding:

@@ -265,7 +265,8 @@ ARGTYPES = {
     "lm_kv_append": [_int, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64],
     "lm_rope": [_int, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr],
     "lm_attention_step": [
-        _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float, _ptr, _ptr, _ptr,
+        _int, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _float,
+        _ptr, _i64, _ptr, _ptr, _ptr,
     ],
 }
 # Functions that return a status (0 = done) or an answer; the others return nothing.

@@ -535,28 +535,31 @@ void lm_rope(int bf, void *x, int64_t x_sb, int64_t x_sh, int64_t B, int64_t H, 
 }
 
 /* --- one decode step's attention over a KV cache, in one call --------------------------------------
- * A q/k/v projection's rows [B, width] holding [H query heads | KV key heads | KV value heads] of hd
- * (Gemma, Zamba2's shared blocks): RoPE on the queries' and keys' first rope_d channels (cos and
- * sin [B, rope_d]; cos NULL: none), the KV append at `position`, and one-query attention over the
- * position + 1 cached keys (key_mask [B, position + 1] or NULL) into context [B, H * hd] (scores:
- * lm_attend_one's scratch), the calls lmtool.captured.KVAttention made one by one: one call instead
- * of four per layer (see lm_add_rms_norm for why that matters; in Gemma-2B's steps the four took
- * 0.6-0.8 ms, the one 0.47-0.65, most of it now the cold KV cache's reads). lm_attend_one is each
- * instruction set's own (common.h), linked into the same library. */
+ * A q/k/v projection's rows [B, width]: query head h at h * head_stride, key and value head h at
+ * k_offset and v_offset + h * head_stride (elements; Gemma and Zamba2's shared blocks lay out
+ * [H query heads | KV key heads | KV value heads] of hd, BLOOM [q | k | v] per head). RoPE on the
+ * queries' and keys' first rope_d channels (cos and sin [B, rope_d]; cos NULL: none), the KV append
+ * at `position`, and one-query attention over the position + 1 cached keys (bias: ALiBi's rows
+ * bias_rs apart, or NULL; key_mask [B, position + 1] or NULL) into context [B, H * hd] (scores:
+ * lm_attend_one's scratch): one call instead of four per layer (see lm_add_rms_norm for why that
+ * matters; in Gemma-2B's steps the four took 0.6-0.8 ms, the one 0.47-0.65, most of it now the
+ * cold KV cache's reads). lm_attend_one is each instruction set's own (common.h), linked into the
+ * same library. */
 void lm_attend_one(int bf16, const void *q, int64_t q_bs, int64_t q_hs, const void *k, const void *v, int64_t kv_bs,
                    int64_t kv_hs, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd, float scale, const void *bias,
                    int64_t bias_rs, const uint8_t *mask, int64_t mask_bs, void *out, float *scores);
 
-void lm_attention_step(int bf, void *qkv, int64_t width, int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t rope_d,
-                       const void *cos, const void *sin, void *keys, void *values, int64_t max_len, int64_t position,
-                       float scale, const uint8_t *key_mask, void *context, float *scores) {
+void lm_attention_step(int bf, void *qkv, int64_t width, int64_t head_stride, int64_t k_offset, int64_t v_offset,
+                       int64_t B, int64_t H, int64_t KV, int64_t hd, int64_t rope_d, const void *cos, const void *sin,
+                       void *keys, void *values, int64_t max_len, int64_t position, float scale, const void *bias,
+                       int64_t bias_rs, const uint8_t *key_mask, void *context, float *scores) {
     const int64_t size = bf ? 2 : 4, S = position + 1;
-    char *q = (char *)qkv, *k = q + H * hd * size, *v = k + KV * hd * size;
+    char *q = (char *)qkv, *k = q + k_offset * size, *v = q + v_offset * size;
     if (cos) {
-        lm_rope(bf, q, width, hd, B, H, rope_d, cos, sin);
-        lm_rope(bf, k, width, hd, B, KV, rope_d, cos, sin);
+        lm_rope(bf, q, width, head_stride, B, H, rope_d, cos, sin);
+        lm_rope(bf, k, width, head_stride, B, KV, rope_d, cos, sin);
     }
-    lm_kv_append(bf, k, width, hd, v, width, hd, keys, values, B, KV, max_len, hd, position);
-    lm_attend_one(bf, q, width, hd, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd, scale, NULL, 0,
-                  key_mask, S, context, scores);
+    lm_kv_append(bf, k, width, head_stride, v, width, head_stride, keys, values, B, KV, max_len, hd, position);
+    lm_attend_one(bf, q, width, head_stride, keys, values, KV * max_len * hd, max_len * hd, B, H, KV, S, hd, scale, bias,
+                  bias_rs, key_mask, S, context, scores);
 }

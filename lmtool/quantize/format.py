@@ -166,7 +166,7 @@ class QuantizedWeight:
     int4pack: torch.Tensor | None = None
     _row_scales: dict = field(default_factory=dict, repr=False)
     _group_scale: torch.Tensor | None = field(default=None, repr=False)
-    _kernel_takes: dict = field(default_factory=dict, repr=False)  # lmtool.quantize.linear.native_kernel's answers
+    _native_answers: dict = field(default_factory=dict, repr=False)  # lmtool.quantize.linear.native_kernel's answers
     _scale_zeros: dict = field(default_factory=dict, repr=False)
     # The zero points as the checkpoint packs them (mapped), for stored(): packing them again at
     # every state_dict() (one at each load) left their temporaries on the heap.

@@ -93,9 +93,9 @@ def native_kernel(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     the code and data it touches."""
     stored = weight.codes if weight.bits == 8 else weight.nibbles
     key = (dtype, kernels.active_isa(), None if stored is None else stored.data_ptr(), weight.interleaved)
-    answer = weight._kernel_takes.get(key)
+    answer = weight._native_answers.get(key)
     if answer is None:
-        answer = weight._kernel_takes[key] = _kernel_takes(weight, stored, dtype)
+        answer = weight._native_answers[key] = _kernel_takes(weight, stored, dtype)
     return answer
 
 

@@ -2,12 +2,12 @@
 
 BLOOM-560m streams its 1.1 GB of weights in about 30 ms, and its step was about a seventh
 overhead: per layer some forty PyTorch operations, allocations and module calls around the nine
-kernel calls that do the work. A DecodePlan prepares those nine calls once per KV cache, so a step
+kernel calls that do the work. A DecodePlan prepares those calls once per KV cache, so a step
 is the kernel calls alone, with only the position, the ALiBi row and the mask filled in.
 
-The calls are the ones the layers make (the linear layers' kernels, kv_append, attend_one,
-add_layer_norm, gelu_tanh_mul) on the same values in the same order, so a planned step gives
-exactly what the modules give. Where any part is not on the kernels (autograd, float16, linear
+The calls are the ones the layers make (the linear layers' kernels, kv_append and attend_one in
+one call, add_layer_norm, gelu_tanh_mul) on the same values in the same order, so a planned step
+gives exactly what the modules give. Where any part is not on the kernels (autograd, float16, linear
 layers on another backend, slow_but_exact, a cache that is not the plain KV cache, more rows than
 the kernels take) there is no plan and the modules run. The activation buffers are the plan's
 own, reused every step: a model runs one forward at a time, as everywhere in lmtool.
@@ -96,18 +96,15 @@ class DecodePlan(StepPlan):
         mask_ptr = key_mask.data_ptr() if key_mask is not None else None
         # Rows of the fused QKV output are [q_0 | k_0 | v_0 | q_1 | ...] per head (BloomAttention).
         qkv = self.qkv.data_ptr()
-        size = self.size
         self.norm(embedded.contiguous(), None, embedding_norm, self.x)
         stream, pending = self.x, None
         for layer in self.layers:
             self.norm(stream, pending, layer["ln1"], self.h)  # the stream is self.x from here on
             layer["qkv"]()
             keys, values = layer["keys"], layer["values"]
-            lib.lm_kv_append(bf, qkv + hd * size, 3 * D, 3 * hd, qkv + 2 * hd * size, 3 * D, 3 * hd,
-                             keys, values, B, H, self.max_len, hd, position)
-            lib.lm_attend_one(bf, qkv, 3 * D, 3 * hd, keys, values, H * self.max_len * hd,
-                              self.max_len * hd, B, H, H, S, hd, self.scale, alibi.data_ptr(), S, mask_ptr, S,
-                              self.context.data_ptr(), self.scores.data_ptr())
+            lib.lm_attention_step(bf, qkv, 3 * D, 3 * hd, hd, 2 * hd, B, H, H, hd, 0, None, None, keys, values,
+                                  self.max_len, position, self.scale, alibi.data_ptr(), S, mask_ptr,
+                                  self.context.data_ptr(), self.scores.data_ptr())
             layer["dense"]()
             self.norm(self.h if self.residual_from_norm else self.x, self.attn_out, layer["ln2"], self.h)
             layer["up"]()
