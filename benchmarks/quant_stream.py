@@ -3,12 +3,13 @@ streaming the same number of bytes, at one activation row: where the quantized k
 behind the memory's rate, and whether a change to lmtool/kernels/quant.c helps.
 
 The host's read rate moves by half within seconds, so every round runs the bfloat16 stream and
-then each quantized one back to back, and the rounds are binned by the bfloat16 rate they saw: a
-quantized kernel streams as fast as bfloat16 where memory answers slowly and falls behind where it
-answers fast, when its arithmetic per byte starts to show. Bytes count everything the kernel
+then each quantized one back to back, and the rounds are binned by the bfloat16 rate they saw
+(where memory answers slowly every kernel streams at its rate; where it answers fast, differences
+in arithmetic or access pattern would show). Bytes count everything the kernel
 reads (codes or nibbles, scales, zero points). With --against REV, quant.c of another git revision
 is built beside this tree's and the two alternate on the same weight (the order swapped every
-round); their outputs must be equal.
+round); their outputs must be equal (so REV must pack the interleaved zero points into nibbles, as
+lmtool has since 2026-12-05 13:00).
 
 From the repository root (LMTOOL_ISA=avx2 caps an AVX-512 machine to AVX2):
 
@@ -68,8 +69,9 @@ def weight_of(bits: int, megabytes: int, K: int, group: int) -> QuantizedWeight:
 
 
 def streamed_bytes(weight: QuantizedWeight) -> int:
-    parts = [weight.nibbles if weight.bits == 4 else weight.codes, weight.scale, weight.zero_point]
-    return sum(t.numel() * t.element_size() for t in parts if t is not None)
+    parts = [weight.nibbles if weight.bits == 4 else weight.codes, weight.scale]
+    zeros = 0 if weight.zero_point is None else linear.zero_points_at(weight, weight.out_features)  # packed where interleaved
+    return sum(t.numel() * t.element_size() for t in parts) + zeros
 
 
 def library_at(revision: str, isa: kernels.Isa):
@@ -114,7 +116,10 @@ def main() -> None:
         first = outputs["this tree"]
         if any(not torch.equal(first, out) for out in outputs.values()):
             raise SystemExit("quant_stream: the two revisions' outputs differ")
-        dense = kernels.NativeParts([torch.randn(size // 2 // args.k, args.k, dtype=torch.bfloat16)], [None], torch.bfloat16)
+        # In 2 MB pages on both sides: a bfloat16 model's weights are read from the mapped file's
+        # 2 MB folios and the quantized copies are made in 2 MB pages (linear._in_huge_pages).
+        dense_weight = linear._in_huge_pages(torch.empty(size // 2 // args.k, args.k, dtype=torch.bfloat16))
+        dense = kernels.NativeParts([dense_weight.normal_()], [None], torch.bfloat16)
         dense_out = torch.empty(1, dense.out_features, dtype=torch.bfloat16)
         dense_call = dense.bind_at(x.data_ptr(), 1, dense_out.data_ptr(), dense.out_features, libraries["this tree"])
         dense_bytes = dense.out_features * args.k * 2

@@ -216,6 +216,26 @@ def prepared(weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
     return loaded
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_zero_points_go_into_nibbles_where_they_fit(dtype):
+    """Interleaved rows keep their zero points as 8 + zero point in a nibble each: the extremes -8
+    and 7 come back exact, in the blocks and in the rows after them; a weight holding one that does
+    not fit (another producer's 9) is left as stored. Both give the dequantized rows and product."""
+    torch.manual_seed(5)
+    block = kernels.library().lm_int4_row_block(int(dtype == torch.bfloat16), 32)
+    for low, high in ((-8, 7), (-8, 9)):
+        weight = int4_weight(21, 128, 32, torch.bfloat16, symmetric=False)
+        for row, group, value in ((0, 0, low), (9, 3, high), (15, 1, high), (20, 2, low), (17, 0, high)):
+            weight.zero_point[row, group] = value
+        loaded = copy.deepcopy(weight)
+        prepare(loaded, NoFile(), dtype)
+        assert loaded.interleaved == (16 if block > 1 and high <= 7 else 0)
+        assert torch.equal(loaded.dequantize_rows(slice(None), torch.float32), weight.dequantize_rows(slice(None), torch.float32))
+        assert torch.equal(tiled_matmul(torch.eye(128, dtype=dtype), loaded).T, weight.dequantize_rows(slice(None), dtype))
+        x = torch.randn(3, 128).to(dtype)
+        assert_matches(native_matmul(x, loaded), x, weight)
+
+
 @pytest.mark.parametrize("out_features", [8, 13, 37])
 def test_interleaved_rows_give_back_the_stored_tensors_and_rows(out_features):
     """A weight whose rows were interleaved at load still saves the checkpoint's tensors and
@@ -332,12 +352,14 @@ def test_quantized_matmul_runs_the_kernel_for_decode_and_torch_beyond(bits, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,out_features,in_features,group",
                          [(8, 37, 100, None), (8, 43, 256, None), (4, 37, 96, 32), (4, 9, 200, 40), (4, 5, 24, 2), (4, 43, 256, 64)])
-def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_features, in_features, group, monkeypatch):
+@pytest.mark.parametrize("tile", [7, 13])
+def test_prefill_tiles_are_the_dequantized_weight_exactly(dtype, bits, out_features, in_features, group, tile, monkeypatch):
     """Prefill's tiles (lm_int8_dequantize / lm_int4_dequantize) are bit for bit what
     schemes.dequantize gives, rounded once to the model dtype: the identity times the weight
-    returns them through the dense matmul unchanged. Small tiles: several per weight."""
+    returns them through the dense matmul unchanged. Small tiles: several per weight, some (13)
+    ending past the interleaved rows."""
     torch.manual_seed(out_features + in_features)
-    monkeypatch.setattr(linear, "TILE_ELEMENTS", 7 * in_features)
+    monkeypatch.setattr(linear, "TILE_ELEMENTS", tile * in_features)
     weight = int8_weight(out_features, in_features, torch.bfloat16) if bits == 8 else int4_weight(
         out_features, in_features, group, torch.bfloat16, symmetric=False)
     identity = torch.eye(in_features, dtype=dtype)

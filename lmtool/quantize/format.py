@@ -29,6 +29,13 @@ NAIVE = "naive-quantized"
 PACKED = "pack-quantized"
 # quant.c's ROW_BLOCK: the rows its x86 int4 kernel reads interleaved as one block.
 ROW_BLOCK = 8
+
+
+def packed_zero_bytes(rows: int, groups: int) -> int:
+    """The bytes of the zero points of `rows` interleaved rows, packed as quant.c's PACKED_ZEROS: per
+    block of ROW_BLOCK rows and group, 8 + zero point in a nibble each, row r in nibble r (the low
+    one first); the rows after the interleaved ones follow as stored, an int8 per group."""
+    return rows // ROW_BLOCK * groups * (ROW_BLOCK // 2)
 # Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
 PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -235,8 +242,9 @@ class QuantizedWeight:
 
     def in_row_order(self, tensor: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
         """rows of codes, nibbles, scale or zero_point as stored, undoing the interleaving (blocks of
-        ROW_BLOCK rows, each [units][ROW_BLOCK], a unit 4 bytes of codes or nibbles or one scale or
-        zero point) where there is one: 8 bits interleave their codes only."""
+        ROW_BLOCK rows, each [units][ROW_BLOCK], a unit 4 bytes of codes or nibbles or one scale;
+        zero points packed, packed_zero_bytes) where there is one: 8 bits interleave their codes
+        only."""
         if not self.interleaved or (self.bits == 8 and tensor is not self.codes):
             return tensor[rows]
         # row indices as given (an embedding's lookups: no arange over a 256000-row vocabulary per token)
@@ -245,12 +253,27 @@ class QuantizedWeight:
         else:
             index = torch.arange(self.out_features)[rows]
         width = tensor.shape[1]
+        if tensor is self.zero_point:
+            return self._zero_points_in_row_order(index)
         unit = 4 if tensor is self.nibbles or tensor is self.codes else 1
         blocks = tensor[: self.interleaved].view(-1, width // unit, ROW_BLOCK, unit)
         out = tensor.new_empty(index.numel(), width)
         inside = index < self.interleaved
         out[inside] = blocks[index[inside] // ROW_BLOCK, :, index[inside] % ROW_BLOCK].reshape(-1, width)
         out[~inside] = tensor[index[~inside]]
+        return out
+
+    def _zero_points_in_row_order(self, index: torch.Tensor) -> torch.Tensor:
+        """The int8 zero points of rows `index` of an interleaved weight (packed_zero_bytes)."""
+        groups, flat = self.zero_point.shape[1], self.zero_point.view(-1)
+        group = torch.arange(groups)
+        out = self.zero_point.new_empty(index.numel(), groups)
+        inside = index < self.interleaved
+        row = index[inside][:, None]
+        byte = packed_zero_bytes(ROW_BLOCK, groups) * (row // ROW_BLOCK) + group * (ROW_BLOCK // 2) + row % ROW_BLOCK // 2
+        out[inside] = ((flat[byte].to(torch.int16) & 0xFF) >> (row % 2 * 4) & 15).to(torch.int8) - 8
+        after = packed_zero_bytes(self.interleaved, groups) + (index[~inside][:, None] - self.interleaved) * groups
+        out[~inside] = flat[after + group]
         return out
 
     def to(self, device: torch.device) -> "QuantizedWeight":

@@ -32,7 +32,7 @@ from .. import kernels
 from ..checkpoint import Checkpoint
 from ..errors import CheckpointError
 from ..inference import owner_prefix, prefill_linear
-from .format import ROW_BLOCK, QuantizedWeight, quantized_modules, read_weight
+from .format import ROW_BLOCK, QuantizedWeight, packed_zero_bytes, quantized_modules, read_weight
 
 # Weight elements dequantized at a time by the tiled path (bounds its temporary buffers: 8 MB in
 # bfloat16). Large enough that every tile is a wide product: at 2**20 a down projection's input
@@ -258,7 +258,9 @@ def join_interleaved(parts: list[QuantizedWeight], checkpoint: Checkpoint, dtype
     start = 0
     for weight in parts:
         stop = start + weight.out_features
-        _interleave_into(weight, weight.out_features, tuple(None if t is None else t[start:stop] for t in made))
+        nibbles, scale, zero = made
+        part_zero = None if zero is None else zero.view(-1)[packed_zero_bytes(start, zero.shape[1]):]
+        _interleave_into(weight, weight.out_features, (nibbles[start:stop], scale[start:stop], part_zero))
         _replace_stored(weight, checkpoint)
         start = stop
     nibbles, scale, zero_point = made
@@ -268,9 +270,12 @@ def join_interleaved(parts: list[QuantizedWeight], checkpoint: Checkpoint, dtype
 
 def _interleavable(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     """Whether lmtool's kernel reads this weight's rows interleaved, for activations of dtype, and
-    they are not yet."""
+    they are not yet: not where a zero point would not fit the nibble it is packed into (-8..7, as
+    every int4 one of lmtool's and compressed-tensors' is)."""
+    zero = weight.zero_point
     return (not weight.interleaved and native_kernel(weight, dtype)
-            and row_block(weight, dtype) == ROW_BLOCK)
+            and row_block(weight, dtype) == ROW_BLOCK
+            and (zero is None or bool(((zero >= -8) & (zero <= 7)).all())))
 
 
 def _kernel_copies(weight: QuantizedWeight, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -285,13 +290,17 @@ def _kernel_copies(weight: QuantizedWeight, rows: int) -> tuple[torch.Tensor, to
 
 
 def _interleave_into(weight: QuantizedWeight, rows: int, made: tuple) -> None:
-    """weight's first `rows` rows (whole blocks) interleaved into made (nibbles, scales, zero points
-    with weight's rows), the rows after them copied as stored."""
+    """weight's first `rows` rows (whole blocks) interleaved into made (nibbles and scales with
+    weight's rows; zero points: packed for those rows, zero_points_at), the rows after them copied
+    as stored."""
     # the scales as the kernel reads them, one per tensor (stride 0) made whole
     stored = (weight.nibbles, weight.group_scale().contiguous(), weight.zero_point)
-    for old, new in zip(stored, made):
-        if old is not None:
-            new[rows:] = old[rows:]  # the rows after the last block, as stored
+    for old, new in zip(stored[:2], made[:2]):
+        new[rows:] = old[rows:]  # the rows after the last block, as stored
+    if weight.zero_point is not None:  # ...and their zero points after the packed ones
+        tail = weight.zero_point[rows:].reshape(-1)
+        start = packed_zero_bytes(rows, weight.groups)
+        made[2].view(-1)[start : start + tail.numel()] = tail
     address = [None if t is None else t.data_ptr() for t in stored + made]
     kernels.library().lm_int4_interleave(address[0], address[1], stored[1].element_size(), address[2], weight.groups,
                                          weight.in_features, rows, *address[3:])
@@ -373,9 +382,18 @@ def dequantize_native(weight: QuantizedWeight, start: int, stop: int, out: int, 
         lib.lm_int4_dequantize(
             weight.nibbles.data_ptr() + start * (K // 2), scale.data_ptr() + start * scale.stride(0) * scale.element_size(),
             int(scale.dtype == torch.bfloat16), scale.stride(0),
-            zero.data_ptr() + start * zero.stride(0) if zero is not None else None, weight.group_size, K, stop - start,
+            zero.data_ptr() + zero_points_at(weight, start) if zero is not None else None, weight.group_size, K, stop - start,
             out_bf16, out, interleaved,
         )
+
+
+def zero_points_at(weight: QuantizedWeight, row: int) -> int:
+    """The offset in bytes of row's zero points in weight.zero_point: the interleaved rows' packed
+    first (row the first of a block), the rows after them as stored, one int8 per group."""
+    groups = weight.zero_point.shape[1]
+    if row <= weight.interleaved:
+        return packed_zero_bytes(row, groups)
+    return packed_zero_bytes(weight.interleaved, groups) + (row - weight.interleaved) * groups
 
 
 class QuantizedLinear(nn.Module):
