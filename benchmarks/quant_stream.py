@@ -70,7 +70,7 @@ def weight_of(bits: int, megabytes: int, K: int, group: int) -> QuantizedWeight:
 
 def streamed_bytes(weight: QuantizedWeight) -> int:
     parts = [weight.nibbles if weight.bits == 4 else weight.codes, weight.scale]
-    zeros = 0 if weight.zero_point is None else linear.zero_points_at(weight, weight.out_features)  # packed where interleaved
+    zeros = 0 if weight.zero_point is None else weight.zero_points_at(weight.out_features)  # packed where interleaved
     return sum(t.numel() * t.element_size() for t in parts) + zeros
 
 

@@ -703,11 +703,12 @@ static void int4_group_to_f32(const uint8_t* bytes, int64_t stride, float s, flo
  * the weight's rows are interleaved by blocks of ROW_BLOCK = 8 (lm_int4_interleave): chunk c of a
  * block is 4 bytes (8 weights, 8c..8c+7) of each of its 8 rows, 32 bytes, one vector whose lane r
  * is row r. The block's scales are interleaved the same way, [groups][8], and so are its zero
- * points, as 8 + zero point in a nibble each (`packed_zeros`): half the bytes of int8 ones, 1 %
- * of an int4 g64 weight's. Rows past the last whole block stay as they were. One 32-byte load then feeds 8 rows with the same 8
- * activations (a 4-byte broadcast of the even ones, one of the odd), the sums of an activation
- * block of 32 stay integers (4 chunks), and they are scaled once per block for all 8 rows by one
- * vector of the rows' group scales; the zero points' share is one vector per group.
+ * points, as 8 + zero point in a nibble each (PACKED_ZEROS): half the bytes of int8 ones, 1 % of
+ * an int4 g64 weight's. Rows past the last whole block stay as they were. One 32-byte load then
+ * feeds 8 rows with the same 8 activations (a 4-byte broadcast of the even ones, one of the odd),
+ * the sums of an activation block of 32 stay integers (4 chunks), and they are scaled once per
+ * block for all 8 rows by one vector of the rows' group scales; the zero points' share is one
+ * vector per group.
  * Per 64 weights: 7 integer operations (AVX2: and, shift, and, two vpmaddubsw, two 16-bit adds:
  * each 16-bit lane sums at most 8 products of 15 x 127, 30480) or 5 (AVX-512 VNNI's vpdpbusd
  * into 32-bit lanes), and a quarter of a conversion and FMA, where a row took 11. Against the row
@@ -1491,11 +1492,11 @@ int64_t lm_int8_interleave(const int8_t* codes, int64_t K, int64_t rows, int8_t*
 }
 
 /* One row of an int4 weight dequantized (a group at a time: its scale and zero point are constants
-   of the inner loop). Its bytes come 4 at a time every `stride` bytes, its scales and zero points
-   scales `step` elements apart: 4 and 1 for a row as stored, 4 * ROW_BLOCK and ROW_BLOCK for a row of an
-   interleaved block (read in place: putting a block back in row order first made Gemma-2B int4's
-   prefill 0.74x bfloat16, capped to AVX2). Its zero points: int8 ones, one per group, or with
-   packed_row >= 0 its block's packed ones (packed_zero), it being that row of the block. */
+   of the inner loop). Its bytes come 4 at a time every `stride` bytes, its scales `step` elements
+   apart: 4 and 1 for a row as stored, 4 * ROW_BLOCK and ROW_BLOCK for a row of an interleaved
+   block (read in place: putting a block back in row order first made Gemma-2B int4's prefill 0.74x
+   bfloat16, capped to AVX2). Its zero points: one int8 per group, or with packed_row >= 0 its
+   block's packed ones (packed_zero), it being that row of the block. */
 static void int4_row_dequantize(const uint8_t* nibbles, int64_t stride, const void* scale, int scale_bf16,
                                 const int8_t* zero_point, int packed_row, int64_t step, int64_t group, int64_t K,
                                 int out_bf16, void* out) {

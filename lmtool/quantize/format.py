@@ -29,13 +29,6 @@ NAIVE = "naive-quantized"
 PACKED = "pack-quantized"
 # quant.c's ROW_BLOCK: the rows its x86 int4 kernel reads interleaved as one block.
 ROW_BLOCK = 8
-
-
-def packed_zero_bytes(rows: int, groups: int) -> int:
-    """The bytes of the zero points of `rows` interleaved rows, packed as quant.c's PACKED_ZEROS: per
-    block of ROW_BLOCK rows and group, 8 + zero point in a nibble each, row r in nibble r (the low
-    one first); the rows after the interleaved ones follow as stored, an int8 per group."""
-    return rows // ROW_BLOCK * groups * (ROW_BLOCK // 2)
 # Suffixes of a quantized module's tensors; the float weight's `.weight` (int8 in naive-quantized).
 PARAM_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
@@ -263,17 +256,25 @@ class QuantizedWeight:
         out[~inside] = tensor[index[~inside]]
         return out
 
+    def zero_points_at(self, row: int | torch.Tensor) -> int | torch.Tensor:
+        """The offset in bytes of row's zero points in zero_point (row: the first of a block where
+        it is interleaved): the interleaved rows' packed ones first (packed_zero_bytes), then the
+        rows after them as stored, one int8 per group."""
+        groups = self.zero_point.shape[1]
+        if isinstance(row, int) and row <= self.interleaved:
+            return packed_zero_bytes(row, groups)
+        return packed_zero_bytes(self.interleaved, groups) + (row - self.interleaved) * groups
+
     def _zero_points_in_row_order(self, index: torch.Tensor) -> torch.Tensor:
-        """The int8 zero points of rows `index` of an interleaved weight (packed_zero_bytes)."""
+        """The int8 zero points of rows `index` of an interleaved weight (zero_points_at)."""
         groups, flat = self.zero_point.shape[1], self.zero_point.view(-1)
         group = torch.arange(groups)
         out = self.zero_point.new_empty(index.numel(), groups)
         inside = index < self.interleaved
         row = index[inside][:, None]
-        byte = packed_zero_bytes(ROW_BLOCK, groups) * (row // ROW_BLOCK) + group * (ROW_BLOCK // 2) + row % ROW_BLOCK // 2
+        byte = packed_zero_bytes(row - row % ROW_BLOCK, groups) + group * (ROW_BLOCK // 2) + row % ROW_BLOCK // 2
         out[inside] = ((flat[byte].to(torch.int16) & 0xFF) >> (row % 2 * 4) & 15).to(torch.int8) - 8
-        after = packed_zero_bytes(self.interleaved, groups) + (index[~inside][:, None] - self.interleaved) * groups
-        out[~inside] = flat[after + group]
+        out[~inside] = flat[self.zero_points_at(index[~inside][:, None]) + group]
         return out
 
     def to(self, device: torch.device) -> "QuantizedWeight":
@@ -293,6 +294,13 @@ class QuantizedWeight:
             codes = torch.stack((packed & 15, packed >> 4), dim=-1).view(packed.shape[0], -1).view(torch.int8) - 8
         zero_point = None if self.zero_point is None else self.in_row_order(self.zero_point, rows)
         return dequantize(codes, self.in_row_order(self.scale, rows), zero_point, dtype)
+
+
+def packed_zero_bytes(rows: int, groups: int) -> int:
+    """The bytes of the zero points of `rows` interleaved rows, packed as quant.c's PACKED_ZEROS: per
+    block of ROW_BLOCK rows and group, 8 + zero point in a nibble each, row r in nibble r (the low
+    one first); the rows after the interleaved ones follow as stored, an int8 per group."""
+    return rows // ROW_BLOCK * groups * (ROW_BLOCK // 2)
 
 
 def quantized_modules(checkpoint: Checkpoint) -> list[str]:

@@ -254,16 +254,14 @@ def join_interleaved(parts: list[QuantizedWeight], checkpoint: Checkpoint, dtype
     if len(parts) < 2 or not all(alike(weight) for weight in parts):
         return None
     rows = sum(weight.out_features for weight in parts)
-    made = _kernel_copies(first, rows)
+    nibbles, scale, zero_point = _kernel_copies(first, rows)
     start = 0
     for weight in parts:
         stop = start + weight.out_features
-        nibbles, scale, zero = made
-        part_zero = None if zero is None else zero.view(-1)[packed_zero_bytes(start, zero.shape[1]):]
-        _interleave_into(weight, weight.out_features, (nibbles[start:stop], scale[start:stop], part_zero))
+        zeros = None if zero_point is None else zero_point.view(-1)[packed_zero_bytes(start, first.groups):]
+        _interleave_into(weight, weight.out_features, (nibbles[start:stop], scale[start:stop], zeros))
         _replace_stored(weight, checkpoint)
         start = stop
-    nibbles, scale, zero_point = made
     return QuantizedWeight("+".join(weight.name for weight in parts), rows, first.in_features, 4, scale, zero_point,
                            nibbles=nibbles, interleaved=rows, _stored_before={})
 
@@ -272,10 +270,12 @@ def _interleavable(weight: QuantizedWeight, dtype: torch.dtype) -> bool:
     """Whether lmtool's kernel reads this weight's rows interleaved, for activations of dtype, and
     they are not yet: not where a zero point would not fit the nibble it is packed into (-8..7, as
     every int4 one of lmtool's and compressed-tensors' is)."""
-    zero = weight.zero_point
-    return (not weight.interleaved and native_kernel(weight, dtype)
-            and row_block(weight, dtype) == ROW_BLOCK
-            and (zero is None or bool(((zero >= -8) & (zero <= 7)).all())))
+    if weight.interleaved or not native_kernel(weight, dtype) or row_block(weight, dtype) != ROW_BLOCK:
+        return False
+    if weight.zero_point is None:
+        return True
+    lowest, highest = torch.aminmax(weight.zero_point)
+    return bool(-8 <= lowest and highest <= 7)
 
 
 def _kernel_copies(weight: QuantizedWeight, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -291,8 +291,8 @@ def _kernel_copies(weight: QuantizedWeight, rows: int) -> tuple[torch.Tensor, to
 
 def _interleave_into(weight: QuantizedWeight, rows: int, made: tuple) -> None:
     """weight's first `rows` rows (whole blocks) interleaved into made (nibbles and scales with
-    weight's rows; zero points: packed for those rows, zero_points_at), the rows after them copied
-    as stored."""
+    weight's rows; zero points packed for those rows, as QuantizedWeight.zero_points_at reads them),
+    the rows after them copied as stored."""
     # the scales as the kernel reads them, one per tensor (stride 0) made whole
     stored = (weight.nibbles, weight.group_scale().contiguous(), weight.zero_point)
     for old, new in zip(stored[:2], made[:2]):
@@ -382,18 +382,9 @@ def dequantize_native(weight: QuantizedWeight, start: int, stop: int, out: int, 
         lib.lm_int4_dequantize(
             weight.nibbles.data_ptr() + start * (K // 2), scale.data_ptr() + start * scale.stride(0) * scale.element_size(),
             int(scale.dtype == torch.bfloat16), scale.stride(0),
-            zero.data_ptr() + zero_points_at(weight, start) if zero is not None else None, weight.group_size, K, stop - start,
+            zero.data_ptr() + weight.zero_points_at(start) if zero is not None else None, weight.group_size, K, stop - start,
             out_bf16, out, interleaved,
         )
-
-
-def zero_points_at(weight: QuantizedWeight, row: int) -> int:
-    """The offset in bytes of row's zero points in weight.zero_point: the interleaved rows' packed
-    first (row the first of a block), the rows after them as stored, one int8 per group."""
-    groups = weight.zero_point.shape[1]
-    if row <= weight.interleaved:
-        return packed_zero_bytes(row, groups)
-    return packed_zero_bytes(weight.interleaved, groups) + (row - weight.interleaved) * groups
 
 
 class QuantizedLinear(nn.Module):
