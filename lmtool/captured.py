@@ -16,7 +16,6 @@ with.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -112,14 +111,14 @@ class RMSNormCall:
         by default, the residual stream updated in place; rows contiguous), then out = norm(total)."""
         lib, bf16 = kernels.library(), int(x.dtype == torch.bfloat16)
         if delta is None:
-            call = functools.partial(lib.lm_rms_norm, bf16, x.data_ptr(), x.stride(0), x.shape[0], self.width,
-                                     self.scale.data_ptr(), self.scale_after_cast, self.eps, out.data_ptr())
+            call = kernels.bound(lib.lm_rms_norm, bf16, x.data_ptr(), x.stride(0), x.shape[0], self.width,
+                                 self.scale.data_ptr(), self.scale_after_cast, self.eps, out.data_ptr())
         else:
             total = x if total is None else total
             assert total.stride(-1) == 1 and (total.shape[0] == 1 or total.stride(0) == self.width), "contiguous rows"
-            call = functools.partial(lib.lm_add_rms_norm, bf16, x.data_ptr(), x.stride(0), delta.data_ptr(), delta.stride(0),
-                                     x.shape[0], self.width, self.scale.data_ptr(), self.scale_after_cast, self.eps,
-                                     total.data_ptr(), out.data_ptr())
+            call = kernels.bound(lib.lm_add_rms_norm, bf16, x.data_ptr(), x.stride(0), delta.data_ptr(), delta.stride(0),
+                                 x.shape[0], self.width, self.scale.data_ptr(), self.scale_after_cast, self.eps,
+                                 total.data_ptr(), out.data_ptr())
         call.keeps = (self.scale, x, out, delta, total)  # the addresses it was given stay valid while it lives
         return call
 

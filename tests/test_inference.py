@@ -276,6 +276,29 @@ def test_native_one_query_attention_matches_sdpa(isa, dtype, B, H, KV, S, hd):
         assert (got.float() - expected).abs().max() <= kernel_tolerance(dtype, expected), (with_bias, with_mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, H, KV, S, hd", [(1, 8, 1, 145, 256), (2, 6, 2, 37, 80), (1, 12, 2, 20, 12), (1, 4, 1, 9, 520)])
+def test_native_attention_of_grouped_heads_is_each_head_alone(isa, dtype, B, H, KV, S, hd):
+    # Heads that share a KV head go through its keys together, up to four at a time, as many
+    # parts as threads; each head's sums must still be exactly the ones it gets alone (here: with
+    # its own copy of the keys and values), whatever the threads and the grouping.
+    torch.manual_seed(H * S + hd)
+    k, v = (torch.randn(B, KV, S, hd).to(dtype) for _ in range(2))
+    q = torch.randn(B, 1, H, hd).to(dtype).transpose(1, 2)
+    bias = torch.randn(B * H, 1, S).to(dtype)
+    mask = torch.rand(B, 1, 1, S) > 0.3
+    mask[..., -1] = True
+    alone = kernels.attend_one(q, *(t.repeat_interleave(H // KV, dim=1) for t in (k, v)), 0.3, bias, mask)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            assert torch.equal(kernels.attend_one(q, k, v, 0.3, bias, mask), alone), n
+            assert torch.equal(kernels.attend_one(q, k, v, 0.3), kernels.attend_one(q, *(t.repeat_interleave(H // KV, dim=1) for t in (k, v)), 0.3)), n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_native_attention_of_a_fully_masked_row_is_zero_not_nan(isa):
     k = v = torch.randn(1, 2, 4, 16)
     out = kernels.attend_one(torch.randn(1, 2, 1, 16), k, v, 0.25, mask=torch.zeros(1, 1, 1, 4, dtype=torch.bool))

@@ -215,6 +215,41 @@ static float dot(int bf16, const void* a, const void* b, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
+static void dots(int bf16, const float* q, int64_t ldq, const void* b, int64_t n, float* out) {
+    __m512 acc[DOT_ROWS];
+    for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 kb = ld16(b, i, bf16, n - i);
+        for (int r = 0; r < DOT_ROWS; r++) acc[r] = _mm512_fmadd_ps(ld16(q + r * ldq, i, 0, n - i), kb, acc[r]);
+    }
+    for (int r = 0; r < DOT_ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void weighted_rows_group(int bf16, const float* p, int64_t ldp, int64_t n, const void* rows, int64_t S,
+                                int64_t hd, const float* norm, void* out) {
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t i = 0; i < hd; i += 32) { /* 2 accumulators of 16 lanes a row: hd 32 at a time */
+        __m512 acc[DOT_ROWS][2];
+        for (int r = 0; r < DOT_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        const int64_t width = hd - i < 32 ? hd - i : 32;
+        for (int64_t s = 0; s < S; s++) {
+            const char* row = (const char*)rows + s * hd * size;
+            const __m512 v0 = ld16(row, i, bf16, width), v1 = width > 16 ? ld16(row, i + 16, bf16, width - 16) : _mm512_setzero_ps();
+            for (int r = 0; r < DOT_ROWS; r++) {
+                const float w = r < n ? p[r * ldp + s] : 0.0f;
+                if (w == 0.0f) continue;
+                acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(w), v0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(w), v1, acc[r][1]);
+            }
+        }
+        for (int64_t r = 0; r < n; r++) {
+            char* o = (char*)out + r * hd * size;
+            st16(o, i, bf16, _mm512_mul_ps(acc[r][0], _mm512_set1_ps(norm[r])), width);
+            if (width > 16) st16(o, i + 16, bf16, _mm512_mul_ps(acc[r][1], _mm512_set1_ps(norm[r])), width - 16);
+        }
+    }
+}
+
 static float exp_shifted_sum(float* sc, int64_t S, float top) {
     __m512 sum = _mm512_setzero_ps();
     for (int64_t s = 0; s < S; s += 16) {

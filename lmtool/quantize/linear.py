@@ -125,34 +125,42 @@ def native_matmul(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
     stored codes in place; float32 accumulation, the output rounded once to x's dtype."""
     rows, row_stride = kernels.rows_of(x)
     out = torch.empty(rows.shape[0], weight.out_features, dtype=x.dtype)
-    bind_native_matmul_at(weight, int(x.dtype == torch.bfloat16), rows.data_ptr(), row_stride, rows.shape[0],
-                          out.data_ptr(), weight.out_features)()
+    kernel, arguments = native_call(weight, int(x.dtype == torch.bfloat16), rows.data_ptr(), row_stride, rows.shape[0],
+                                    out.data_ptr(), weight.out_features)
+    check_status(kernel(*arguments), weight)
     return out
 
 
-def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int):
-    """native_matmul's kernel call on addresses, arguments bound: x rows ldx elements apart
-    (bfloat16 where bf16, else float32), output rows ldy apart (a captured decode step binds it
-    once and calls it every token, lmtool.captured)."""
+def native_call(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int) -> tuple:
+    """The kernel function and its arguments for y = x . W^T on addresses: x rows ldx elements
+    apart (bfloat16 where bf16, else float32), output rows ldy apart."""
     K, N = weight.in_features, weight.out_features
     lib = kernels.library()
     if weight.bits == 8:
-        call = functools.partial(lib.lm_int8_linear, bf16, x, ldx, rows, K, weight.codes.data_ptr(),
-                                 weight.row_scale(torch.float32).data_ptr(), N, y, ldy, weight.interleaved)
-    else:
-        scale, zero = weight.group_scale(), weight.zero_point
-        call = functools.partial(
-            lib.lm_int4_linear, bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(),
-            int(scale.dtype == torch.bfloat16), scale.stride(0), zero.data_ptr() if zero is not None else None,
-            weight.group_size, N, y, ldy, weight.interleaved,
-        )
+        return lib.lm_int8_linear, (bf16, x, ldx, rows, K, weight.codes.data_ptr(), weight.row_scale(torch.float32).data_ptr(),
+                                    N, y, ldy, weight.interleaved)
+    scale, zero = weight.group_scale(), weight.zero_point
+    return lib.lm_int4_linear, (bf16, x, ldx, rows, K, weight.nibbles.data_ptr(), scale.data_ptr(),
+                                int(scale.dtype == torch.bfloat16), scale.stride(0),
+                                zero.data_ptr() if zero is not None else None, weight.group_size, N, y, ldy,
+                                weight.interleaved)
+
+
+def check_status(status: int, weight: QuantizedWeight) -> None:
+    if status == -1:
+        raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
+    if status:
+        raise RuntimeError(f"the int{weight.bits} kernel does not take {weight.name}'s layout (status {status})")
+
+
+def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int, y: int, ldy: int):
+    """native_call's kernel call with its arguments bound (a captured decode step binds it once and
+    calls it every token, lmtool.captured)."""
+    kernel, arguments = native_call(weight, bf16, x, ldx, rows, y, ldy)
+    call = kernels.bound(kernel, *arguments)
 
     def run() -> None:
-        status = call()
-        if status == -1:
-            raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
-        if status:
-            raise RuntimeError(f"the int{weight.bits} kernel does not take {weight.name}'s layout (status {status})")
+        check_status(call(), weight)
 
     return run
 

@@ -67,6 +67,8 @@ class DecodePlan(StepPlan):
                 keys=layer_cache.keys.data_ptr(), values=layer_cache.values.data_ptr(),
             ))
         self.final_norm = RMSNormCall(model.norm)
+        mid, size = self.mid.data_ptr(), self.size
+        self.geglu = kernels.bound(self.lib.lm_gelu_tanh_mul, self.bf, mid, 2 * I, mid + I * size, 2 * I, self.act.data_ptr(), I, B, I)
 
     @staticmethod
     def possible(model, cache, x: torch.Tensor) -> bool:
@@ -91,9 +93,8 @@ class DecodePlan(StepPlan):
             step: Step) -> torch.Tensor:
         """The backbone's output [B,1,D] for one new token per row: embedded [B,1,D] (the scaled
         token embeddings), rope and mask as the layers get them."""
-        B, D, I, size, lib, bf = self.batch, self.hidden, self.inner, self.size, self.lib, self.bf
+        B, D = self.batch, self.hidden
         position, rope_at, key_mask = self.attention.begin(step, rope, mask)
-        mid = self.mid.data_ptr()
         self.x.copy_(embedded.view(B, D))
         for layer in self.layers:
             layer["ln1"]()
@@ -102,7 +103,7 @@ class DecodePlan(StepPlan):
             layer["o"]()
             layer["ln2"]()  # after x += the attention's output
             layer["gate_up"]()
-            lib.lm_gelu_tanh_mul(bf, mid, 2 * I, mid + I * size, 2 * I, self.act.data_ptr(), I, B, I)
+            self.geglu()
             layer["down"]()
         out = torch.empty(B, 1, D, dtype=self.dtype)
         self.final_norm.bound(self.x, out.view(B, D), delta=self.mlp_out if self.layers else None)()
