@@ -71,25 +71,6 @@ static float dot(int bf16, const void* a, const void* b, int64_t n) {
     return total;
 }
 
-#ifndef OWN_HEAD_GROUPS /* an instruction set's own dots and weighted_rows_group (avx2.c) */
-static void dots(int bf16, const float* q, int64_t ldq, const void* b, int64_t n, float* out) {
-    float acc[DOT_ROWS][LANES] = {{0}};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        float kb[LANES];
-        load_lanes(b, i, LANES, bf16, kb);
-        for (int r = 0; r < DOT_ROWS; r++)
-            for (int l = 0; l < LANES; l++) acc[r][l] += q[r * ldq + i + l] * kb[l];
-    }
-    for (int r = 0; r < DOT_ROWS; r++) {
-        float total = 0.0f;
-        for (int64_t j = i; j < n; j++) total += q[r * ldq + j] * load_f32(b, j, bf16);
-        for (int l = 0; l < LANES; l++) total += acc[r][l];
-        out[r] = total;
-    }
-}
-#endif
-
 static float exp_shifted_sum(float* sc, int64_t S, float top) {
     float sums[LANES] = {0}, total = 0.0f;
     int64_t s = 0;
@@ -129,7 +110,24 @@ static void weighted_rows(int bf16, const float* sc, const void* values, int64_t
     }
 }
 
-#ifndef OWN_HEAD_GROUPS
+#ifndef OWN_HEAD_GROUPS /* an instruction set's own dots and weighted_rows_group (avx2.c) */
+static void dots(int bf16, const float* q, int64_t ldq, const void* b, int64_t n, float* out) {
+    float acc[DOT_ROWS][LANES] = {{0}};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        float kb[LANES];
+        load_lanes(b, i, LANES, bf16, kb);
+        for (int r = 0; r < DOT_ROWS; r++)
+            for (int l = 0; l < LANES; l++) acc[r][l] += q[r * ldq + i + l] * kb[l];
+    }
+    for (int r = 0; r < DOT_ROWS; r++) {
+        float total = 0.0f;
+        for (int64_t j = i; j < n; j++) total += q[r * ldq + j] * load_f32(b, j, bf16);
+        for (int l = 0; l < LANES; l++) total += acc[r][l];
+        out[r] = total;
+    }
+}
+
 static void weighted_rows_group(int bf16, const float* p, int64_t ldp, int64_t n, const void* rows, int64_t S,
                                 int64_t hd, const float* norm, void* out) {
     for (int64_t r = 0; r < n; r++) weighted_rows(bf16, p + r * ldp, rows, S, hd, norm[r], (char*)out + r * hd * (bf16 ? 2 : 4));
