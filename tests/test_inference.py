@@ -277,7 +277,7 @@ def test_native_one_query_attention_matches_sdpa(isa, dtype, B, H, KV, S, hd):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B, H, KV, S, hd", [(1, 8, 1, 145, 256), (2, 6, 2, 37, 80), (1, 12, 2, 20, 12), (1, 4, 1, 9, 520)])
+@pytest.mark.parametrize("B, H, KV, S, hd", [(1, 8, 1, 145, 256), (1, 10, 1, 33, 256), (2, 6, 2, 37, 80), (1, 12, 2, 20, 12), (1, 4, 1, 9, 520)])
 def test_native_attention_of_grouped_heads_is_each_head_alone(isa, dtype, B, H, KV, S, hd):
     # Heads that share a KV head go through its keys together, up to four at a time, as many
     # parts as threads; each head's sums must still be exactly the ones it gets alone (here: with

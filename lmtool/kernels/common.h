@@ -342,22 +342,28 @@ static inline void attend_group(int bf16, const char* q, int64_t q_hs, int64_t n
 
 /* The heads of a group go together, up to DOT_ROWS at a time, in as many parts as there are threads
  * where the batch and KV heads are fewer (Gemma-2B: 8 heads on one KV head, two threads: 4 and 4;
- * one head at a time from 8 threads). The loop runs over the parts themselves: looping over a
- * part's heads inside it ran multi-head attention (a head per part) 0.9x. Gemma-2B's heads, two
- * Zen 5 threads (benchmarks/attention.py --against REV): capped to AVX2 1.64x at 145 keys (19.6
- * against 32.4 us), 1.66x at 1000, 1.76x at 4000; AVX-512 1.64x and 1.96x; multi-head 1.00x. */
+ * one head at a time from 8 threads). The loop runs over the parts' chunks themselves: looping
+ * over a part's heads inside it ran multi-head attention (a head per part) 0.9x. Gemma-2B's heads,
+ * two Zen 5 threads (benchmarks/attention.py --against REV): capped to AVX2 1.64x at 145 keys
+ * (19.6 against 32.4 us), 1.66x at 1000, 1.76x at 4000; AVX-512 1.64x and 1.96x; multi-head 1.00x. */
 void lm_attend_one(int bf16, const void* q, int64_t q_bs, int64_t q_hs, const void* k, const void* v,
                    int64_t kv_bs, int64_t kv_hs, int64_t B, int64_t H, int64_t KV, int64_t S, int64_t hd,
                    float scale, const void* bias, int64_t bias_rs, const uint8_t* mask, int64_t mask_bs,
                    void* out, float* scores) {
     const int64_t size = bf16 ? 2 : 4, groups = H / KV, units = B * KV, threads = omp_get_max_threads();
     const int64_t parts = (threads + units - 1) / units < groups ? (threads + units - 1) / units : groups;
-    const int64_t most = hd <= MAX_WIDENED_HEAD ? DOT_ROWS : 1, even = (groups + parts - 1) / parts;
-    const int64_t together = even < most ? even : most, per_group = (groups + together - 1) / together;
+    /* each part's heads (its share) in chunks of DOT_ROWS and the rest: RecurrentGemma-2B's 10 on one
+       KV head, two threads: 4 + 1 and 4 + 1 (1.19-1.26x the 3 + 2 of chunks as even as they go; 4 + 4
+       and 2, the chunks across the parts, left one thread with 8) */
+    const int64_t most = hd <= MAX_WIDENED_HEAD ? DOT_ROWS : 1, share = (groups + parts - 1) / parts;
+    const int64_t chunks = (share + most - 1) / most, together = share < most ? share : most;
     #pragma omp parallel for schedule(static) if (B * H * S * hd >= 32768)
-    for (int64_t t = 0; t < units * per_group; t++) {
-        const int64_t b = t / (KV * per_group), g = t / per_group % KV, first = t % per_group * together;
-        const int64_t n = groups - first < together ? groups - first : together, bh = b * H + g * groups + first;
+    for (int64_t t = 0; t < units * parts * chunks; t++) {
+        const int64_t b = t / (KV * parts * chunks), g = t / (parts * chunks) % KV, part = t / chunks % parts;
+        const int64_t first = part * share + t % chunks * together;
+        const int64_t end = (part + 1) * share < groups ? (part + 1) * share : groups;
+        const int64_t n = end - first < together ? end - first : together, bh = b * H + g * groups + first;
+        if (n <= 0) continue;
         const char* qh = (const char*)q + (b * q_bs + (g * groups + first) * q_hs) * size;
         const char* keys = (const char*)k + (b * kv_bs + g * kv_hs) * size;
         const char* values = (const char*)v + (b * kv_bs + g * kv_hs) * size;
