@@ -389,6 +389,7 @@ class NativeParts:
         return bound((lib or library()).lm_linear, *self.arguments(x, rows, y, ldy))
 
     def arguments(self, x: int, rows: int, y: int, ldy: int) -> tuple:
+        """lm_linear's arguments for x [rows, K] into output rows ldy elements apart (run, bind_at)."""
         return self.kind, x, rows, self.in_features, self.parts, len(self.weights), y, ldy
 
 

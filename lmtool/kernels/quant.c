@@ -861,13 +861,14 @@ X8_I8_TILE(4)
 
 /* Zero points of interleaved rows (lm_int4_interleave): per block of ROW_BLOCK rows and group, the
    rows' 8 + zero point in a nibble each, row r in nibble r (the low one first) of the group's
-   (ROW_BLOCK + 1) / 2 bytes: [blocks][groups][bytes], PACKED_ZEROS(interleaved, groups) bytes for
-   the interleaved rows. The rows after them follow as stored, one int8 per group (stored_zeros).
+   ZERO_BYTES: [blocks][groups][ZERO_BYTES], PACKED_ZEROS(interleaved, groups) bytes for the
+   interleaved rows. The rows after them follow as stored, one int8 per group (stored_zeros).
    Every int4 zero point fits a nibble (-8..7: lmtool's own and compressed-tensors'), and
    lmtool.quantize.linear interleaves no weight with one that does not. */
-#define PACKED_ZEROS(rows, groups) ((rows) / ROW_BLOCK * (groups) * ((ROW_BLOCK + 1) / 2))
+enum { ZERO_BYTES = (ROW_BLOCK + 1) / 2 };
+#define PACKED_ZEROS(rows, groups) ((rows) / ROW_BLOCK * (groups) * ZERO_BYTES)
 static inline float packed_zero(const uint8_t* block_zeros, int64_t g, int r) {
-    return (float)(block_zeros[g * ((ROW_BLOCK + 1) / 2) + r / 2] >> (r % 2 * 4) & 15);
+    return (float)(block_zeros[g * ZERO_BYTES + r / 2] >> (r % 2 * 4) & 15);
 }
 static inline const int8_t* stored_zeros(const int8_t* zero_point, int64_t interleaved, int64_t groups) {
     return zero_point ? zero_point + PACKED_ZEROS(interleaved, groups) : NULL;
@@ -1602,6 +1603,6 @@ void lm_int4_interleave(const uint8_t* nibbles, const void* scale, int64_t scale
         memset(packed, 0, PACKED_ZEROS(ROW_BLOCK, groups));
         for (int64_t g = 0; g < groups; g++)
             for (int r = 0; r < ROW_BLOCK; r++)
-                packed[g * ((ROW_BLOCK + 1) / 2) + r / 2] |= (uint8_t)(((zero_point[(r0 + r) * groups + g] + 8) & 15) << (r % 2 * 4));
+                packed[g * ZERO_BYTES + r / 2] |= (uint8_t)(((zero_point[(r0 + r) * groups + g] + 8) & 15) << (r % 2 * 4));
     }
 }

@@ -147,6 +147,7 @@ def native_call(weight: QuantizedWeight, bf16: int, x: int, ldx: int, rows: int,
 
 
 def check_status(status: int, weight: QuantizedWeight) -> None:
+    """The kernel's status (0: done) as the exception it stands for."""
     if status == -1:
         raise MemoryError(f"the int{weight.bits} kernel could not allocate its activation copy")
     if status:
@@ -160,7 +161,8 @@ def bind_native_matmul_at(weight: QuantizedWeight, bf16: int, x: int, ldx: int, 
     call = kernels.bound(kernel, *arguments)
 
     def run() -> None:
-        check_status(call(), weight)
+        if status := call():
+            check_status(status, weight)
 
     return run
 

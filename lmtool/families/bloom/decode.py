@@ -52,6 +52,8 @@ class DecodePlan(StepPlan):
             ))
         self.ln_f = model.ln_f
         self.scale = model.h[0].self_attention.inv_norm_factor if len(model.h) else 1.0
+        self.gelu = kernels.bound(self.lib.lm_gelu_tanh_mul, self.bf, self.mid.data_ptr(), 4 * D, None, 0,
+                                  self.mid_act.data_ptr(), 4 * D, B, 4 * D)
 
     @staticmethod
     def possible(model, cache, x: torch.Tensor) -> bool:
@@ -108,7 +110,7 @@ class DecodePlan(StepPlan):
             layer["dense"]()
             self.norm(self.h if self.residual_from_norm else self.x, self.attn_out, layer["ln2"], self.h)
             layer["up"]()
-            lib.lm_gelu_tanh_mul(bf, self.mid.data_ptr(), 4 * D, None, 0, self.mid_act.data_ptr(), 4 * D, B, 4 * D)
+            self.gelu()
             layer["down"]()
             stream, pending = (self.h if self.residual_from_norm else self.x), self.mlp_out
         out = torch.empty(B, 1, D, dtype=self.dtype)
